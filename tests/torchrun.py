@@ -1,0 +1,46 @@
+"""Launch a multi-process test under torchrun (gloo on CPU) and always clean up its processes."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, target: list[str], timeout: float = 600, env: dict | None = None) -> str:
+    """Run `torchrun --nproc-per-node nproc TARGET...` from the repo root; return its combined output.
+
+    `target` is what follows torchrun's own flags, e.g. ["-m", "consumer.train", "--config", "x.yaml"]
+    or ["tests/dist/parity_worker.py", "--out", path]. Raises AssertionError with the output on a non-zero
+    exit or a timeout; the whole process group is killed either way.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        *target,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n{out[-20000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n{out[-20000:]}")
+    return out
