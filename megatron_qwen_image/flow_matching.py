@@ -1,0 +1,121 @@
+"""Rectified-flow (flow matching) training objective, in diffusers' FlowMatchEulerDiscreteScheduler conventions.
+
+For a clean latent x0, noise n ~ N(0, I) and sigma in [0, 1]:
+
+    x_t = sigma * n + (1 - sigma) * x0        (sigma = 1 is pure noise; scheduler.scale_noise)
+    v   = n - x0                              (d x_t / d sigma; the scheduler's Euler step is
+                                               x_next = x_t + (sigma_next - sigma) * v)
+    loss = mean over image tokens and channels of (model(x_t, sigma) - v)^2
+
+sigma comes from a logit-normal distribution, sigmoid(N(logit_mean, logit_std)) (SD3 / Qwen-Image; the
+same as diffusers.training_utils.compute_density_for_timestep_sampling("logit_normal")), optionally shifted
+like the scheduler shifts its inference sigmas:
+
+* static:  sigma' = s * sigma / (1 + (s - 1) * sigma)              (FlowMatchEulerDiscreteScheduler(shift=s))
+* dynamic: sigma' = time_shift(mu, 1, sigma) with the resolution-dependent
+           mu = calculate_shift(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift)
+           (QwenImagePipeline.calculate_shift), exponential: e^mu / (e^mu + (1/sigma - 1)),
+           linear: mu / (mu + (1/sigma - 1))   (the scheduler's _time_shift_exponential/_linear).
+
+Randomness is drawn per sample from a generator seeded by (seed, step, sample key), so a sample's noise
+and sigma do not depend on how the global batch is split over data-parallel ranks or micro-batches, and
+the ranks of one tensor-parallel group (which see the same keys) draw identical values.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SigmaSampling:
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_shift: str = "none"  # none | static | dynamic
+    shift: float = 1.0
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    time_shift_type: str = "exponential"  # exponential | linear
+
+    @classmethod
+    def from_config(cls, cfg) -> "SigmaSampling":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def calculate_shift(image_seq_len: float, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu, linear in the image token count (diffusers' QwenImagePipeline.calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def time_shift(mu: float, sigma: torch.Tensor, kind: str = "exponential", exponent: float = 1.0) -> torch.Tensor:
+    """diffusers' FlowMatchEulerDiscreteScheduler.time_shift (exponent is its `sigma` argument)."""
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1) ** exponent)
+    if kind == "linear":
+        return mu / (mu + (1 / sigma - 1) ** exponent)
+    raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}")
+
+
+def static_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The scheduler's fixed shift: shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def shift_sigmas(sigma: torch.Tensor, image_seq_len: int, spec: SigmaSampling) -> torch.Tensor:
+    if spec.timestep_shift == "none":
+        return sigma
+    if spec.timestep_shift == "static":
+        return static_shift(sigma, spec.shift)
+    if spec.timestep_shift == "dynamic":
+        mu = calculate_shift(image_seq_len, spec.base_image_seq_len, spec.max_image_seq_len,
+                             spec.base_shift, spec.max_shift)
+        return time_shift(mu, sigma, spec.time_shift_type)
+    raise ValueError(f"timestep_shift must be none|static|dynamic, got {spec.timestep_shift!r}")
+
+
+def sample_seed(seed: int, step: int, key: str) -> int:
+    """A stable 63-bit seed for one sample at one step (independent of Python's hash randomisation)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_noise_and_sigmas(keys: Sequence[str], step: int, seed: int, latent_shape: Sequence[int],
+                          image_seq_len: int, spec: SigmaSampling, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, *latent_shape] and shifted logit-normal sigmas [B] (see module docstring)."""
+    noises, logits = [], []
+    for key in keys:
+        gen = torch.Generator(device=device).manual_seed(sample_seed(seed, step, key))
+        logits.append(torch.normal(spec.logit_mean, spec.logit_std, size=(1,), generator=gen, device=device))
+        noises.append(torch.randn(tuple(latent_shape), generator=gen, device=device))
+    sigma = shift_sigmas(torch.sigmoid(torch.cat(logits)), image_seq_len, spec)
+    return torch.stack(noises).to(dtype), sigma.to(torch.float32)
+
+
+def _expand(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t = sigma * noise + (1 - sigma) * x0 (diffusers' scale_noise)."""
+    s = _expand(sigma, x0)
+    return s * noise + (1 - s) * x0
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = noise - x0."""
+    return noise - x0
+
+
+def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over the image tokens [B, N, C] -> per-sample loss [B], computed in fp32."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
