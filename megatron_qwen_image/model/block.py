@@ -1,0 +1,123 @@
+"""The Qwen-Image dual-stream (MMDiT) block and its layer spec.
+
+Per block (diffusers' QwenImageTransformerBlock):
+    img_mod = Linear(SiLU(temb)) -> [shift1, scale1, gate1, shift2, scale2, gate2]   (txt_mod likewise)
+    img_attn, txt_attn = joint_attention(LN(img) * (1 + scale1) + shift1, LN(txt) * (1 + scale1') + shift1')
+    img += gate1 * img_attn;  txt += gate1' * txt_attn
+    img += gate2 * MLP_img(LN(img) * (1 + scale2) + shift2);  txt likewise with txt_mlp
+LN is LayerNorm without weight or bias (eps 1e-6); MLP is Linear -> GELU(tanh) -> Linear (megatron's MLP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .attention import QwenJointAttention, QwenJointAttentionSubmodules, SDPACoreAttention
+from .config import QwenImageConfig
+from .layers import AdaLNModulation, AdaLNModulationSubmodules, RMSNorm, layer_norm_no_affine
+
+
+@dataclass
+class QwenImageBlockSubmodules:
+    modulation: Union[ModuleSpec, type] = None  # img_mod and txt_mod
+    attention: Union[ModuleSpec, type] = None
+    mlp: Union[ModuleSpec, type] = None  # img_mlp and txt_mlp
+
+
+def get_qwen_image_block_spec(
+    column_parallel_linear: type = ColumnParallelLinear,
+    row_parallel_linear: type = RowParallelLinear,
+    qk_norm: type = RMSNorm,
+    core_attention: type = SDPACoreAttention,
+) -> ModuleSpec:
+    """The block's ModuleSpec. The defaults are megatron-core's local tensor-parallel linears (they run on CPU
+    and GPU); on GPU a caller can pass Transformer Engine's TEColumnParallelLinear / TERowParallelLinear /
+    TENorm, which take the same constructor arguments."""
+    return ModuleSpec(
+        module=QwenImageBlock,
+        submodules=QwenImageBlockSubmodules(
+            modulation=ModuleSpec(
+                module=AdaLNModulation,
+                submodules=AdaLNModulationSubmodules(linear=column_parallel_linear),
+            ),
+            attention=ModuleSpec(
+                module=QwenJointAttention,
+                submodules=QwenJointAttentionSubmodules(
+                    linear_qkv=column_parallel_linear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                    core_attention=core_attention,
+                    linear_proj=row_parallel_linear,
+                ),
+            ),
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=column_parallel_linear, linear_fc2=row_parallel_linear),
+            ),
+        ),
+    )
+
+
+class QwenImageBlock(MegatronModule):
+    """One dual-stream block. forward(img, txt, temb, key_mask, img_cos, img_sin, txt_cos, txt_sin) -> (img, txt).
+
+    Every argument is a tensor (or None for key_mask) so the whole block can run under
+    megatron's tensor_parallel.checkpoint for full recompute.
+    """
+
+    def __init__(self, config: QwenImageConfig, submodules: QwenImageBlockSubmodules, layer_number: int = 1):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.eps = config.layernorm_epsilon
+        selective = config.recompute_granularity == "selective"
+        self.recompute_norm = selective and "layernorm" in config.recompute_modules
+        self.recompute_mlp = selective and "mlp" in config.recompute_modules
+
+        self.img_mod = build_module(submodules.modulation, config=config, num_chunks=6)
+        self.txt_mod = build_module(submodules.modulation, config=config, num_chunks=6)
+        self.attention = build_module(submodules.attention, config=config)
+        self.img_mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
+        self.txt_mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
+
+    def _norm_modulate(self, x, shift, scale):
+        return layer_norm_no_affine(x, self.eps) * (1 + scale[:, None, :]) + shift[:, None, :]
+
+    def _modulated(self, x, shift, scale):
+        if self.recompute_norm and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(self._norm_modulate, False, x, shift, scale)
+        return self._norm_modulate(x, shift, scale)
+
+    @staticmethod
+    def _run_mlp(mlp, x):
+        out, bias = mlp(x)
+        return out if bias is None else out + bias
+
+    def _mlp(self, mlp, x):
+        if self.recompute_mlp and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(lambda t: self._run_mlp(mlp, t), False, x)
+        return self._run_mlp(mlp, x)
+
+    def forward(self, img, txt, temb, key_mask, img_cos, img_sin, txt_cos, txt_sin):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
+
+        img_attn, txt_attn = self.attention(
+            self._modulated(img, i_shift1, i_scale1), self._modulated(txt, t_shift1, t_scale1),
+            key_mask, img_cos, img_sin, txt_cos, txt_sin,
+        )
+        img = img + i_gate1[:, None, :] * img_attn
+        txt = txt + t_gate1[:, None, :] * txt_attn
+
+        img = img + i_gate2[:, None, :] * self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2))
+        txt = txt + t_gate2[:, None, :] * self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2))
+
+        if img.dtype == torch.float16:  # as diffusers: keep fp16 finite
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt

@@ -1,0 +1,149 @@
+"""Small building blocks of the MMDiT: RMSNorm, adaLN modulation, the timestep embedding, replicated linears.
+
+Placement across tensor-parallel ranks:
+- AdaLNModulation (img_mod / txt_mod in every block: 3072 -> 18432, a third of all parameters; and norm_out's
+  3072 -> 6144) is column-parallel: each rank holds 1/TP of the output rows and the small [B, k * hidden] output
+  is all-gathered, because every rank needs all of shift/scale/gate for the replicated residual stream.
+- Everything else outside the blocks (timestep MLP, txt_norm, img_in, txt_in, proj_out: ~0.2 % of the
+  parameters at full size) is replicated on every TP rank, as Megatron replicates layer norms. Replicated
+  parameters get identical gradients on every TP rank because their inputs and output-gradients are
+  identical there, so they need no extra TP communication.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .config import QwenImageConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with a weight, computed exactly like diffusers' RMSNorm (variance in float32).
+
+    Constructor matches megatron-core's norm modules (config, hidden_size, eps) so a spec can swap in TENorm.
+    """
+
+    def __init__(self, config: QwenImageConfig, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def layer_norm_no_affine(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """nn.LayerNorm(elementwise_affine=False): the blocks' img/txt_norm1/2 and norm_out's norm."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def replicated_linear(config: QwenImageConfig, in_features: int, out_features: int,
+                      init_method=None) -> torch.nn.Linear:
+    """A plain nn.Linear held whole on every TP rank, initialised Megatron's way (normal weight, zero bias).
+
+    Identical values on every TP rank come from identical seeds (torch's default generator), as for
+    megatron-core's replicated layer norms.
+    """
+    device = None if config.use_cpu_initialization else torch.cuda.current_device()
+    layer = torch.nn.Linear(in_features, out_features, bias=True, device=device, dtype=config.params_dtype)
+    if config.perform_initialization:
+        with torch.no_grad():
+            (init_method or config.init_method)(layer.weight)
+            layer.bias.zero_()
+    return layer
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over the TP group; backward keeps this rank's slice of the gradient.
+
+    The gradient w.r.t. the gathered tensor is identical on every TP rank (it feeds only replicated
+    computations), so the slice is the complete gradient of this rank's piece. Written here, instead of
+    megatron-core's gather_from_tensor_model_parallel_region, because that one allocates its buffer on
+    torch.cuda.current_device() (0.16.1), and this one must run on CPU (gloo) as well.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        pieces = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_last_dim_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
+
+
+@dataclass
+class AdaLNModulationSubmodules:
+    linear: Union[ModuleSpec, type] = ColumnParallelLinear
+
+
+class AdaLNModulation(MegatronModule):
+    """SiLU -> Linear(hidden -> num_chunks * hidden), column-parallel; returns the full [B, num_chunks * hidden].
+
+    The output rows keep diffusers' order (blocks: shift1, scale1, gate1, shift2, scale2, gate2; norm_out:
+    scale, shift), and rank r holds contiguous rows [r * n / TP, (r + 1) * n / TP), so the TP split of the
+    weight is a plain chunk along dim 0 and the gathered output is the unsharded output.
+    """
+
+    def __init__(self, config: QwenImageConfig, submodules: AdaLNModulationSubmodules, num_chunks: int):
+        super().__init__(config=config)
+        self.num_chunks = num_chunks
+        self.linear = build_module(
+            submodules.linear, config.hidden_size, num_chunks * config.hidden_size,
+            config=config, init_method=config.init_method, bias=True, gather_output=False,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="adaln",
+        )
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        out, _ = self.linear(F.silu(temb))
+        return gather_last_dim_from_tp(out)
+
+
+def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000): [cos, sin]."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    emb = torch.exp(exponent).to(timesteps.dtype)
+    emb = 1000 * (timesteps[:, None].float() * emb[None, :])
+    return torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)
+
+
+class TimestepEmbedding(MegatronModule):
+    """sigma in [0, 1] -> sinusoidal(256, x1000) -> Linear -> SiLU -> Linear (replicated on every TP rank)."""
+
+    FREQ_DIM = 256
+
+    def __init__(self, config: QwenImageConfig):
+        super().__init__(config=config)
+        self.linear_1 = replicated_linear(config, self.FREQ_DIM, config.hidden_size)
+        self.linear_2 = replicated_linear(config, config.hidden_size, config.hidden_size)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        proj = sinusoidal_timestep_embedding(timestep, self.FREQ_DIM).to(dtype)
+        return self.linear_2(F.silu(self.linear_1(proj)))
