@@ -1,0 +1,75 @@
+"""Aspect-ratio buckets: which (width, height) an image is trained at, per stage base resolution.
+
+Rule (docs/cache_format.md, "Buckets"):
+- A stage has a base resolution B (256, 640 or 1328 in the Qwen-Image report) and so a pixel budget B*B.
+- Its buckets are one per aspect ratio in ASPECT_RATIOS: for ratio r = w:h the bucket is
+  (round16(B*sqrt(r)), round16(B/sqrt(r))), i.e. about the same number of pixels as B*B, both sides
+  multiples of 16 (VAE factor 8 x patch size 2, so the latent packs into 2x2 patches exactly).
+- An image of size (W, H) goes to the bucket whose aspect ratio is closest to W/H in log space
+  (ties go to the earlier bucket in `buckets_for_base` order, i.e. the narrower one).
+- Producers then resize so the image covers the bucket (scale = max(bw/W, bh/H), Lanczos) and
+  center-crop to exactly (bw, bh). A fixed, small set of ratios keeps buckets few and full, so that
+  global batches (one bucket each) fill quickly.
+"""
+from __future__ import annotations
+
+import math
+
+from .format import PIXEL_MULTIPLE, VAE_SCALE_FACTOR
+
+BASE_RESOLUTIONS = (256, 640, 1328)
+
+# The aspect ratios Qwen-Image is commonly used at (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3).
+ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
+
+
+def _round_multiple(x: float, m: int = PIXEL_MULTIPLE) -> int:
+    return max(m, int(round(x / m)) * m)
+
+
+def buckets_for_base(base: int, aspect_ratios=ASPECT_RATIOS) -> list[tuple[int, int]]:
+    """All (width, height) buckets of a base resolution, sorted by aspect ratio (narrowest first)."""
+    if not isinstance(base, int) or base <= 0 or base % PIXEL_MULTIPLE:
+        raise ValueError(f"base resolution {base!r} must be a positive multiple of {PIXEL_MULTIPLE}")
+    out = set()
+    for rw, rh in aspect_ratios:
+        if rw <= 0 or rh <= 0:
+            raise ValueError(f"aspect ratio {rw}:{rh} must be positive")
+        s = math.sqrt(rw / rh)
+        out.add((_round_multiple(base * s), _round_multiple(base / s)))
+    return sorted(out, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def bucket_for_size(width: int, height: int, base: int, aspect_ratios=ASPECT_RATIOS) -> tuple[int, int]:
+    """(width, height) of an image -> its (bucket_w, bucket_h) at this base resolution."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    target = math.log(width / height)
+    buckets = buckets_for_base(base, aspect_ratios)
+    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - target))
+
+
+def resize_to_bucket(image, bucket: tuple[int, int]):
+    """Resize a PIL image so it covers the bucket (Lanczos), then center-crop to exactly (bw, bh)."""
+    from PIL import Image
+
+    bw, bh = int(bucket[0]), int(bucket[1])
+    if bw % PIXEL_MULTIPLE or bh % PIXEL_MULTIPLE:
+        raise ValueError(f"bucket {bw}x{bh} is not a multiple of {PIXEL_MULTIPLE}")
+    w, h = image.size
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return image.crop((left, top, left + bw, top + bh))
+
+
+def latent_size(bucket: tuple[int, int]) -> tuple[int, int]:
+    """Pixel bucket (w, h) -> latent (h, w) as stored ([C, h, w])."""
+    return bucket[1] // VAE_SCALE_FACTOR, bucket[0] // VAE_SCALE_FACTOR
+
+
+def bucket_of_latent(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Latent (h, w) -> pixel bucket (w, h)."""
+    return latent_hw[1] * VAE_SCALE_FACTOR, latent_hw[0] * VAE_SCALE_FACTOR

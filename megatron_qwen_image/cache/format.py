@@ -1,0 +1,204 @@
+"""The latent-cache format: names, versions, dtypes and the shard schema (spec: docs/cache_format.md).
+
+Everything that both the writer and the reader must agree on lives here, so that the format has one
+implementation. Bump FORMAT_VERSION for any change a version-1 reader could misread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+FORMAT_NAME = "megatron-qwen-image-latent-cache"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# Pixel size = latent size x VAE_SCALE_FACTOR; buckets are multiples of VAE_SCALE_FACTOR x PATCH_SIZE.
+VAE_SCALE_FACTOR = 8
+PATCH_SIZE = 2
+PIXEL_MULTIPLE = VAE_SCALE_FACTOR * PATCH_SIZE
+
+# Layout below the cache root.
+CACHE_FILE = "CACHE.json"       # format marker, written once
+SEALED_FILE = "SEALED.json"     # optional: the log is complete (num_entries)
+MANIFEST_DIR = "manifest"       # commit log: 000000000000.json, 000000000001.json, ...
+WORKUNITS_DIR = "workunits"     # hints: <work_unit_id>.json exists once that work unit is committed
+TMP_DIR = "_tmp"                # temp files of writers in progress; never read
+BUCKET_PREFIX = "bucket="
+SHARD_SUFFIX = ".arrow"
+ENTRY_DIGITS = 12
+
+
+class CacheFormatError(RuntimeError):
+    """The cache (or one of its files) is of a format/version this code cannot read. Never skipped."""
+
+
+class CorruptShardError(RuntimeError):
+    """A shard failed an integrity check (missing, truncated, checksum mismatch). The loader skips it."""
+
+
+@dataclass(frozen=True)
+class StorageDType:
+    name: str            # "bf16" | "fp16" | "fp32"
+    arrow: pa.DataType   # how Arrow stores it (Arrow has no bfloat16: raw uint16 bits)
+    numpy: np.dtype      # a numpy dtype with the same bytes (int16 for bf16, only ever viewed)
+    torch: torch.dtype
+
+
+DTYPES = {
+    "bf16": StorageDType("bf16", pa.uint16(), np.dtype(np.int16), torch.bfloat16),
+    "fp16": StorageDType("fp16", pa.float16(), np.dtype(np.float16), torch.float16),
+    "fp32": StorageDType("fp32", pa.float32(), np.dtype(np.float32), torch.float32),
+}
+_TORCH_ALIASES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def storage_dtype(name) -> StorageDType:
+    """'bf16'|'fp16'|'fp32' (or the torch dtype) -> StorageDType; a clear error for anything else."""
+    if isinstance(name, torch.dtype):
+        name = _TORCH_ALIASES.get(name, str(name))
+    if name not in DTYPES:
+        raise ValueError(f"latent/text dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def tensor_to_numpy(t: torch.Tensor, dt: StorageDType) -> np.ndarray:
+    """Cast a tensor to the storage dtype and return a C-contiguous numpy array of the same bytes."""
+    t = t.detach().to(device="cpu", dtype=dt.torch).contiguous()
+    if dt.torch == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+_warned_once = threading.Lock()
+
+
+def numpy_to_tensor(a: np.ndarray, dt: StorageDType) -> torch.Tensor:
+    """Zero-copy: a numpy view over (read-only, memory-mapped) storage bytes -> torch tensor of dt.
+
+    torch warns once per process that it cannot mark such tensors read-only; they are read-only in
+    fact and only ever copied from, so that one warning is silenced (the first call, under a lock
+    because warnings.catch_warnings is process-global)."""
+    if not a.flags.writeable and _warned_once.acquire(blocking=False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+    else:
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dt.torch == torch.bfloat16 else t
+
+
+def work_unit_id(work_unit: str) -> str:
+    """Deterministic, filesystem-safe id of a producer work unit (an input shard path, say)."""
+    if not isinstance(work_unit, str) or not work_unit:
+        raise ValueError(f"work_unit must be a non-empty string, got {work_unit!r}")
+    return hashlib.sha256(work_unit.encode("utf-8")).hexdigest()[:20]
+
+
+def bucket_name(width: int, height: int) -> str:
+    return f"{int(width)}x{int(height)}"
+
+
+def parse_bucket_name(name: str) -> tuple[int, int]:
+    if name.startswith(BUCKET_PREFIX):
+        name = name[len(BUCKET_PREFIX):]
+    try:
+        w, h = name.split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise ValueError(f"bad bucket name {name!r}; expected 'WIDTHxHEIGHT', e.g. '640x480'") from None
+
+
+def bucket_dir(width: int, height: int) -> str:
+    return BUCKET_PREFIX + bucket_name(width, height)
+
+
+def shard_schema(latent_dt: StorageDType, latent_shape, text_dt: StorageDType, text_dim: int,
+                 metadata: dict) -> pa.Schema:
+    """One row per sample. Latents of one shard share a shape (one bucket): a fixed-size list whose
+    values are one contiguous buffer. Text embeddings are stored unpadded: a large list of L*D values
+    per row (row i's tokens are values[offsets[i]:offsets[i+1]] reshaped to [L_i, D])."""
+    numel = int(np.prod(latent_shape))
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("latent", pa.list_(pa.field("item", latent_dt.arrow, nullable=False), numel), nullable=False),
+        pa.field("text_embed", pa.large_list(pa.field("item", text_dt.arrow, nullable=False)), nullable=False),
+        pa.field("text_len", pa.int32(), nullable=False),
+        pa.field("caption", pa.large_string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("meta", pa.large_string(), nullable=False),
+        pa.field("crc32", pa.uint32(), nullable=False),
+    ]
+    md = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "latent_dtype": latent_dt.name,
+        "latent_shape": ",".join(str(int(s)) for s in latent_shape),
+        "text_dtype": text_dt.name,
+        "text_dim": str(int(text_dim)),
+        **{k: str(v) for k, v in metadata.items()},
+    }
+    return pa.schema(fields, metadata=md)
+
+
+def sample_crc(key: str, latent: np.ndarray, text: np.ndarray) -> int:
+    """Per-sample checksum over exactly the bytes training consumes: key, latent, text embedding."""
+    crc = zlib.crc32(key.encode("utf-8"))
+    crc = zlib.crc32(np.ascontiguousarray(latent), crc)
+    return zlib.crc32(np.ascontiguousarray(text), crc)
+
+
+def file_crc32(path: str, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(view)
+            if not n:
+                return crc
+            crc = zlib.crc32(view[:n], crc)
+
+
+def check_version(version, where: str) -> int:
+    """Refuse any format version this code does not know, with a message that says what to do."""
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        v = None
+    if v not in SUPPORTED_VERSIONS:
+        raise CacheFormatError(
+            f"{where}: latent-cache format_version {version!r} is not supported by this code "
+            f"(it reads version(s) {list(SUPPORTED_VERSIONS)}). Use the megatron-qwen-image release that "
+            f"wrote this cache, or rebuild the cache with this one."
+        )
+    return v
+
+
+def read_cache_file(root: str) -> dict:
+    path = os.path.join(root, CACHE_FILE)
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read())
+    except FileNotFoundError:
+        raise CacheFormatError(f"{root!r} is not a latent cache: {path} is missing") from None
+    except ValueError as e:
+        raise CacheFormatError(f"{path} is not valid JSON: {e}") from None
+    if info.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{path}: format is {info.get('format')!r}, expected {FORMAT_NAME!r}")
+    check_version(info.get("format_version"), path)
+    return info
+
+
+def new_cache_file_content() -> bytes:
+    return json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                       "created_unix": time.time()}, indent=1).encode()

@@ -1,0 +1,149 @@
+"""Reading one shard file: memory-mapped Arrow IPC, zero-copy torch views, integrity checks.
+
+Checks, from cheap to thorough (docs/cache_format.md, "Integrity"):
+- on open (always): the file exists and has the manifest's byte count (catches truncation), the Arrow
+  footer and schema parse, the format version is known, shapes/dtypes/row count agree with the
+  manifest, and the text offsets are consistent with the stored lengths (vectorised, no row loop);
+- per sample (verify="sample", the default): the CRC-32 of the sample's key, latent and text bytes is
+  checked the first time the sample is read in this process, so each byte is hashed once, and only
+  the bytes training actually reads (no read amplification under random access);
+- whole file (verify="full"): CRC-32 of the file against the manifest, when the shard is opened.
+A failure raises CorruptShardError (the loader skips the shard); an unknown version raises
+CacheFormatError (never skipped).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .format import (FORMAT_NAME, CacheFormatError, CorruptShardError, check_version, file_crc32,
+                     numpy_to_tensor, storage_dtype)
+from .manifest import ShardInfo
+
+VERIFY_MODES = ("sample", "full", "none")
+
+
+def _np_values(arr: pa.Array, dtype: np.dtype, count: int) -> np.ndarray:
+    """Zero-copy numpy view of a primitive Arrow array's data buffer (honouring its offset)."""
+    buf = arr.buffers()[1]
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=arr.offset * dtype.itemsize)
+
+
+class _Batch:
+    __slots__ = ("rb", "start", "n", "keys", "crc", "lens", "lat_np", "lat_t", "txt_np", "txt_t", "off")
+
+    def __init__(self, rb: pa.RecordBatch, start: int, latent_dt, latent_shape, text_dt, text_dim):
+        n = rb.num_rows
+        numel = int(np.prod(latent_shape))
+        lat_col, txt_col = rb.column("latent"), rb.column("text_embed")
+        lens = rb.column("text_len").to_numpy()
+        off = _np_values(txt_col, np.dtype(np.int64), n + 1)  # offsets live in buffers()[1] of a list too
+        rel = off - off[0]
+        if (rel[1:] - rel[:-1] != lens.astype(np.int64) * text_dim).any() or (lens < 1).any():
+            raise ValueError("text offsets disagree with text_len x text_dim")
+        values = txt_col.values
+        if off[-1] > len(values):
+            raise ValueError("text offsets point past the end of the values")
+        self.rb, self.start, self.n, self.lens = rb, start, n, lens
+        self.keys = rb.column("key").to_pylist()
+        self.crc = rb.column("crc32").to_numpy()
+        self.lat_np = _np_values(lat_col.values, latent_dt.numpy, (lat_col.offset + n) * numel)[
+            lat_col.offset * numel:].reshape(n, numel)
+        self.lat_t = numpy_to_tensor(self.lat_np, latent_dt).view(n, *latent_shape)
+        self.txt_np = _np_values(values, text_dt.numpy, int(off[-1]))[int(off[0]):]
+        self.txt_t = numpy_to_tensor(self.txt_np, text_dt)
+        self.off = off  # in elements; row j's tokens: txt[off[j] : off[j+1]] viewed as [L_j, D]
+
+
+class ShardFile:
+    """An open, structurally validated shard. `sample(i)` -> (key, latent [C,H,W], text [L,D]) views."""
+
+    def __init__(self, root: str, info: ShardInfo, verify: str = "sample"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r}; use one of {VERIFY_MODES}")
+        self.info, self.verify = info, verify
+        self.path = path = os.path.join(root, info.path)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise CorruptShardError(f"{path}: missing (the manifest lists it)") from None
+        if size != info.bytes:
+            raise CorruptShardError(f"{path}: {size} bytes, the manifest says {info.bytes} (truncated or replaced)")
+        if verify == "full":
+            crc = file_crc32(path)
+            if crc != info.crc32:
+                raise CorruptShardError(f"{path}: file CRC-32 {crc:#010x} != manifest {info.crc32:#010x}")
+        try:
+            mm = pa.memory_map(path, "r")
+            try:
+                reader = pa.ipc.open_file(mm)
+                self._check_schema(reader.schema)
+                self.latent_dt = storage_dtype(info.latent_dtype)
+                self.text_dt = storage_dtype(info.text_dtype)
+                self.batches, start = [], 0
+                for b in range(reader.num_record_batches):
+                    batch = _Batch(reader.get_batch(b), start, self.latent_dt, info.latent_shape, self.text_dt,
+                                   info.text_dim)
+                    self.batches.append(batch)
+                    start += batch.n
+            finally:
+                mm.close()  # the mapping itself lives on as long as views of it do
+        except CacheFormatError:
+            raise
+        except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as e:
+            raise CorruptShardError(f"{path}: unreadable Arrow shard ({type(e).__name__}: {e})") from None
+        if start != info.num_samples:
+            raise CorruptShardError(f"{path}: {start} rows, the manifest says {info.num_samples}")
+        self.num_samples = start
+        self._starts = np.array([b.start for b in self.batches], dtype=np.int64)
+        self._verified = np.zeros(start, dtype=bool) if verify == "sample" else None
+
+    def _check_schema(self, schema: pa.Schema) -> None:
+        md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        if md.get("format") != FORMAT_NAME:
+            raise CacheFormatError(f"{self.path}: not a {FORMAT_NAME} shard (format={md.get('format')!r})")
+        check_version(md.get("format_version"), self.path)
+        expect = {"latent_dtype": self.info.latent_dtype, "text_dtype": self.info.text_dtype,
+                  "text_dim": str(self.info.text_dim),
+                  "latent_shape": ",".join(str(s) for s in self.info.latent_shape)}
+        for k, v in expect.items():
+            if md.get(k) != v:
+                raise CorruptShardError(f"{self.path}: schema {k}={md.get(k)!r} but the manifest says {v!r}")
+
+    def _locate(self, i: int) -> tuple[_Batch, int]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"{self.path}: row {i} out of range [0, {self.num_samples})")
+        b = self.batches[int(np.searchsorted(self._starts, i, side="right")) - 1]
+        return b, i - b.start
+
+    def sample(self, i: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Row i as (key, latent view [C,H,W], text view [L,D]). The views are READ-ONLY (memory map):
+        copy before modifying. Raises CorruptShardError if the row's checksum does not match."""
+        b, j = self._locate(i)
+        lo, hi = int(b.off[j] - b.off[0]), int(b.off[j + 1] - b.off[0])
+        key = b.keys[j]
+        if self._verified is not None and not self._verified[i]:
+            crc = zlib.crc32(key.encode("utf-8"))
+            crc = zlib.crc32(b.lat_np[j], crc)
+            crc = zlib.crc32(b.txt_np[lo:hi], crc)
+            if crc != b.crc[j]:
+                raise CorruptShardError(f"{self.path}: row {i} ({key!r}) fails its CRC-32")
+            self._verified[i] = True
+        text = b.txt_t[lo:hi].view(-1, self.info.text_dim)
+        return key, b.lat_t[j], text
+
+    def record(self, i: int) -> dict:
+        """Row i with every field (for tools and tests; tensors are copies, safe to modify)."""
+        key, lat, txt = self.sample(i)
+        b, j = self._locate(i)
+        return {"key": key, "latent": lat.clone(), "text_embed": txt.clone(), "text_len": int(b.lens[j]),
+                "caption": b.rb.column("caption")[j].as_py(), "source": b.rb.column("source")[j].as_py(),
+                "meta": json.loads(b.rb.column("meta")[j].as_py())}
+
+    def text_lengths(self) -> np.ndarray:
+        return np.concatenate([b.lens for b in self.batches]) if self.batches else np.zeros(0, np.int32)

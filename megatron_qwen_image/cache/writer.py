@@ -1,0 +1,305 @@
+"""CacheWriter: the producer side. Exactly-once, atomic commits of one work unit's samples.
+
+Life of a work unit (docs/cache_format.md, "Writing"):
+1. `add()` routes each sample to its bucket (by latent size) and appends it to a temp shard file in
+   `_tmp/` (record batches of ~flush_bytes; a new shard every max_shard_bytes). Nothing in `_tmp/` is
+   ever read. Temp files of earlier, killed attempts of the same work unit are deleted on start.
+2. `commit()` finishes and fsyncs every temp shard, renames each into its bucket directory under a
+   name derived from the work unit id plus this attempt's random suffix (so an attempt never
+   overwrites a file another attempt may have committed), then appends ONE manifest entry listing all
+   of the work unit's shards (manifest.py). Only that entry makes them visible. Last, a hint file
+   marks the work unit committed, so reruns skip it.
+3. A rerun after a crash either finds the hint (and does nothing) or commits again; if an entry for
+   the work unit already made it into the log, readers ignore the later one (first entry wins), so
+   no sample is ever duplicated. Unreferenced files are removed by `cleanup()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import manifest
+from .buckets import ASPECT_RATIOS, bucket_of_latent, buckets_for_base
+from .format import (FORMAT_VERSION, TMP_DIR, CacheFormatError, bucket_dir, bucket_name, file_crc32,
+                     sample_crc, shard_schema, storage_dtype, tensor_to_numpy, work_unit_id)
+from .fsutil import fsync_dir, fsync_file
+
+log = logging.getLogger(__name__)
+
+
+class CacheSealedError(RuntimeError):
+    """The cache was sealed (its log declared complete); no more commits are accepted."""
+
+
+class _BucketShards:
+    """The temp shard files of one bucket within one work unit."""
+
+    def __init__(self, w: "CacheWriter", bucket, latent_shape, text_dim: int):
+        self.w, self.bucket, self.latent_shape, self.text_dim = w, bucket, tuple(latent_shape), text_dim
+        self.schema = shard_schema(w.latent_dt, latent_shape, w.text_dt, text_dim,
+                                   {"bucket": bucket_name(*bucket), "work_unit": w.work_unit,
+                                    "base_resolution": w.base_resolution})
+        self.rows: list[tuple] = []
+        self.buffered = 0
+        self.index = 0
+        self.current = None  # (tmp_path, sink, ipc_writer, rows_written)
+        self.finished: list[dict] = []
+
+    def add(self, key, lat, txt, caption, source, meta_json, crc):
+        self.rows.append((key, lat, txt, caption, source, meta_json, crc))
+        self.buffered += lat.nbytes + txt.nbytes
+        if self.buffered >= self.w.flush_bytes:
+            self.flush()
+
+    def _record_batch(self) -> pa.RecordBatch:
+        keys, lats, txts, caps, srcs, metas, crcs = zip(*self.rows)
+        lat = np.concatenate([a.reshape(-1) for a in lats])
+        txt = np.concatenate([a.reshape(-1) for a in txts])
+        if self.w.latent_dt.name == "bf16":
+            lat = lat.view(np.uint16)
+        if self.w.text_dt.name == "bf16":
+            txt = txt.view(np.uint16)
+        lens = np.array([a.shape[0] for a in txts], dtype=np.int32)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens.astype(np.int64) * self.text_dim, out=offsets[1:])
+        arrays = [
+            pa.array(keys, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(lat), int(np.prod(self.latent_shape))),
+            pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(txt)),
+            pa.array(lens),
+            pa.array(caps, pa.large_string()),
+            pa.array(srcs, pa.string()),
+            pa.array(metas, pa.large_string()),
+            pa.array(np.array(crcs, dtype=np.uint32)),
+        ]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def flush(self):
+        if not self.rows:
+            return
+        if self.current is None:
+            tmp = os.path.join(self.w.tmp_dir, f"{self.w.file_stem}.{bucket_name(*self.bucket)}.{self.index:04d}.arrow.tmp")
+            sink = pa.OSFile(tmp, "wb")
+            self.current = [tmp, sink, pa.ipc.new_file(sink, self.schema), 0]
+        batch = self._record_batch()
+        self.current[2].write_batch(batch)
+        self.current[3] += batch.num_rows
+        self.rows, self.buffered = [], 0
+        if self.current[1].tell() >= self.w.max_shard_bytes or self.current[3] >= self.w.max_shard_samples:
+            self.close_current()
+
+    def close_current(self):
+        tmp, sink, writer, rows = self.current
+        writer.close()
+        sink.close()
+        fsync_file(tmp)
+        final = os.path.join(bucket_dir(*self.bucket), f"{self.w.file_stem}.{self.index:04d}.arrow")
+        self.finished.append({
+            "tmp": tmp, "path": final, "bucket": bucket_name(*self.bucket), "num_samples": rows,
+            "bytes": os.path.getsize(tmp), "crc32": file_crc32(tmp), "latent_shape": list(self.latent_shape),
+            "latent_dtype": self.w.latent_dt.name, "text_dim": self.text_dim, "text_dtype": self.w.text_dt.name,
+        })
+        self.current = None
+        self.index += 1
+
+    def finish(self):
+        self.flush()
+        if self.current is not None:
+            self.close_current()
+
+    def discard(self):
+        if self.current is not None:
+            try:
+                self.current[2].close()
+                self.current[1].close()
+            except Exception:  # already broken; we are deleting it anyway
+                pass
+            _unlink_quiet(self.current[0])
+            self.current = None
+        for s in self.finished:
+            if "tmp" in s:  # not yet renamed into a bucket dir
+                _unlink_quiet(s["tmp"])
+        self.rows = []
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class CacheWriter:
+    """Write the samples of ONE producer work unit (e.g. one input shard) into the cache.
+
+    with CacheWriter(root, work_unit="s3://bucket/raw/00042.tar", latent_dtype="bf16", base_resolution=640) as w:
+        for s in samples:
+            w.add(s.key, latent[16, h, w], text_embed[L, D], caption, source, meta)
+    # leaving the block commits (or, on an exception, discards everything of this attempt)
+
+    If the work unit is already committed, `already_committed` is True, `add()` does nothing and
+    `commit()` returns the existing entry, so a rerun never duplicates samples.
+    """
+
+    def __init__(self, root: str, work_unit: str, latent_dtype="bf16", base_resolution: int | None = None, *,
+                 text_dtype="bf16", aspect_ratios=ASPECT_RATIOS, max_shard_bytes: int = 256 << 20,
+                 max_shard_samples: int = 1 << 30, flush_bytes: int = 16 << 20):
+        self.root = os.path.abspath(root)
+        self.work_unit = work_unit
+        self.wuid = work_unit_id(work_unit)
+        self.latent_dt = storage_dtype(latent_dtype)
+        self.text_dt = storage_dtype(text_dtype)
+        self.base_resolution = base_resolution
+        self.allowed_buckets = set(buckets_for_base(base_resolution, aspect_ratios)) if base_resolution else None
+        if max_shard_bytes <= 0 or max_shard_samples <= 0 or flush_bytes <= 0:
+            raise ValueError("max_shard_bytes, max_shard_samples and flush_bytes must be positive")
+        self.max_shard_bytes, self.max_shard_samples, self.flush_bytes = max_shard_bytes, max_shard_samples, flush_bytes
+        manifest.ensure_layout(self.root)
+        self.tmp_dir = os.path.join(self.root, TMP_DIR)
+        self.attempt = uuid.uuid4().hex[:8]
+        self.file_stem = f"wu-{self.wuid}.{self.attempt}"
+        self.text_dim: int | None = None
+        self.num_samples = 0
+        self._buckets: dict[tuple[int, int], _BucketShards] = {}
+        self._keys: set[str] = set()
+        self.already_committed = self.is_committed(self.root, work_unit)
+        self.state = "committed" if self.already_committed else "open"
+        if self.already_committed:
+            log.info("work unit %r is already committed to %s; skipping its samples", work_unit, self.root)
+        else:
+            self._remove_stale_temps()
+
+    # ---------------------------------------------------------------- public API
+    @staticmethod
+    def is_committed(root: str, work_unit: str) -> bool:
+        """True once `work_unit` has been committed to the cache at `root` (producers skip it)."""
+        return os.path.exists(manifest.workunit_hint_path(root, work_unit_id(work_unit)))
+
+    def add(self, key: str, latent: torch.Tensor, text_embed: torch.Tensor, caption: str = "", source: str = "",
+            meta: dict | None = None) -> None:
+        if self.state != "open":
+            if self.already_committed:
+                return
+            raise RuntimeError(f"CacheWriter for work unit {self.work_unit!r} is {self.state}; add() is closed")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        if key in self._keys:
+            raise ValueError(f"duplicate key {key!r} in work unit {self.work_unit!r}")
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 3:
+            raise ValueError(f"latent for {key!r} must be a torch.Tensor [C, h, w], got "
+                             f"{getattr(latent, 'shape', type(latent))}")
+        if not isinstance(text_embed, torch.Tensor) or text_embed.dim() != 2 or text_embed.shape[0] < 1:
+            raise ValueError(f"text_embed for {key!r} must be an unpadded torch.Tensor [L>=1, D], got "
+                             f"{getattr(text_embed, 'shape', type(text_embed))}")
+        if self.text_dim is None:
+            self.text_dim = int(text_embed.shape[1])
+        elif text_embed.shape[1] != self.text_dim:
+            raise ValueError(f"text_embed for {key!r} is {text_embed.shape[1]} wide; this work unit's are {self.text_dim}")
+        bucket = bucket_of_latent((latent.shape[1], latent.shape[2]))
+        if self.allowed_buckets is not None and bucket not in self.allowed_buckets:
+            raise ValueError(f"latent {tuple(latent.shape)} of {key!r} is pixel size {bucket_name(*bucket)}, not a "
+                             f"bucket of base resolution {self.base_resolution}: {sorted(self.allowed_buckets)}")
+        try:
+            meta_json = json.dumps(meta or {}, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta of {key!r} is not JSON-serialisable: {e}") from None
+        lat = tensor_to_numpy(latent, self.latent_dt)
+        txt = tensor_to_numpy(text_embed, self.text_dt)
+        series = self._buckets.get(bucket)
+        if series is None:
+            series = self._buckets[bucket] = _BucketShards(self, bucket, lat.shape, self.text_dim)
+        elif lat.shape != series.latent_shape:
+            raise ValueError(f"latent of {key!r} has {lat.shape[0]} channels; bucket {bucket_name(*bucket)} has "
+                             f"{series.latent_shape[0]}")
+        series.add(key, lat, txt, str(caption), str(source), meta_json, sample_crc(key, lat, txt))
+        self._keys.add(key)
+        self.num_samples += 1
+
+    def commit(self) -> dict:
+        """Make every sample added so far visible, atomically (one manifest entry). Returns the entry."""
+        if self.already_committed or self.state == "committed":
+            return self._existing_entry()
+        if self.state != "open":
+            raise RuntimeError(f"cannot commit work unit {self.work_unit!r}: writer is {self.state}")
+        try:
+            for series in self._buckets.values():
+                series.finish()
+            shards = [s for series in self._buckets.values() for s in series.finished]
+            if manifest.sealed_count(self.root) is not None:
+                raise CacheSealedError(f"cache {self.root} is sealed; cannot commit work unit {self.work_unit!r}")
+            if self.is_committed(self.root, self.work_unit):  # a concurrent attempt won; ours is redundant
+                log.warning("work unit %r was committed by another writer meanwhile; discarding this attempt",
+                            self.work_unit)
+                self.abort()
+                self.already_committed = True
+                return self._existing_entry()
+            for s in shards:  # visible in the bucket dirs but unreferenced until the entry lands
+                os.makedirs(os.path.join(self.root, os.path.dirname(s["path"])), exist_ok=True)
+                os.rename(s.pop("tmp"), os.path.join(self.root, s["path"]))
+            for d in {os.path.dirname(s["path"]) for s in shards}:
+                fsync_dir(os.path.join(self.root, d))
+            entry = {
+                "format_version": FORMAT_VERSION, "work_unit": self.work_unit, "work_unit_id": self.wuid,
+                "attempt": self.attempt, "base_resolution": self.base_resolution,
+                "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+                "created_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+            }
+            seq = manifest.append_entry(self.root, entry)
+            sealed = manifest.sealed_count(self.root)
+            if sealed is not None and seq >= sealed:
+                raise CacheSealedError(f"cache {self.root} was sealed at {sealed} entries while work unit "
+                                       f"{self.work_unit!r} committed as entry {seq}; readers ignore it")
+            manifest.write_workunit_hint(self.root, self.wuid, self.work_unit, seq)
+        except BaseException:
+            if self.state == "open":
+                self.abort()
+            raise
+        self.state = "committed"
+        log.info("committed work unit %r: %d samples in %d shards (entry %d)", self.work_unit,
+                 entry["num_samples"], len(shards), seq)
+        return {**entry, "seq": seq}
+
+    def abort(self) -> None:
+        """Discard everything this attempt wrote (temp files); the work unit stays uncommitted."""
+        for series in self._buckets.values():
+            series.discard()
+        self._buckets.clear()
+        if self.state == "open":
+            self.state = "aborted"
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self.state == "open":
+            self.commit()
+
+    # ---------------------------------------------------------------- internals
+    def _existing_entry(self) -> dict:
+        with open(manifest.workunit_hint_path(self.root, self.wuid), "rb") as f:
+            seq = json.loads(f.read())["seq"]
+        with open(manifest.entry_path(self.root, seq), "rb") as f:
+            return {**json.loads(f.read()), "seq": seq}
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of earlier attempts of this work unit were left by killed writers: delete them.
+
+        (A still-running zombie attempt then fails at its rename, which is what we want.)"""
+        prefix = f"wu-{self.wuid}."
+        for name in os.listdir(self.tmp_dir):
+            if name.startswith(prefix):
+                log.info("removing stale temp file %s of an earlier attempt", name)
+                _unlink_quiet(os.path.join(self.tmp_dir, name))
+
+
+__all__ = ["CacheWriter", "CacheSealedError", "CacheFormatError"]
