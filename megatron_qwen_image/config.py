@@ -329,8 +329,6 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     _require(cfg.max_image_seq_len > cfg.base_image_seq_len >= 1, "max_image_seq_len",
              f"must be > base_image_seq_len={cfg.base_image_seq_len}")
 
-    if cfg.data == "cache":
-        _require(bool(cfg.cache_dir), "cache_dir", "is required with data=cache (--cache-dir DIR)")
     _require(cfg.cache_prefetch >= 0, "cache_prefetch", "must be >= 0")
     res = cfg.synthetic_resolutions
     factor = 8 * m.patch_size  # VAE factor x patch size
@@ -352,7 +350,9 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
         _require(not (cfg.bf16 and not cuda_available), "bf16",
                  "bf16=true needs a GPU; CPU runs are fp32 (set bf16=null for automatic)")
 
-    if world_size is not None:
+    if world_size is not None:  # checks that only matter when training starts
+        if cfg.data == "cache":
+            _require(bool(cfg.cache_dir), "cache_dir", "is required with data=cache (--cache-dir DIR)")
         _require(world_size % tp == 0, "tensor_model_parallel_size",
                  f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}")
         dp = world_size // tp

@@ -1,0 +1,63 @@
+"""Per-step training stats: console line, TensorBoard scalars and a JSONL file (rank 0 writes)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+
+class MetricsLogger:
+    """Console every `log_interval` steps; TensorBoard (if a dir is given) and JSONL every step.
+
+    JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, consumed_samples, skipped,
+    latent_hw (the batch's latent height/width). One JSON object per line, flushed each step, so
+    a crashed or running job's file is always readable.
+    """
+
+    def __init__(self, enabled: bool, train_iters: int, log_interval: int = 1,
+                 tensorboard_dir: Optional[str] = None, jsonl_path: Optional[str] = None):
+        self.enabled, self.train_iters, self.log_interval = enabled, train_iters, log_interval
+        self.jsonl_path = jsonl_path
+        self._tb = self._jsonl = None
+        self._start = time.perf_counter()
+        self._first_step: Optional[int] = None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+        if jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self._jsonl = open(jsonl_path, "a")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self._first_step is None:
+            self._first_step = step - 1
+            self._start = time.perf_counter() - record["step_time_s"]
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for key in ("loss", "grad_norm", "lr", "step_time_s", "samples_per_s"):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        if step % self.log_interval == 0 or step == self.train_iters:
+            done = step - self._first_step
+            elapsed = time.perf_counter() - self._start
+            eta = elapsed / max(done, 1) * (self.train_iters - step)
+            grad = "n/a" if record.get("grad_norm") is None else f"{record['grad_norm']:.4f}"
+            print(f"step {step:>6}/{self.train_iters} | loss {record['loss']:.5f} | grad_norm {grad} | "
+                  f"lr {record['lr']:.3e} | {record['step_time_s']:.3f} s/step | "
+                  f"{record['samples_per_s']:.2f} samples/s | ETA {eta:.0f} s"
+                  + (" | SKIPPED (inf/nan grads)" if record.get("skipped") else ""), flush=True)
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        if self._jsonl:
+            self._jsonl.close()

@@ -1,0 +1,139 @@
+"""`--dry-run` parallelism planner: parameters and bytes per rank for a config and a TP x DP layout.
+
+Nothing is allocated and no process group is needed: the model is built once at TP=1 on PyTorch's meta
+device (real module code, shapes only), and each tensor's tensor-parallel split axis comes from the model's
+weight mapping (megatron_qwen_image.model.diffusers_mapping: column-parallel q/k/v, MLP fc1, img/txt_mod
+and norm_out are split along dim 0, row-parallel out-projections / fc2 along dim 1, everything else is
+replicated). A TP rank holds numel / TP of each split tensor and all of each replicated one.
+
+Accounting per rank, matching megatron-core's DistributedDataParallel + DistributedOptimizer:
+  params     bf16 (2 B) on a GPU run, fp32 (4 B) on a CPU run; the full TP shard on every DP rank
+  grads      fp32 (4 B): DDP's contiguous main_grad buffer (grad_reduce_in_fp32), full size on every DP
+             rank (reduce-scatter happens inside it)
+  optimizer  Adam exp_avg + exp_avg_sq (8 B) plus, with bf16 params, the fp32 main copy (4 B);
+             divided by DP with the distributed optimizer, not divided without it
+Activations are not included (they depend on resolution, micro-batch and recompute). megatron pads each
+param to a 64-element boundary and each bucket to a multiple of DP inside its buffers: a few KB, not shown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_qwen_image.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple
+    tp_axis: int | None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Plan:
+    tp: int
+    dp: int
+    bf16: bool
+    distributed_optimizer: bool
+    total_params: int
+    sharded_params_per_rank: int     # this rank's pieces of TP-split tensors
+    replicated_params_per_rank: int  # tensors every TP rank holds whole
+
+    @property
+    def params_per_rank(self) -> int:
+        return self.sharded_params_per_rank + self.replicated_params_per_rank
+
+    @property
+    def param_bytes(self) -> int:
+        return self.params_per_rank * (2 if self.bf16 else 4)
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.params_per_rank * 4
+
+    @property
+    def optimizer_bytes_per_param(self) -> int:
+        return 12 if self.bf16 else 8
+
+    @property
+    def optimizer_bytes(self) -> float:
+        full = self.params_per_rank * self.optimizer_bytes_per_param
+        return full / self.dp if self.distributed_optimizer else full
+
+    @property
+    def total_bytes(self) -> float:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def tensor_plans(cfg: TrainConfig) -> list[TensorPlan]:
+    """Every parameter's full shape (meta-device build at TP=1) with its TP split axis."""
+    from consumer.builders import build_model_config
+    from megatron_qwen_image.model import QwenImageMMDiT
+    from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
+
+    model_config = build_model_config(cfg, bf16=False, use_cpu_initialization=True, tp_size=1,
+                                      perform_initialization=False)
+    with torch.device("meta"):
+        model = QwenImageMMDiT(model_config)
+    axes = {mp.megatron: mp.tp_axis for mp in tensor_mappings_for(model_config)}
+    params = dict(model.named_parameters())
+    if set(params) != set(axes):
+        raise RuntimeError(f"model parameters and weight mapping disagree: only in model "
+                           f"{sorted(set(params) - set(axes))[:5]}, only in mapping {sorted(set(axes) - set(params))[:5]}")
+    return [TensorPlan(name, tuple(p.shape), axes[name]) for name, p in params.items()]
+
+
+def plan(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = None) -> Plan:
+    """The per-rank plan. bf16 defaults to the config's value, or True (a GPU run) when it is automatic."""
+    tp = tp or cfg.tensor_model_parallel_size
+    sharded = replicated = total = 0
+    for t in tensor_plans(cfg):
+        total += t.numel
+        if t.tp_axis is None:
+            replicated += t.numel
+        else:
+            if t.shape[t.tp_axis] % tp:
+                raise ValueError(f"{t.name}: dim {t.tp_axis} of {t.shape} is not divisible by TP={tp}")
+            sharded += t.numel // tp
+    return Plan(tp=tp, dp=dp, bf16=True if (bf16 is None and cfg.bf16 is None) else bool(bf16 if bf16 is not None
+                                                                                             else cfg.bf16),
+                distributed_optimizer=cfg.use_distributed_optimizer, total_params=total,
+                sharded_params_per_rank=sharded, replicated_params_per_rank=replicated)
+
+
+def _human(b: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size:
+            return f"{b / size:,.2f} {unit}"
+    return f"{b:,.0f} B"
+
+
+def format_plan(p: Plan, note: str = "") -> str:
+    opt_what = "fp32 main params + Adam m, v" if p.bf16 else "Adam m, v (the fp32 params are the main params)"
+    opt_div = f"/ DP {p.dp} (distributed optimizer)" if p.distributed_optimizer else "(not sharded over DP)"
+    rows = [
+        ("parameters: TP-sharded part", f"{p.sharded_params_per_rank:,}", "", "", ""),
+        ("parameters: replicated part", f"{p.replicated_params_per_rank:,}", "", "", ""),
+        (f"params ({'bf16' if p.bf16 else 'fp32'})", f"{p.params_per_rank:,}", "2" if p.bf16 else "4",
+         f"{p.param_bytes:,}", _human(p.param_bytes)),
+        ("grads (fp32 main_grad buffer)", f"{p.params_per_rank:,}", "4", f"{p.grad_bytes:,}", _human(p.grad_bytes)),
+        (f"optimizer: {opt_what} {opt_div}", f"{p.params_per_rank:,}",
+         f"{p.optimizer_bytes_per_param}" + (f"/{p.dp}" if p.distributed_optimizer else ""),
+         f"{p.optimizer_bytes:,.0f}", _human(p.optimizer_bytes)),
+        ("total before activations", "", "", f"{p.total_bytes:,.0f}", _human(p.total_bytes)),
+    ]
+    head = (f"Qwen-Image MMDiT, {p.total_params:,} parameters ({p.total_params / 1e9:.2f} B): "
+            f"TP {p.tp} x DP {p.dp} = {p.tp * p.dp} ranks, {'bf16' if p.bf16 else 'fp32'} params, fp32 grads"
+            + (f"\n{note}" if note else ""))
+    lines = [head, "", "| per rank | elements | bytes/element | bytes | |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Train the Qwen-Image MMDiT with flow matching on megatron-core (TP x DP, distributed optimizer, recompute).
+
+    torchrun --nproc-per-node 2 -m consumer.train --config configs/smoke_tp2.yaml [key=value ...]
+        [--data synthetic | --data cache --cache-dir DIR] [--tensorboard-dir DIR] [--log-jsonl FILE]
+    python -m consumer.train --config configs/model/qwen_image_20b.yaml --dry-run --dp 8   # memory plan
+
+One iteration: take this rank's share of the global batch from the data iterator, split it into
+micro-batches; for each: pack latents 2x2, draw noise and logit-normal sigma per sample, x_t, forward,
+MSE against v = noise - x0 on the image tokens, backward (grad sync deferred to the last micro-batch);
+then megatron's finalize_model_grads (reduce-scatter / all-reduce over DP), optimizer.step (clip, Adam,
+all-gather of the updated shards), LR scheduler step. Works the same on GPUs (bf16) and CPU (fp32, gloo,
+megatron_qwen_image.cpu_emulation).
+
+Checkpoint seam: everything a checkpoint needs lives in one `TrainState`; the loop calls
+`checkpointer.load(state)` once and `checkpointer.maybe_save(state)` after every step. The default
+`NullCheckpointer` does nothing; `consumer.checkpointing.Checkpointer(cfg, ctx)` is used when that module exists.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_qwen_image.config import ConfigError, TrainConfig, load_config, resolve_precision, validate
+from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
+                                               noisy_latents, velocity_target)
+
+
+# --------------------------------------------------------------------------------------------------
+# State and checkpoint seam
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything a resumed run needs. All randomness of a step is derived from (seed, step, sample key),
+    so step + data-iterator position restore it exactly; no RNG state has to be saved for the objective."""
+
+    cfg: TrainConfig
+    model: Any                 # megatron DistributedDataParallel(QwenImageMMDiT)
+    optimizer: Any             # megatron optimizer (DistributedOptimizer when use_distributed_optimizer)
+    scheduler: Any             # megatron OptimizerParamScheduler
+    data_iterator: Iterator[dict]
+    step: int = 0              # completed iterations
+    consumed_samples: int = 0
+    extra: dict = field(default_factory=dict)  # room for other components' state
+
+
+class NullCheckpointer:
+    """No checkpoints (used until consumer/checkpointing.py exists, or when neither save nor load is set)."""
+
+    def load(self, state: TrainState) -> bool:
+        return False
+
+    def maybe_save(self, state: TrainState) -> bool:
+        """Save if due; return True when training must stop now (e.g. saved on SIGTERM)."""
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def build_checkpointer(cfg: TrainConfig, ctx):
+    try:
+        from consumer.checkpointing import Checkpointer
+    except ModuleNotFoundError as e:
+        if e.name != "consumer.checkpointing":
+            raise
+        if cfg.save or cfg.load:
+            raise ConfigError("save" if cfg.save else "load",
+                              "checkpointing is not available in this build (consumer/checkpointing.py missing)")
+        return NullCheckpointer()
+    return Checkpointer(cfg, ctx)
+
+
+# --------------------------------------------------------------------------------------------------
+# One iteration
+# --------------------------------------------------------------------------------------------------
+def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, spec: SigmaSampling,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    from megatron_qwen_image.model import pack_latents
+
+    p = cfg.model.patch_size
+    z = batch["latents"][sl].to(device=device, dtype=torch.float32)
+    b, c, h, w = z.shape
+    x0 = pack_latents(z, p)
+    noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.seed, (c, h, w), x0.shape[1], spec, device)
+    noise = pack_latents(noise, p)
+    x_t = noisy_latents(x0, noise, sigma)
+    target = velocity_target(x0, noise)
+    mask = batch["text_mask"][sl].to(device)
+    length = max(int(mask.sum(dim=1).max()), 1)  # drop columns that are padding for every sample here
+    text = batch["text_embeds"][sl, :length].to(device=device, dtype=dtype)
+    pred = model(x_t.to(dtype), text, mask[:, :length], sigma, img_shapes=[(1, h // p, w // p)] * b)
+    return flow_matching_loss(pred, target).mean()
+
+
+def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: torch.dtype) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    cfg, model, optimizer = state.cfg, state.model, state.optimizer
+    mb = cfg.micro_batch_size
+    local = batch["latents"].shape[0]
+    if local != cfg.global_batch_size // ctx.dp_size:
+        raise ValueError(f"data iterator gave {local} samples; expected global_batch_size / dp = "
+                         f"{cfg.global_batch_size} / {ctx.dp_size}")
+    num_micro = local // mb
+    lr = optimizer.param_groups[0]["lr"]
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = []
+    for i in range(num_micro):
+        sync = contextlib.nullcontext() if i == num_micro - 1 else model.no_sync()
+        with sync:
+            loss = microbatch_loss(model, batch, slice(i * mb, (i + 1) * mb), state.step, cfg, spec, ctx.device, dtype)
+            (loss / num_micro).backward()
+        losses.append(loss.detach())
+    finalize_model_grads([model])
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        state.scheduler.step(increment=1)
+
+    loss = torch.stack(losses).mean()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    loss = loss.item() / ctx.dp_size
+    return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "skipped": not ok,
+            "latent_hw": list(batch["latents"].shape[-2:])}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
+    """Process groups, model, DDP, optimizer, scheduler, data -> (TrainState, ParallelContext, dtype)."""
+    from consumer import builders
+    from megatron_qwen_image.parallel import init_parallel
+
+    cuda = torch.cuda.is_available()
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)), cuda_available=cuda)
+    ctx = init_parallel(cfg.tensor_model_parallel_size, cfg.seed)
+    bf16, cpu_init = resolve_precision(cfg, cuda)
+    model_config = builders.build_model_config(cfg, bf16, cpu_init)
+    model = builders.build_model(model_config, ctx.device)
+    ddp_model = builders.wrap_ddp(model, model_config, cfg)
+    optimizer = builders.build_optimizer(ddp_model, cfg, bf16)
+    scheduler = builders.build_scheduler(optimizer, cfg)
+    data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
+    state = TrainState(cfg=cfg, model=ddp_model, optimizer=optimizer, scheduler=scheduler, data_iterator=data)
+    if ctx.is_main:
+        n_local = sum(p.numel() for p in model.parameters())
+        print(f"megatron-qwen-image: world {ctx.world_size} = TP {ctx.tp_size} x DP {ctx.dp_size} | "
+              f"{'bf16' if bf16 else 'fp32'} on {ctx.device}"
+              f"{' (CPU emulation of megatron-core CUDA placements)' if ctx.cpu_emulation else ''} | "
+              f"{n_local:,} params on rank 0 | distributed optimizer {cfg.use_distributed_optimizer} | "
+              f"recompute {cfg.recompute_granularity or 'off'} | global batch {cfg.global_batch_size} = "
+              f"micro {cfg.micro_batch_size} x DP {ctx.dp_size} x {cfg.num_microbatches(ctx.world_size)} accumulation",
+              flush=True)
+    return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
+
+
+def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, checkpointer=None) -> list[dict]:
+    """Run training to cfg.train_iters; return the per-step records (every rank gets the same losses)."""
+    from consumer.metrics import MetricsLogger
+
+    state, ctx, dtype = setup(cfg, data_iterator)
+    checkpointer = checkpointer or build_checkpointer(cfg, ctx)
+    checkpointer.load(state)
+    spec = SigmaSampling.from_config(cfg)
+    jsonl = cfg.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
+    logger = MetricsLogger(ctx.is_main, cfg.train_iters, cfg.log_interval, cfg.tensorboard_dir, jsonl)
+    if ctx.is_main:
+        print(f"stats -> {jsonl}" + (f" | tensorboard -> {cfg.tensorboard_dir}" if cfg.tensorboard_dir else ""),
+              flush=True)
+    records = []
+    try:
+        while state.step < cfg.train_iters:
+            t0 = time.perf_counter()
+            batch = next(state.data_iterator)
+            stats = train_step(state, batch, ctx, spec, dtype)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.consumed_samples += cfg.global_batch_size
+            record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": cfg.global_batch_size / dt,
+                      "consumed_samples": state.consumed_samples}
+            records.append(record)
+            logger.log(record)
+            if checkpointer.maybe_save(state):
+                break
+    finally:
+        logger.close()
+        checkpointer.close()
+    return records
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m consumer.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 model.num_layers=4")
+    p.add_argument("--data", choices=["synthetic", "cache"], help="batch source (config key 'data')")
+    p.add_argument("--cache-dir", help="latent cache directory for --data cache (config key 'cache_dir')")
+    p.add_argument("--tensorboard-dir", help="TensorBoard log dir (config key 'tensorboard_dir')")
+    p.add_argument("--log-jsonl", help="per-step stats JSONL file (config key 'log_jsonl')")
+    p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
+    p.add_argument("--dp", type=int, help="data-parallel size for --dry-run (default: WORLD_SIZE / TP)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args) -> TrainConfig:
+    cfg = load_config(args.config, args.overrides)
+    for flag, key in (("data", "data"), ("cache_dir", "cache_dir"), ("tensorboard_dir", "tensorboard_dir"),
+                      ("log_jsonl", "log_jsonl")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    validate(cfg)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.dry_run:
+            from consumer.planner import format_plan, plan
+
+            dp = args.dp or max(int(os.environ.get("WORLD_SIZE", 1)) // cfg.tensor_model_parallel_size, 1)
+            note = ("(bf16=null: planned as a GPU run in bf16; pass bf16=false for an fp32 plan)"
+                    if cfg.bf16 is None else "")
+            print(format_plan(plan(cfg, dp=dp), note))
+            return 0
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_qwen_image.parallel import destroy_parallel
+
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":  # guard needed: dist_checkpointing's async writer re-imports __main__
+    sys.exit(main())
