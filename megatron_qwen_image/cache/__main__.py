@@ -1,0 +1,126 @@
+"""python -m megatron_qwen_image.cache {inspect,verify,cleanup,seal} DIR
+
+inspect  buckets, samples, bytes per sample, text-length histogram (--json for machines)
+verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32
+         (exit status 1 if anything is bad)
+cleanup  delete temp files of dead writers and unreferenced shard files older than --grace-s
+seal     declare the cache complete (streaming loaders finish; writers refuse new commits)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .format import CacheFormatError
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args) -> int:
+    from .maintenance import inspect_cache
+
+    info = inspect_cache(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"cache {info['root']}  format v{info['format_version']}  {'sealed' if info['sealed'] else 'open'}")
+    print(f"  {info['entries']} manifest entries ({info['work_units']} work units, {info['duplicate_entries']} "
+          f"duplicate, {len(info['corrupt_entries'])} unreadable), {info['samples']} samples, "
+          f"{_fmt_bytes(info['bytes'])}")
+    print(f"  {'bucket':>11} {'latent':>12} {'shards':>7} {'samples':>9} {'bytes/sample':>13} {'dtype':>6} "
+          f"{'text D':>6} {'text len min/mean/max':>22}")
+    for name, b in info["buckets"].items():
+        tl = b.get("text_len", {})
+        lens = f"{tl.get('min', '-')}/{tl.get('mean', 0):.1f}/{tl.get('max', '-')}" if tl else "-"
+        print(f"  {name:>11} {'x'.join(map(str, b['latent_shape'])):>12} {b['shards']:>7} {b['samples']:>9} "
+              f"{_fmt_bytes(b['bytes_per_sample']):>13} {','.join(b['latent_dtypes']):>6} "
+              f"{','.join(map(str, b['text_dims'])):>6} {lens:>22}")
+    hist = {}
+    for b in info["buckets"].values():
+        for k, v in b.get("text_len", {}).get("histogram", {}).items():
+            hist[k] = hist.get(k, 0) + v
+    if hist:
+        total = max(1, sum(hist.values()))
+        print("  text length histogram (tokens: samples)")
+        for k, v in hist.items():
+            print(f"    {k:>9}: {v:>8}  {'#' * round(40 * v / total)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .reader import CacheReader
+
+    t0 = time.time()
+    r = CacheReader(args.dir)
+
+    def progress(i, n):
+        if not args.quiet and (i == n or i % 50 == 0):
+            print(f"  verified {i}/{n} shards ({time.time() - t0:.1f} s)", file=sys.stderr)
+
+    rep = r.verify_all(progress)
+    for path, reason in rep["bad"]:
+        print(f"BAD  {path}: {reason}")
+    for reason in rep["corrupt_entries"]:
+        print(f"BAD  manifest entry {reason}")
+    print(f"{rep['ok']} shards OK ({rep['samples']} samples), {len(rep['bad'])} bad, "
+          f"{len(rep['corrupt_entries'])} unreadable manifest entries")
+    return 1 if rep["bad"] or rep["corrupt_entries"] else 0
+
+
+def cmd_cleanup(args) -> int:
+    from .maintenance import cleanup
+
+    rep = cleanup(args.dir, grace_s=args.grace_s, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for kind, paths in rep.items():
+        for p in paths:
+            print(f"{verb} {kind[:-1].replace('_', ' ')}: {p}")
+    print(f"{verb} {len(rep['temp_files'])} temp files, {len(rep['unreferenced_shards'])} unreferenced shards")
+    return 0
+
+
+def cmd_seal(args) -> int:
+    from .manifest import seal
+
+    print(f"sealed {args.dir} at {seal(args.dir)} manifest entries")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_qwen_image.cache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inspect", help="summary of a cache")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("verify", help="re-check all checksums")
+    s.add_argument("dir")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("cleanup", help="remove leftovers of killed writers")
+    s.add_argument("dir")
+    s.add_argument("--grace-s", type=float, default=3600.0, help="only touch files older than this (default 3600)")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(fn=cmd_cleanup)
+    s = sub.add_parser("seal", help="declare the cache complete")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_seal)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except CacheFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

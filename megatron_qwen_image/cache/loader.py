@@ -1,0 +1,404 @@
+"""BucketedLoader: the consumer side. Global batches from one bucket, split over DP ranks, prefetched.
+
+Threads: a planner thread walks the deterministic plan (plan.py; in streaming mode it is the one that
+waits for producers) and submits each of this rank's batches to a small pool of reader threads, which
+copy the samples out of the memory-mapped shards straight into the batch tensors (zero-copy up to
+that one copy; CRC-32 and torch copies release the GIL). At most `prefetch` batches are in flight.
+The train loop only ever takes finished batches from a queue, in order.
+
+Every rank builds the same plan, so DP ranks take disjoint slices of the same global batch
+([dp_rank*G/dp_size, (dp_rank+1)*G/dp_size)) and TP ranks with the same dp_rank get identical batches.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .collate import collate
+from .format import CorruptShardError, parse_bucket_name
+from .manifest import ManifestLog, ShardInfo
+from .plan import plan_epoch, plan_round, replacement_candidates, sample_ids, split_id
+from .shard import VERIFY_MODES, ShardFile
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_END = object()
+
+
+class _Task:
+    __slots__ = ("bucket", "ids", "pool", "key", "state_after")
+
+    def __init__(self, bucket, ids, pool, key, state_after):
+        self.bucket, self.ids, self.pool, self.key, self.state_after = bucket, ids, pool, key, state_after
+
+
+class BucketedLoader:
+    """Iterate this rank's part of each global batch from the latent cache at `root`.
+
+    Args:
+      global_batch_size: samples per global batch (all DP ranks together); a multiple of dp_size.
+      dp_rank, dp_size: this rank's data-parallel coordinates (TP ranks of one group pass the same).
+      seed: the whole sequence is a function of (seed, global_batch_size, filters, manifest).
+      streaming: follow the manifest while producers write (see plan.py); else one fixed set of
+        entries, epoch after epoch.
+      prefetch: batches built ahead in the background (0: build synchronously in next()).
+      num_workers: reader threads building batches in parallel.
+      output_dtype: dtype of latents and text_embeds (None: as stored).
+      base_resolution / buckets: only use shards of that stage / those buckets ("640x480" or (640, 480)).
+      verify: "sample" (CRC of every sample on first read), "full" (whole-shard CRC on open), "none".
+      stream_round_samples: new samples per streaming round (default 8 x global_batch_size).
+      stream_timeout_s: give up (TimeoutError) after waiting this long for producers (None: wait).
+      num_entries: epoch mode: use exactly the first N manifest entries (default: the sealed count,
+        else all visible at construction).
+    """
+
+    def __init__(self, root: str, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 streaming: bool = False, prefetch: int = 2, *, num_workers: int = 1,
+                 output_dtype: torch.dtype | None = torch.float32, base_resolution: int | None = None,
+                 buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
+                 poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
+                 num_entries: int | None = None, max_open_shards: int = 128):
+        for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
+                            ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
+                            ("max_open_shards", max_open_shards, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if global_batch_size % dp_size:
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by dp_size={dp_size}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r}; use one of {VERIFY_MODES}")
+        self.root = os.path.abspath(root)
+        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
+        self.micro = global_batch_size // dp_size
+        self.seed, self.streaming, self.prefetch, self.num_workers = int(seed), streaming, prefetch, num_workers
+        self.output_dtype, self.verify, self.base_resolution = output_dtype, verify, base_resolution
+        self.bucket_filter = None if buckets is None else {
+            parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
+        self.round_samples = stream_round_samples or 8 * global_batch_size
+        self.poll_interval_s, self.stream_timeout_s = poll_interval_s, stream_timeout_s
+        self.max_open_shards = max_open_shards
+
+        self.log = ManifestLog(self.root)  # refuses unknown format versions here
+        self.log.refresh()
+        self._shards: list[ShardInfo] = []
+        self._entry_ranges: list[tuple[int, int]] = []  # entry k -> its shard ids [a, b)
+        if streaming:
+            self._position = {"mode": "stream", "round": 0, "step": 0}
+        else:
+            self._position = {"mode": "epoch", "epoch": 0, "step": 0,
+                              "num_entries": self._epoch_entry_count(num_entries)}
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, ShardFile] = OrderedDict()
+        self._bad: dict[str, str] = {}
+        self._stats = {"batches": 0, "samples": 0, "skipped_samples": 0, "replaced_samples": 0, "wait_s": 0.0}
+        self._pipeline = None  # (planner thread, out queue, stop event, executor); call close() when done
+        self._sync_gen = None   # prefetch=0
+
+    # ------------------------------------------------------------------ public API
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.prefetch == 0:
+            return self._next_sync()
+        if self._pipeline is None:
+            self._start()
+        item = self._pipeline[1].get()
+        if item is _END:
+            self._pipeline[1].put(_END)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._pipeline[1].put(item)
+            raise item
+        state_after, future = item
+        batch, skipped, replaced = future.result()
+        self._consumed(state_after, batch, skipped, replaced)
+        return batch
+
+    def state_dict(self) -> dict:
+        """Position after the last batch returned by next() (prefetched batches are not counted)."""
+        return {"version": STATE_VERSION, "seed": self.seed, "global_batch_size": self.global_batch_size,
+                "base_resolution": self.base_resolution,
+                "buckets": None if self.bucket_filter is None else sorted(list(b) for b in self.bucket_filter),
+                "position": dict(self._position)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue exactly after the batch the state was taken at (dp_size may differ; the global
+        batches are the same)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "global_batch_size", "base_resolution", "buckets"):
+            if sd.get(key) != mine[key]:
+                raise ValueError(f"cannot resume: loader state has {key}={sd.get(key)!r}, this loader has "
+                                 f"{key}={mine[key]!r} (the batch sequence would differ)")
+        pos = dict(sd["position"])
+        if pos.get("mode") == "stream" and not self.streaming:
+            raise ValueError("cannot resume: the state is from a streaming loader; construct with streaming=True")
+        self._stop_pipeline()
+        self._sync_gen = None
+        self._position = pos
+
+    @property
+    def stats(self) -> dict:
+        """Counters: batches/samples returned, corrupt shards skipped (and why), samples skipped and
+        replaced, duplicate/corrupt manifest entries, seconds waited for producers."""
+        with self._lock:
+            return {**self._stats, "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
+                    "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
+                    "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
+
+    def close(self) -> None:
+        self._stop_pipeline()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ planning (one thread)
+    def _epoch_entry_count(self, num_entries):
+        sealed = self.log.sealed_count()
+        n = num_entries if num_entries is not None else sealed if sealed is not None else len(self.log)
+        if num_entries is None and sealed is None:
+            log.warning("cache %s is not sealed: epoch mode uses the %d manifest entries visible now; every "
+                        "rank must see the same ones (pass num_entries= or seal the cache to be sure)",
+                        self.root, n)
+        self.log.refresh(limit=n)
+        if len(self.log) < n:
+            raise ValueError(f"num_entries={n} but the manifest of {self.root} has only {len(self.log)} entries")
+        return n
+
+    def _index_entries(self, n: int) -> None:
+        """Give shard ids to the live shards of entries [0, n) (in log order)."""
+        while len(self._entry_ranges) < n:
+            e = self.log.entries[len(self._entry_ranges)]
+            start = len(self._shards)
+            if e.corrupt is not None:
+                log.warning("skipping unreadable manifest entry: %s", e.corrupt)
+            elif not e.duplicate:
+                self._shards.extend(e.shards)
+            self._entry_ranges.append((start, len(self._shards)))
+
+    def _wanted(self, s: ShardInfo) -> bool:
+        return ((self.base_resolution is None or s.base_resolution == self.base_resolution)
+                and (self.bucket_filter is None or s.bucket in self.bucket_filter) and s.num_samples > 0)
+
+    def _add_entry_ids(self, k: int, new: dict) -> int:
+        a, b = self._entry_ranges[k]
+        added = 0
+        for sid in range(a, b):
+            s = self._shards[sid]
+            if self._wanted(s):
+                new[s.bucket].append(sample_ids(sid, s.num_samples))
+                added += s.num_samples
+        return added
+
+    def _wait_for_entry(self, k: int, stop: threading.Event | None) -> bool:
+        """Block until manifest entry k exists (True) or the sealed log ends before it (False)."""
+        t0 = last_note = time.monotonic()
+        while len(self.log) <= k:
+            self.log.refresh()
+            if len(self.log) > k:
+                break
+            sealed = self.log.sealed_count()
+            if sealed is not None and k >= sealed:
+                return False
+            now = time.monotonic()
+            if self.stream_timeout_s is not None and now - t0 > self.stream_timeout_s:
+                raise TimeoutError(f"streaming loader waited {now - t0:.0f} s for manifest entry {k} of {self.root} "
+                                   f"(stream_timeout_s={self.stream_timeout_s}); are producers running?")
+            if now - last_note > 60:
+                log.info("waiting for producers: need manifest entry %d of %s (%d so far)", k, self.root, len(self.log))
+                last_note = now
+            if stop is not None and stop.wait(self.poll_interval_s):
+                raise _Stopped()
+            if stop is None:
+                time.sleep(self.poll_interval_s)
+            with self._lock:
+                self._stats["wait_s"] += time.monotonic() - now
+        return True
+
+    def _next_round(self, r: int, next_entry: int, leftover: dict, stop):
+        new, counts, added, ended = defaultdict(list), defaultdict(int), 0, False
+        for b, ids in leftover.items():
+            counts[b] += len(ids)
+        while not (added >= self.round_samples and any(c >= self.global_batch_size for c in counts.values())):
+            if not self._wait_for_entry(next_entry, stop):
+                ended = True
+                break
+            self._index_entries(next_entry + 1)
+            before = {b: sum(map(len, v)) for b, v in new.items()}
+            added += self._add_entry_ids(next_entry, new)
+            for b, v in new.items():
+                counts[b] += sum(map(len, v)) - before.get(b, 0)
+            next_entry += 1
+        pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
+                 for b in set(leftover) | set(new)}
+        plan = plan_round(pools, self.seed, r, self.global_batch_size)
+        return plan, next_entry, ended
+
+    def _tasks(self, pos: dict, stop):
+        """Yield this rank's tasks from position `pos` onward, forever (or until a sealed stream ends
+        and the cache has no full batch)."""
+        G, lo = self.global_batch_size, self.dp_rank * self.micro
+        if pos["mode"] == "stream":
+            leftover, next_entry = {}, 0
+            for r in itertools.count():
+                plan, next_entry, ended = self._next_round(r, next_entry, leftover, stop)
+                leftover = plan.leftover
+                if r >= pos["round"]:
+                    start = pos["step"] if r == pos["round"] else 0
+                    for s in range(start, len(plan.batches)):
+                        bucket, ids = plan.batches[s]
+                        yield _Task(bucket, ids[lo:lo + self.micro], plan.pools[bucket], (1, r, s),
+                                    {"mode": "stream", "round": r, "step": s + 1})
+                if ended:
+                    break
+            n = self.log.sealed_count()
+            log.info("stream of %s is sealed and consumed (%d entries); continuing in epoch mode", self.root, n)
+            pos = {"mode": "epoch", "epoch": 0, "step": 0, "num_entries": n}
+        n = pos["num_entries"]
+        self.log.refresh(limit=n)
+        self._index_entries(n)
+        pools = defaultdict(list)
+        for k in range(n):
+            self._add_entry_ids(k, pools)
+        pools = {b: np.concatenate(v) for b, v in pools.items()}
+        if not any(len(v) >= G for v in pools.values()):
+            sizes = {f"{b[0]}x{b[1]}": len(v) for b, v in sorted(pools.items())}
+            raise ValueError(f"no bucket of {self.root} (first {n} entries, filters base_resolution="
+                             f"{self.base_resolution}, buckets={self.bucket_filter}) has global_batch_size={G} "
+                             f"samples: {sizes}")
+        for e in itertools.count(pos["epoch"]):
+            plan = plan_epoch(pools, self.seed, e, G)
+            start = pos["step"] if e == pos["epoch"] else 0
+            for s in range(start, len(plan.batches)):
+                bucket, ids = plan.batches[s]
+                yield _Task(bucket, ids[lo:lo + self.micro], plan.pools[bucket], (2, e, s),
+                            {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
+
+    # ------------------------------------------------------------------ reading (worker threads)
+    def _shard(self, info: ShardInfo) -> ShardFile:
+        with self._lock:
+            sf = self._open.get(info.path)
+            if sf is not None:
+                self._open.move_to_end(info.path)
+                return sf
+        sf = ShardFile(self.root, info, self.verify)  # outside the lock: may read (verify="full")
+        with self._lock:
+            self._open[info.path] = sf
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        return sf
+
+    def _read(self, sample_id):
+        shard_id, row = split_id(sample_id)
+        info = self._shards[shard_id]
+        if info.path in self._bad:
+            return None
+        try:
+            return self._shard(info).sample(row)
+        except CorruptShardError as e:
+            with self._lock:
+                if info.path not in self._bad:
+                    self._bad[info.path] = str(e)
+                    self._open.pop(info.path, None)
+                    log.warning("skipping corrupt shard (%d so far): %s", len(self._bad), e)
+            return None
+
+    def _build(self, task: _Task):
+        samples, skipped, replaced = [], 0, 0
+        for slot, sid in enumerate(task.ids):
+            got = self._read(sid)
+            if got is None:
+                skipped += 1
+                for cand in replacement_candidates(task.pool, self.seed, (*task.key, self.dp_rank, slot)):
+                    got = self._read(cand)
+                    if got is not None:
+                        replaced += 1
+                        break
+                else:
+                    raise RuntimeError(f"bucket {task.bucket[0]}x{task.bucket[1]} of {self.root}: a corrupt "
+                                       f"sample and all its replacement candidates are corrupt: "
+                                       f"{self.stats['corrupt_shard_reasons']}")
+            samples.append(got)
+        return collate(samples, self.output_dtype), skipped, replaced
+
+    def _consumed(self, state_after, batch, skipped, replaced):
+        self._position = state_after
+        with self._lock:
+            self._stats["batches"] += 1
+            self._stats["samples"] += len(batch["keys"])
+            self._stats["skipped_samples"] += skipped
+            self._stats["replaced_samples"] += replaced
+
+    # ------------------------------------------------------------------ pipeline
+    def _next_sync(self) -> dict:
+        if self._sync_gen is None:
+            self._sync_gen = self._tasks(dict(self._position), None)
+        task = next(self._sync_gen)  # StopIteration ends the loop
+        batch, skipped, replaced = self._build(task)
+        self._consumed(task.state_after, batch, skipped, replaced)
+        return batch
+
+    def _start(self):
+        stop = threading.Event()
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="cache-reader")
+        pos = dict(self._position)
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def planner():
+            try:
+                for task in self._tasks(pos, stop):
+                    if not put((task.state_after, executor.submit(self._build, task))):
+                        return
+                put(_END)
+            except _Stopped:
+                pass
+            except BaseException as e:  # surfaces in the train loop's next()
+                put(e)
+
+        thread = threading.Thread(target=planner, name="cache-planner", daemon=True)
+        self._pipeline = (thread, out, stop, executor)
+        thread.start()
+
+    def _stop_pipeline(self):
+        if self._pipeline is None:
+            return
+        thread, out, stop, executor = self._pipeline
+        stop.set()
+        thread.join()
+        while True:
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                break
+        executor.shutdown(wait=True, cancel_futures=True)
+        self._pipeline = None
+
+
+class _Stopped(Exception):
+    pass

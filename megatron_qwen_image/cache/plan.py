@@ -1,0 +1,75 @@
+"""Deterministic batch planning: which samples form global batch t, from the manifest alone.
+
+The plan depends only on (seed, global batch size, filters, manifest entries) -- never on timing,
+file contents or the rank -- so every rank (every DP rank, every TP rank) computes the same sequence
+of global batches, and a resumed run recomputes it from a tiny state.
+
+Sample ids are int64: shard_id << 32 | row, where shard_id is the shard's index among the live shards
+of the manifest log in log order (the same numbering in streaming and epoch mode).
+
+- Epoch mode (a finished cache): for epoch e, every bucket's samples are permuted with
+  rng(seed, e, bucket) and cut into full global batches (the remainder, < G samples per bucket, waits
+  for the next epoch's permutation); the batches of all buckets are then shuffled together with
+  rng(seed, e). A bucket thus supplies batches in proportion to its size.
+- Streaming mode (producers still writing): the log is consumed in "rounds". Round r takes the next
+  entries in log order until it has at least `round_samples` new samples and some bucket can fill a
+  global batch (waiting for producers if the log is not that long yet); its samples plus the previous
+  round's leftovers are planned like an epoch; what does not fill a batch carries over. When the
+  cache is sealed the last round takes what is left and the loader continues in epoch mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_TAG_EPOCH, _TAG_ROUND, _TAG_ORDER, _TAG_REPLACE = 0xE90C, 0x5EAA, 0x0DE5, 0xBAD5
+
+
+def sample_ids(shard_id: int, num_samples: int) -> np.ndarray:
+    return (np.int64(shard_id) << np.int64(32)) | np.arange(num_samples, dtype=np.int64)
+
+
+def split_id(sample_id: int) -> tuple[int, int]:
+    return int(sample_id) >> 32, int(sample_id) & 0xFFFFFFFF
+
+
+def _bucket_code(bucket: tuple[int, int]) -> list[int]:
+    return [int(bucket[0]), int(bucket[1])]
+
+
+@dataclass
+class Plan:
+    """The global batches of one epoch or one streaming round."""
+    batches: list            # list of (bucket, np.ndarray[G] of sample ids)
+    pools: dict              # bucket -> all sample ids of this epoch/round (for replacements)
+    leftover: dict           # bucket -> ids that did not fill a batch
+
+
+def plan_pool(pools: dict, seed: int, tag: int, index: int, global_batch_size: int) -> Plan:
+    """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic."""
+    batches, leftover = [], {}
+    for bucket in sorted(pools):
+        ids = pools[bucket]
+        perm = np.random.default_rng([seed, tag, index, *_bucket_code(bucket)]).permutation(ids)
+        k = len(perm) // global_batch_size
+        batches.extend((bucket, perm[j * global_batch_size:(j + 1) * global_batch_size]) for j in range(k))
+        if len(perm) > k * global_batch_size:
+            leftover[bucket] = perm[k * global_batch_size:]
+    order = np.random.default_rng([seed, _TAG_ORDER, tag, index]).permutation(len(batches))
+    return Plan([batches[i] for i in order], pools, leftover)
+
+
+def plan_epoch(pools: dict, seed: int, epoch: int, global_batch_size: int) -> Plan:
+    return plan_pool(pools, seed, _TAG_EPOCH, epoch, global_batch_size)
+
+
+def plan_round(pools: dict, seed: int, round_index: int, global_batch_size: int) -> Plan:
+    return plan_pool(pools, seed, _TAG_ROUND, round_index, global_batch_size)
+
+
+def replacement_candidates(pool: np.ndarray, seed: int, key: tuple, n: int = 32) -> np.ndarray:
+    """Deterministic stand-ins for a corrupt sample (same bucket), so the batch keeps its size and the
+    run stays reproducible without any coordination between ranks."""
+    rng = np.random.default_rng([seed, _TAG_REPLACE, *[int(k) for k in key]])
+    return pool[rng.integers(0, len(pool), size=min(n, max(1, len(pool))))]
