@@ -1,0 +1,309 @@
+"""Rule-based filters (Qwen-Image report §3.2) and the CPU stage: raw bytes -> decoded, checked, bucketed image.
+
+Every drop has a reason name (`REASONS`), counted per shard and reported. Checks run cheapest first:
+caption (no decode needed), file size, exact duplicate (bytes hash), header (pixel limit, side,
+aspect), decode + EXIF orientation, image statistics on a small grey thumbnail, perceptual-hash near
+duplicate, then the resize/crop to the sample's bucket (the cache's `bucket_for_size`/`resize_to_bucket`).
+
+Duplicates are judged within one work unit (input shard): a redo of the shard after a crash then makes
+exactly the same decisions, which the exactly-once cache relies on. Only kept samples enter the
+duplicate index, so a duplicate of a rejected image is not rejected for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from producer.config import FilterConfig
+from producer.sources import BadRecord, RawSample
+
+# Reason name -> what it means. The report lists drops in this order; model filters add their own names.
+REASONS = {
+    "broken_shard": "the shard itself cannot be read (corrupt Parquet, missing column)",
+    "truncated_tar": "the tar ends early; samples after the cut are lost (counted once per shard)",
+    "unsafe_path": "tar member with an absolute path, '..', a link or a device (never read)",
+    "missing_image": "sample without an image member/column",
+    "empty_file": "zero-byte image",
+    "file_too_small": "image file below filters.min_file_bytes",
+    "file_too_large": "image file above filters.max_file_bytes or sources.max_member_bytes",
+    "decompression_bomb": "more pixels than filters.max_pixels (checked from the header, before decoding)",
+    "broken_file": "image that does not decode (corrupt, truncated, unknown format)",
+    "min_side": "shorter side below filters.min_side",
+    "max_aspect": "long/short side ratio above filters.max_aspect",
+    "exact_duplicate": "same image bytes as a kept sample of the shard",
+    "near_duplicate": "perceptual hash within filters.dedup_near_max_distance bits of a kept sample",
+    "clarity": "blurry: Laplacian variance below filters.min_clarity",
+    "luma_dark": "mean brightness below filters.min_luma",
+    "luma_bright": "mean brightness above filters.max_luma",
+    "saturation": "mean saturation above filters.max_saturation",
+    "entropy": "grey-level entropy below filters.min_entropy (flat, information-poor)",
+    "texture": "strong-gradient density above filters.max_texture (over-complex texture, noise)",
+    "caption_missing": "no caption (.txt member / column / sidecar)",
+    "caption_invalid_utf8": "caption bytes are not valid UTF-8",
+    "caption_empty": "caption empty or only whitespace",
+    "caption_no_text": "caption without any letter or digit",
+    "caption_boilerplate": "caption matches a filters.caption_boilerplate pattern",
+    "caption_too_short": "caption shorter than filters.min_caption_tokens (MLLM tokenizer)",
+    "caption_too_long": "caption longer than filters.max_caption_tokens (MLLM tokenizer)",
+}
+
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")  # any Unicode letter or digit
+
+
+@dataclass
+class Prepared:
+    """A sample that passed the CPU filters, resized/cropped to its bucket (uint8 HxWx3)."""
+
+    key: str
+    image: np.ndarray
+    caption: str
+    source: str
+    meta: dict = field(default_factory=dict)
+
+
+class NearDuplicateIndex:
+    """64-bit hashes; finds one within `max_distance` bits without a linear scan.
+
+    Pigeonhole: split the hash into max_distance + 1 bands; two hashes within the distance agree
+    exactly on at least one band, so only hashes sharing a band value are compared.
+    """
+
+    def __init__(self, max_distance: int, bits: int = 64):
+        self.max_distance = max_distance
+        n = max_distance + 1
+        edges = [round(i * bits / n) for i in range(n + 1)]
+        self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+        self._tables: list[dict[int, list[int]]] = [dict() for _ in self._bands]
+
+    def find(self, h: int) -> int | None:
+        for (shift, mask), table in zip(self._bands, self._tables):
+            for other in table.get((h >> shift) & mask, ()):
+                if bin(h ^ other).count("1") <= self.max_distance:
+                    return other
+        return None
+
+    def add(self, h: int) -> None:
+        for (shift, mask), table in zip(self._bands, self._tables):
+            table.setdefault((h >> shift) & mask, []).append(h)
+
+
+def phash64(image: Image.Image) -> int:
+    """pHash as imagehash computes it (32x32 grey, DCT, 8x8 low frequencies vs. their median), as an int."""
+    import imagehash
+
+    bits = imagehash.phash(image).hash.flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def image_stats(image: Image.Image, side: int, gradient: float) -> dict:
+    """Clarity, luma, saturation, entropy and texture of `image`, measured on a thumbnail <= `side` px.
+
+    A fixed measuring size makes thresholds independent of the input resolution, and keeps this stage a
+    small fraction of the decode time.
+    """
+    factor = max(1, math.ceil(max(image.size) / side))
+    thumb = image.reduce(factor) if factor > 1 else image
+    grey = np.asarray(thumb.convert("L"), dtype=np.float32)
+    lap = (4.0 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
+    hist = np.bincount(grey.astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist[hist > 0] / hist.sum()
+    gx = np.abs(grey[:-1, 1:] - grey[:-1, :-1])
+    gy = np.abs(grey[1:, :-1] - grey[:-1, :-1])
+    sat = np.asarray(thumb.convert("HSV"), dtype=np.uint8)[..., 1]
+    return {
+        "clarity": float(lap.var()) if lap.size else 0.0,
+        "luma": float(grey.mean() / 255.0),
+        "saturation": float(sat.mean() / 255.0),
+        "entropy": float(-(p * np.log2(p)).sum()),
+        "texture": float((np.hypot(gx, gy) > gradient).mean()) if gx.size else 0.0,
+        "thumb": thumb,
+    }
+
+
+def _needed_size(w: int, h: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """Smallest size that still covers `bucket` after an aspect-preserving resize (for JPEG draft)."""
+    s = max(bucket[0] / w, bucket[1] / h)
+    return math.ceil(w * s), math.ceil(h * s)
+
+
+class SampleFilter:
+    """The CPU stage for one actor: caption checks, decode, image filters, dedup, bucket resize."""
+
+    def __init__(self, cfg: FilterConfig, base_resolution: int, tokenizer=None):
+        from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
+
+        self.cfg = cfg
+        self.base_resolution = base_resolution
+        self.tokenizer = tokenizer
+        self._bucket_for_size = bucket_for_size
+        self._resize_to_bucket = resize_to_bucket
+        self._boilerplate = [re.compile(p, re.IGNORECASE) for p in cfg.caption_boilerplate]
+        if (cfg.min_caption_tokens or cfg.max_caption_tokens) and tokenizer is None:
+            raise ValueError("caption token-length filters need the MLLM tokenizer (encoders.dir)")
+        self.start_shard()
+
+    def start_shard(self) -> None:
+        """Reset the per-shard duplicate indexes."""
+        self._exact: set[bytes] = set()
+        self._near = NearDuplicateIndex(self.cfg.dedup_near_max_distance) \
+            if self.cfg.dedup_near_max_distance is not None else None
+
+    # ------------------------------------------------------------------ captions
+    def caption_reason(self, raw: bytes | None) -> tuple[str | None, str | None]:
+        """-> (caption, None) or (None, reason). Token length is checked separately, in batches."""
+        if raw is None:
+            return None, "caption_missing"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "caption_invalid_utf8"
+        text = text.replace("\x00", "").strip()
+        if not text:
+            return None, "caption_empty"
+        if not _LETTER_OR_DIGIT.search(text):
+            return None, "caption_no_text"
+        if any(p.search(text) for p in self._boilerplate):
+            return None, "caption_boilerplate"
+        return text, None
+
+    def caption_token_reasons(self, captions: list[str]) -> list[str | None]:
+        cfg = self.cfg
+        if not captions or self.tokenizer is None or (cfg.min_caption_tokens is None and cfg.max_caption_tokens is None):
+            return [None] * len(captions)
+        lengths = [len(ids) for ids in self.tokenizer(captions, add_special_tokens=False)["input_ids"]]
+        out = []
+        for n in lengths:
+            if cfg.min_caption_tokens is not None and n < cfg.min_caption_tokens:
+                out.append("caption_too_short")
+            elif cfg.max_caption_tokens is not None and n > cfg.max_caption_tokens:
+                out.append("caption_too_long")
+            else:
+                out.append(None)
+        return out
+
+    # ------------------------------------------------------------------ images
+    def image_or_reason(self, data: bytes) -> tuple[Image.Image | None, dict, str | None]:
+        """Decode with every guard; returns (bucketed RGB image, info, None) or (None, info, reason)."""
+        cfg = self.cfg
+        info: dict = {"bytes": len(data)}
+        if not data:
+            return None, info, "empty_file"
+        if cfg.min_file_bytes is not None and len(data) < cfg.min_file_bytes:
+            return None, info, "file_too_small"
+        if cfg.max_file_bytes is not None and len(data) > cfg.max_file_bytes:
+            return None, info, "file_too_large"
+        digest = None
+        if cfg.dedup_exact:
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if digest in self._exact:
+                return None, info, "exact_duplicate"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            info["original_size"] = [w, h]
+            if w * h > cfg.max_pixels:
+                return None, info, "decompression_bomb"
+            if w <= 0 or h <= 0:
+                return None, info, "broken_file"
+            if cfg.min_side is not None and min(w, h) < cfg.min_side:
+                return None, info, "min_side"
+            if cfg.max_aspect is not None and max(w, h) / min(w, h) > cfg.max_aspect:
+                return None, info, "max_aspect"
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+            rotated_wh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            bucket = self._bucket_for_size(rotated_wh[0], rotated_wh[1], self.base_resolution)
+            if img.format == "JPEG":
+                # Decode at the smallest JPEG scale (1/2, 1/4, 1/8) that still covers the bucket.
+                nw, nh = _needed_size(w, h, bucket if rotated_wh == (w, h) else bucket[::-1])
+                img.draft("RGB", (nw, nh))
+            img.load()
+        except Image.DecompressionBombError:
+            return None, info, "decompression_bomb"
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+            info["error"] = f"{type(e).__name__}: {e}"[:200]
+            return None, info, "broken_file"
+        try:
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
+                info["exif_orientation"] = int(orientation)
+            img = img.convert("RGB")
+        except Exception as e:
+            info["error"] = f"{type(e).__name__}: {e}"[:200]
+            return None, info, "broken_file"
+        stats = image_stats(img, cfg.stats_side, cfg.texture_gradient)
+        thumb = stats.pop("thumb")
+        info["scores"] = {k: round(v, 4) for k, v in stats.items()}
+        reason = self._quality_reason(stats)
+        if reason:
+            return None, info, reason
+        ph = None
+        if self._near is not None:
+            ph = phash64(thumb)
+            info["phash"] = f"{ph:016x}"
+            if self._near.find(ph) is not None:
+                return None, info, "near_duplicate"
+        out = self._resize_to_bucket(img, bucket)
+        info["bucket"] = [bucket[0], bucket[1]]
+        if digest is not None:
+            self._exact.add(digest)
+        if ph is not None:
+            self._near.add(ph)
+        return out, info, None
+
+    def _quality_reason(self, s: dict) -> str | None:
+        c = self.cfg
+        if c.min_clarity is not None and s["clarity"] < c.min_clarity:
+            return "clarity"
+        if c.min_luma is not None and s["luma"] < c.min_luma:
+            return "luma_dark"
+        if c.max_luma is not None and s["luma"] > c.max_luma:
+            return "luma_bright"
+        if c.max_saturation is not None and s["saturation"] > c.max_saturation:
+            return "saturation"
+        if c.min_entropy is not None and s["entropy"] < c.min_entropy:
+            return "entropy"
+        if c.max_texture is not None and s["texture"] > c.max_texture:
+            return "texture"
+        return None
+
+    # ------------------------------------------------------------------ a chunk
+    def process(self, records: list) -> tuple[list[Prepared], Counter, Counter]:
+        """RawSample/BadRecord list -> (kept samples, drops per reason, transform counts)."""
+        drops: Counter = Counter()
+        transforms: Counter = Counter()
+        raws: list[RawSample] = []
+        captions: list[str] = []
+        for r in records:
+            if isinstance(r, BadRecord):
+                drops[r.reason] += 1
+                continue
+            text, reason = self.caption_reason(r.caption)
+            if reason:
+                drops[reason] += 1
+                continue
+            raws.append(r)
+            captions.append(text)
+        kept: list[Prepared] = []
+        for r, text, reason in zip(raws, captions, self.caption_token_reasons(captions)):
+            if reason:
+                drops[reason] += 1
+                continue
+            img, info, reason = self.image_or_reason(r.image)
+            if reason:
+                drops[reason] += 1
+                continue
+            if "exif_orientation" in info:
+                transforms["exif_rotated"] += 1
+            meta = {"source_meta": r.meta, **info}
+            kept.append(Prepared(r.key, np.asarray(img, dtype=np.uint8), text, r.source, meta))
+        return kept, drops, transforms

@@ -1,0 +1,375 @@
+"""The Ray application: a CPU actor pool and an encoder actor pool, sized independently, joined per shard.
+
+    shard queue ──► CPU actor: process_shard(spec)  (a streaming generator of Chunk refs)
+                         │ chunk refs (the driver never fetches image data)
+                         ▼
+                    encoder actor: add_chunk(work_unit, attempt, chunk) ... commit(work_unit, attempt, n)
+                         │
+                         ▼
+                    latent cache (CacheWriter: one work unit = one input shard, atomic and idempotent)
+
+- Each CPU actor works on one shard at a time; the shard is pinned to one encoder actor (the one with
+  the fewest open shards) because a work unit's writer lives there.
+- Bounded memory: a shard has at most `pools.max_chunks_in_flight` chunks produced but not yet encoded;
+  the generator's back-pressure pauses the CPU actor beyond that.
+- Faults: actors are created with `max_restarts`, so Ray restarts a killed actor. The shard it was
+  working on fails (its uncommitted temp files are discarded) and is queued again, up to
+  `pools.max_shard_attempts` times; the cache writer's idempotence means nothing is lost or duplicated.
+  A run started again on the same inputs skips work units the cache already holds.
+- Pools are either fixed or autoscale between min and max from the queue and the encoder back-log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from producer.config import PoolSize, ProducerConfig
+from producer.report import ProgressReporter, RunStats
+from producer.sources import ShardSpec, discover_shards
+from producer.workers import CpuWorker, EncoderWorker
+
+log = logging.getLogger("producer")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join `address` (a running cluster) or start a local Ray; a session already running is reused."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Ray 2.60 turns token authentication on by default; a loopback-only local cluster needs none.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+
+
+@dataclass
+class _Job:
+    """One attempt at one shard."""
+
+    spec: ShardSpec
+    attempt: int
+    cpu: object
+    enc: object
+    gen: object = None
+    chunks_sent: int = 0
+    gen_done: bool = False
+    pending: list = field(default_factory=list)
+    commit_ref: object = None
+    stats: RunStats = field(default_factory=RunStats)
+    started: float = field(default_factory=time.time)
+
+
+class ActorPool:
+    """Actors of one kind; an actor is usable once its `ping` (i.e. its __init__) has completed."""
+
+    def __init__(self, name: str, factory, size: PoolSize):
+        self.name, self.factory, self.size = name, factory, size
+        self.ready: list = []
+        self.starting: dict = {}  # ping ref -> actor
+        self.probing: dict = {}  # ping ref -> actor, after a failure: restarted (ok) or dead (replace)
+        self.load: Counter = Counter()  # actor id -> open shards
+        for _ in range(size.min):
+            self.spawn()
+
+    @staticmethod
+    def aid(actor) -> str:
+        return actor._actor_id.hex()
+
+    def spawn(self) -> None:
+        actor = self.factory()
+        self.starting[actor.ping.remote()] = actor
+
+    def total(self) -> int:
+        return len(self.ready) + len(self.starting) + len(self.probing)
+
+    def waitables(self) -> list:
+        return list(self.starting) + list(self.probing)
+
+    def on_ready(self, ref) -> bool:
+        """Handle a finished ping; returns True if `ref` belonged to this pool."""
+        import ray
+
+        actor = self.starting.pop(ref, None) or self.probing.pop(ref, None)
+        if actor is None:
+            return False
+        try:
+            ray.get(ref)
+            self.ready.append(actor)
+        except ray.exceptions.ActorDiedError as e:
+            log.warning("%s actor %s is dead (%s); starting a replacement", self.name, self.aid(actor)[:8],
+                        str(e).splitlines()[0][:120])
+            self.spawn()
+        except ray.exceptions.RayError:
+            self.probing[actor.ping.remote()] = actor  # still restarting: ask again
+        return True
+
+    def suspect(self, actor) -> None:
+        """A call to `actor` failed: take it out of service until a ping shows it restarted."""
+        if actor in self.ready:
+            self.ready.remove(actor)
+            self.probing[actor.ping.remote()] = actor
+
+    def least_loaded(self):
+        return min(self.ready, key=lambda a: self.load[self.aid(a)]) if self.ready else None
+
+    def retire(self, actor) -> None:
+        import ray
+
+        if actor in self.ready:
+            self.ready.remove(actor)
+        ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.ready + list(self.starting.values()) + list(self.probing.values()):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.ready, self.starting, self.probing = [], {}, {}
+
+
+class ProducerRun:
+    """One producer run over `inputs` into `cache_dir`. Call `run()`; it returns the final report dict."""
+
+    def __init__(self, cfg: ProducerConfig, inputs: list[str], cache_dir: str, report_path: str | None = None,
+                 on_event=None):
+        self.cfg, self.inputs, self.cache_dir = cfg, inputs, os.path.abspath(cache_dir)
+        self.report_path = report_path
+        self.on_event = on_event  # test/ops hook: on_event(kind, run, job, payload)
+        self.specs = discover_shards(inputs, cfg.sources)
+        self.stats = RunStats()
+        self.failed: list[dict] = []
+        self.retries = 0
+        self.skipped: list[str] = []
+        self._last_scale = 0.0
+
+    # ------------------------------------------------------------------ actors
+    def _make_pools(self) -> None:
+        import ray
+
+        p = self.cfg.pools
+        gpus = p.encoder_num_gpus
+        if gpus == "auto":
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        # max_task_retries=0: a failed call fails its shard, which is redone as a whole (a retried chunk on
+        # a restarted encoder would have lost the writer state of the chunks before it).
+        cpu_cls = ray.remote(num_cpus=p.cpu_actor_num_cpus, max_restarts=p.max_restarts, max_task_retries=0)(CpuWorker)
+        enc_cls = ray.remote(num_cpus=p.encoder_num_cpus, num_gpus=gpus, max_restarts=p.max_restarts,
+                             max_task_retries=0)(EncoderWorker)
+        cfg, cache_dir = self.cfg, self.cache_dir
+        self.cpu_pool = ActorPool("cpu", lambda: cpu_cls.remote(cfg), p.cpu_actors)
+        self.enc_pool = ActorPool("encoder", lambda: enc_cls.remote(cfg, cache_dir), p.encoder_actors)
+
+    def _autoscale(self, queue: deque, active: dict) -> None:
+        """Grow a pool that is the bottleneck, shrink idle actors when the queue is empty."""
+        now = time.time()
+        if now - self._last_scale < self.cfg.pools.scale_interval_s:
+            return
+        self._last_scale = now
+        cp, ep = self.cpu_pool, self.enc_pool
+        busy_cpu = {ActorPool.aid(j.cpu) for j in active.values()}
+        free_cpu = [a for a in cp.ready if ActorPool.aid(a) not in busy_cpu]
+        backlog = sum(len(j.pending) for j in active.values())
+        enc_capacity = max(1, len(ep.ready)) * self.cfg.pools.max_chunks_in_flight
+        if queue and not free_cpu and not cp.starting and cp.total() < cp.size.max and backlog < enc_capacity // 2:
+            log.info("autoscale: cpu pool %d -> %d (queue %d, encoders have spare capacity)", cp.total(), cp.total() + 1,
+                     len(queue))
+            cp.spawn()
+        elif (queue or active) and backlog >= enc_capacity and not ep.starting and ep.total() < ep.size.max:
+            log.info("autoscale: encoder pool %d -> %d (back-log %d chunks)", ep.total(), ep.total() + 1, backlog)
+            ep.spawn()
+        if not queue:
+            for a in free_cpu[: max(0, len(cp.ready) - cp.size.min)]:
+                log.info("autoscale: retiring an idle cpu actor")
+                cp.retire(a)
+            idle_enc = [a for a in ep.ready if ep.load[ActorPool.aid(a)] == 0]
+            for a in idle_enc[: max(0, len(ep.ready) - ep.size.min)]:
+                log.info("autoscale: retiring an idle encoder actor")
+                ep.retire(a)
+
+    # ------------------------------------------------------------------ shard jobs
+    def _start(self, spec: ShardSpec, attempt: int, cpu, enc) -> _Job:
+        job = _Job(spec, attempt, cpu, enc)
+        job.gen = cpu.process_shard.options(
+            num_returns="streaming", _generator_backpressure_num_objects=self.cfg.pools.max_chunks_in_flight
+        ).remote(spec, self.cfg.pools.chunk_size)
+        self.enc_pool.load[ActorPool.aid(enc)] += 1
+        return job
+
+    def _release(self, job: _Job) -> None:
+        self.enc_pool.load[ActorPool.aid(job.enc)] -= 1
+
+    def _fail(self, job: _Job, error: BaseException, queue: deque) -> None:
+        import ray
+
+        from megatron_qwen_image.cache import CacheWriter
+
+        wu = job.spec.work_unit
+        log.warning("shard %s attempt %d failed: %s", wu, job.attempt,
+                    f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+        self._release(job)
+        try:
+            ray.cancel(job.gen)
+        except Exception:  # the generator may be gone already
+            pass
+        # Either actor may have died (an error travels from the CPU actor through the chunk argument into
+        # the encoder call): both leave service until a ping shows they are alive or restarted.
+        self.cpu_pool.suspect(job.cpu)
+        self.enc_pool.suspect(job.enc)
+        job.enc.abort.remote(wu)  # best effort; a restarted actor has nothing to abort
+        if CacheWriter.is_committed(self.cache_dir, wu):
+            # The commit landed but its reply was lost (the actor died right after): the shard is done.
+            job.stats.shards_committed += 1
+            self.stats.merge(job.stats)
+            self._event("shard_committed", job, None)
+            return
+        if job.attempt + 1 < self.cfg.pools.max_shard_attempts:
+            self.retries += 1
+            queue.appendleft((job.spec, job.attempt + 1))
+        else:
+            self.failed.append({"work_unit": wu, "path": job.spec.path, "attempts": job.attempt + 1,
+                                "error": f"{type(error).__name__}: {str(error)[:500]}"})
+        self._event("shard_failed", job, error)
+
+    def _event(self, kind: str, job=None, payload=None) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, self, job, payload)
+
+    def run(self) -> dict:
+        import ray
+
+        from megatron_qwen_image.cache import CacheWriter
+
+        t0 = time.time()
+        queue: deque = deque()
+        for spec in self.specs:
+            if CacheWriter.is_committed(self.cache_dir, spec.work_unit):
+                self.skipped.append(spec.work_unit)
+            else:
+                queue.append((spec, 0))
+        reporter = ProgressReporter(len(self.specs), len(self.skipped), self.cfg.progress_interval_s)
+        log.info("producer: %d shards (%d already committed), cache %s", len(self.specs), len(self.skipped),
+                 self.cache_dir)
+        active: dict[str, _Job] = {}
+        if queue:
+            self._make_pools()
+        try:
+            while queue or active:
+                self._schedule(queue, active)
+                waitables, owners = self._waitables(active)
+                if not waitables:
+                    time.sleep(0.05)
+                    continue
+                ready, _ = ray.wait(waitables, num_returns=1, timeout=0.5, fetch_local=False)
+                for ref in ready:
+                    self._handle(ref, owners.get(ref), queue, active)
+                if not self.cfg.pools.cpu_actors.fixed or not self.cfg.pools.encoder_actors.fixed:
+                    self._autoscale(queue, active)
+                reporter.maybe_print(self._live_stats(active), len(active), len(self.failed), self.retries)
+        finally:
+            for pool in ("cpu_pool", "enc_pool"):
+                if hasattr(self, pool):
+                    getattr(self, pool).shutdown()
+        elapsed = time.time() - t0
+        report = reporter.final(self.stats, elapsed, self._run_info(), self.failed, self.retries, self.skipped)
+        if self.report_path:
+            reporter.write(report, self.report_path)
+        return report
+
+    def _run_info(self) -> dict:
+        import ray
+
+        p = self.cfg.pools
+        return {"inputs": self.inputs, "cache_dir": self.cache_dir, "base_resolution": self.cfg.base_resolution,
+                "latent_dtype": self.cfg.latent_dtype, "ray_address": ray.get_runtime_context().gcs_address,
+                "cpu_actors": [p.cpu_actors.min, p.cpu_actors.max],
+                "encoder_actors": [p.encoder_actors.min, p.encoder_actors.max],
+                "chunk_size": p.chunk_size, "max_chunks_in_flight": p.max_chunks_in_flight}
+
+    def _live_stats(self, active) -> RunStats:
+        live = RunStats()
+        live.merge(self.stats)
+        for j in active.values():
+            live.merge(j.stats)
+        return live
+
+    def _schedule(self, queue: deque, active: dict) -> None:
+        busy = {ActorPool.aid(j.cpu) for j in active.values()}
+        while queue:
+            cpu = next((a for a in self.cpu_pool.ready if ActorPool.aid(a) not in busy), None)
+            enc = self.enc_pool.least_loaded()
+            if cpu is None or enc is None:
+                return
+            spec, attempt = queue.popleft()
+            active[spec.work_unit] = self._start(spec, attempt, cpu, enc)
+            busy.add(ActorPool.aid(cpu))
+            self._event("shard_started", active[spec.work_unit])
+
+    def _waitables(self, active: dict):
+        owners, refs = {}, []
+        for pool in (self.cpu_pool, self.enc_pool):
+            refs.extend(pool.waitables())
+        for j in active.values():
+            if not j.gen_done and len(j.pending) < self.cfg.pools.max_chunks_in_flight:
+                refs.append(j.gen)
+                owners[j.gen] = (j, "gen")
+            for r in j.pending:
+                refs.append(r)
+                owners[r] = (j, "chunk")
+            if j.commit_ref is not None:
+                refs.append(j.commit_ref)
+                owners[j.commit_ref] = (j, "commit")
+        return refs, owners
+
+    def _handle(self, ref, owner, queue: deque, active: dict) -> None:
+        import ray
+
+        if owner is None:
+            self.cpu_pool.on_ready(ref) or self.enc_pool.on_ready(ref)
+            return
+        job, kind = owner
+        wu = job.spec.work_unit
+        try:
+            if kind == "gen":
+                try:
+                    chunk_ref = next(job.gen)
+                except StopIteration:
+                    job.gen_done = True
+                else:
+                    job.pending.append(job.enc.add_chunk.remote(wu, job.attempt, chunk_ref))
+                    job.chunks_sent += 1
+            elif kind == "chunk":
+                job.pending.remove(ref)
+                job.stats.add_chunk(ray.get(ref))
+                self._event("chunk_done", job)
+            else:
+                result = ray.get(ref)
+                job.commit_ref = None
+                self._release(job)
+                del active[wu]
+                job.stats.shards_committed += 1
+                self.stats.merge(job.stats)
+                log.info("committed %s: %d samples in %d cache shards (%.1fs)", wu, result["num_samples"],
+                         result["shards"], time.time() - job.started)
+                self._event("shard_committed", job, result)
+                return
+            if job.gen_done and not job.pending and job.commit_ref is None:
+                job.commit_ref = job.enc.commit.remote(wu, job.attempt, job.chunks_sent)
+        except (ray.exceptions.RayError, StopIteration) as e:
+            active.pop(wu, None)
+            self._fail(job, e, queue)
+
+
+def run_producer(cfg: ProducerConfig, inputs: list[str], cache_dir: str, address: str | None = None,
+                 num_cpus: int | None = None, report_path: str | None = None, on_event=None) -> dict:
+    """Start (or join) Ray, run the producer, return the final report (also written to `report_path`)."""
+    init_ray(address, num_cpus)
+    return ProducerRun(cfg, inputs, cache_dir, report_path, on_event).run()

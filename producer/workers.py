@@ -1,0 +1,223 @@
+"""The work each Ray actor does, as plain classes (usable and testable without Ray).
+
+`CpuWorker.process_shard` reads one input shard and yields chunks of filtered, bucket-resized samples;
+`EncoderWorker` runs the model filters, the VAE and the MLLM on each chunk and writes the results with
+the cache's `CacheWriter` — one writer per work unit, committed only when the shard's last chunk is in.
+
+An encoder that restarts loses its open writers. So every call carries (work unit, attempt, chunk
+index): a chunk that does not continue an open writer of the same attempt is refused (`StaleAttempt`),
+and `commit` checks the chunk count — a restarted actor can never commit part of a shard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from producer.config import ProducerConfig
+from producer.filters import Prepared, SampleFilter
+from producer.sources import ShardSpec, iter_shard
+
+
+class StaleAttempt(RuntimeError):
+    """A chunk or commit for a work-unit attempt this actor has no (complete) writer for."""
+
+
+@dataclass
+class Chunk:
+    work_unit: str
+    index: int
+    samples: list  # of filters.Prepared
+    seen: int  # input records (samples + bad records) this chunk covers
+    drops: dict = field(default_factory=dict)
+    transforms: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+
+
+def set_threads(n: int) -> None:
+    """Limit intra-op threads: several actors share a node's cores."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def json_safe(obj):
+    """Metadata as strict JSON (the cache refuses NaN/inf and non-JSON types): NaN/inf -> None, bytes dropped."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items() if not isinstance(v, (bytes, bytearray))}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+class CpuWorker:
+    """Decode + filters + bucket resize for one shard at a time."""
+
+    def __init__(self, cfg: ProducerConfig):
+        set_threads(cfg.pools.threads_per_actor)
+        self.cfg = cfg
+        tokenizer = None
+        f = cfg.filters
+        if f.min_caption_tokens is not None or f.max_caption_tokens is not None:
+            from megatron_qwen_image.encoders.text import load_tokenizer
+
+            if not cfg.encoders.dir:
+                raise ValueError("encoders.dir is required: the caption-length filter uses the MLLM tokenizer")
+            tokenizer = load_tokenizer(cfg.encoders.dir)
+        self.filter = SampleFilter(f, cfg.base_resolution, tokenizer)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def process_shard(self, spec: ShardSpec, chunk_size: int | None = None):
+        """Yield `Chunk`s of at most `chunk_size` input records, in the shard's order (always >= 1 chunk)."""
+        chunk_size = chunk_size or self.cfg.pools.chunk_size
+        self.filter.start_shard()
+        buf, index = [], 0
+        for rec in iter_shard(spec, self.cfg.sources):
+            buf.append(rec)
+            if len(buf) >= chunk_size:
+                yield self._chunk(spec, index, buf)
+                buf, index = [], index + 1
+        if buf or index == 0:
+            yield self._chunk(spec, index, buf)
+
+    def _chunk(self, spec: ShardSpec, index: int, records: list) -> Chunk:
+        t0 = time.process_time()
+        kept, drops, transforms = self.filter.process(records)
+        return Chunk(spec.work_unit, index, kept, len(records), dict(drops), dict(transforms),
+                     time.process_time() - t0)
+
+
+class EncoderWorker:
+    """Model filters -> VAE latents + MLLM text features -> CacheWriter, per work unit."""
+
+    def __init__(self, cfg: ProducerConfig, cache_dir: str):
+        import torch
+
+        from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+        from producer.model_filters import build_model_filter
+
+        set_threads(cfg.pools.threads_per_actor)
+        if not cfg.encoders.dir:
+            raise ValueError("encoders.dir is required (a local Qwen-Image repo or make_tiny output)")
+        e = cfg.encoders
+        device = e.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(e.dtype)
+        if dtype is None:  # auto
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.cfg, self.cache_dir, self.device = cfg, cache_dir, device
+        self.text = QwenTextEncoder.from_pretrained(e.dir, device=device, dtype=dtype, batch_size=e.text_batch_size)
+        self.vae = QwenVAEEncoder.from_pretrained(e.dir, device=device, dtype=dtype, sample_mode=e.vae_sample_mode,
+                                                  seed=e.seed, batch_size=e.vae_batch_size)
+        self.model_filters = [build_model_filter(s, device) for s in cfg.model_filters]
+        self.writers: dict[str, dict] = {}  # work_unit -> {"attempt", "writer", "chunks"}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def _writer(self, work_unit: str, attempt: int, index: int):
+        from megatron_qwen_image.cache import CacheWriter
+
+        w = self.writers.get(work_unit)
+        if w is not None and w["attempt"] != attempt:
+            self.abort(work_unit)  # an older attempt's leftovers (its shard was rescheduled)
+            w = None
+        if w is None:
+            if index != 0:
+                raise StaleAttempt(f"{work_unit!r} attempt {attempt}: chunk {index} arrived but this actor has no "
+                                   "writer for it (the actor restarted); the shard must be redone")
+            writer = CacheWriter(self.cache_dir, work_unit, latent_dtype=self.cfg.latent_dtype,
+                                 base_resolution=self.cfg.base_resolution)
+            w = self.writers[work_unit] = {"attempt": attempt, "writer": writer, "chunks": 0}
+        if w["chunks"] != index:
+            raise StaleAttempt(f"{work_unit!r} attempt {attempt}: expected chunk {w['chunks']}, got {index}")
+        return w
+
+    def add_chunk(self, work_unit: str, attempt: int, chunk: Chunk) -> dict:
+        """Encode and add one chunk; returns its stats (seen, written, drops, transforms, buckets)."""
+        t0 = time.perf_counter()
+        w = self._writer(work_unit, attempt, chunk.index)
+        w["chunks"] += 1
+        writer = w["writer"]
+        stats = {"seen": chunk.seen, "written": 0, "drops": Counter(chunk.drops), "transforms": dict(chunk.transforms),
+                 "buckets": Counter(), "cpu_seconds": chunk.cpu_seconds}
+        samples: list[Prepared] = chunk.samples
+        if writer.already_committed:  # a rerun raced a commit: nothing to add, never duplicate
+            stats["already_committed"] = True
+            return self._finish_stats(stats, t0)
+        scores: dict[str, dict] = {}
+        for mf in self.model_filters:
+            if not samples:
+                break
+            reasons, vals = mf.apply([s.image for s in samples], [s.caption for s in samples])
+            keep = []
+            for s, r, v in zip(samples, reasons, vals):
+                scores.setdefault(s.key, {})[mf.reason] = round(v, 4)
+                if r:
+                    stats["drops"][r] += 1
+                else:
+                    keep.append(s)
+            samples = keep
+        if samples:
+            latents = self._encode_images(samples)
+            texts = self.text.encode([s.caption for s in samples])
+            for s, lat, txt in zip(samples, latents, texts):
+                meta = dict(s.meta)
+                if s.key in scores:
+                    meta.setdefault("scores", {}).update(scores[s.key])
+                meta["text_tokens"] = int(txt.shape[0])
+                writer.add(s.key, lat.cpu(), txt.cpu(), s.caption, s.source, json_safe(meta))
+                stats["buckets"][f"{s.image.shape[1]}x{s.image.shape[0]}"] += 1
+            stats["written"] = len(samples)
+        return self._finish_stats(stats, t0)
+
+    def _encode_images(self, samples: list[Prepared]) -> list:
+        """VAE latents in input order; same-size images are batched together."""
+        by_size: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_size.setdefault(s.image.shape, []).append(i)
+        out = [None] * len(samples)
+        for idx in by_size.values():
+            z = self.vae.encode([samples[i].image for i in idx], keys=[samples[i].key for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = z[j]
+        return out
+
+    @staticmethod
+    def _finish_stats(stats: dict, t0: float) -> dict:
+        stats["drops"] = dict(stats["drops"])
+        stats["buckets"] = dict(stats["buckets"])
+        stats["encode_seconds"] = time.perf_counter() - t0
+        return stats
+
+    def commit(self, work_unit: str, attempt: int, num_chunks: int) -> dict:
+        """Commit a work unit once all its `num_chunks` chunks of this attempt were added."""
+        w = self.writers.get(work_unit)
+        if w is None or w["attempt"] != attempt or w["chunks"] != num_chunks:
+            got = None if w is None else (w["attempt"], w["chunks"])
+            raise StaleAttempt(f"{work_unit!r} attempt {attempt}: cannot commit {num_chunks} chunks, this actor has "
+                               f"(attempt, chunks) = {got}")
+        del self.writers[work_unit]
+        entry = w["writer"].commit()
+        return {"num_samples": entry.get("num_samples", 0), "shards": len(entry.get("shards", [])),
+                "seq": entry.get("seq")}
+
+    def abort(self, work_unit: str) -> bool:
+        """Drop an open writer (its temp files are deleted; nothing becomes visible)."""
+        w = self.writers.pop(work_unit, None)
+        if w is not None:
+            w["writer"].abort()
+        return w is not None
