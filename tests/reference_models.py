@@ -30,6 +30,17 @@ TINY_DIFFUSERS_CONFIG = dict(
     axes_dims_rope=(4, 6, 6),
 )
 
+# Parity shapes (batch, h, w, text lengths per sample, frames), shared by the TP=1 and TP=2 tests:
+# non-square grids (odd and even sides exercise the centred MSRoPE positions), batches whose text lengths
+# differ (padding mask), a batch with no padding, and 2 frames.
+PARITY_SHAPES = [
+    (2, 4, 6, [7, 3], 1),
+    (1, 5, 3, [4], 1),
+    (2, 6, 2, [5, 5], 1),
+    (3, 3, 5, [2, 9, 6], 1),
+    (1, 2, 3, [4], 2),
+]
+
 
 def build_tiny_diffusers_transformer(seed: int = 0, **overrides):
     """A tiny fp32 QwenImageTransformer2DModel with all parameters random (deterministic for `seed`)."""
@@ -126,5 +137,6 @@ def megatron_from_diffusers(diff_model, tp_size: int = 1, tp_rank: int = 0, **co
 
 
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to the reference's scale max |b|."""
-    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
+    """max |a - b| relative to the reference's scale max |b| (0 when both are all zeros)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

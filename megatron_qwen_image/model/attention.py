@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import QwenImageConfig
-from .layers import RMSNorm
+from .layers import HeadRMSNorm
 from .rope import apply_rotary_interleaved
 
 
@@ -45,8 +45,8 @@ class SDPACoreAttention(MegatronModule):
 @dataclass
 class QwenJointAttentionSubmodules:
     linear_qkv: Union[ModuleSpec, type] = ColumnParallelLinear
-    q_layernorm: Union[ModuleSpec, type] = RMSNorm
-    k_layernorm: Union[ModuleSpec, type] = RMSNorm
+    q_layernorm: Union[ModuleSpec, type] = HeadRMSNorm
+    k_layernorm: Union[ModuleSpec, type] = HeadRMSNorm
     core_attention: Union[ModuleSpec, type] = SDPACoreAttention
     linear_proj: Union[ModuleSpec, type] = RowParallelLinear
 

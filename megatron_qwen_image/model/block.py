@@ -21,7 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .attention import QwenJointAttention, QwenJointAttentionSubmodules, SDPACoreAttention
 from .config import QwenImageConfig
-from .layers import AdaLNModulation, AdaLNModulationSubmodules, RMSNorm, layer_norm_no_affine
+from .layers import AdaLNModulation, AdaLNModulationSubmodules, HeadRMSNorm, layer_norm_no_affine
 
 
 @dataclass
@@ -34,12 +34,13 @@ class QwenImageBlockSubmodules:
 def get_qwen_image_block_spec(
     column_parallel_linear: type = ColumnParallelLinear,
     row_parallel_linear: type = RowParallelLinear,
-    qk_norm: type = RMSNorm,
+    qk_norm: type = HeadRMSNorm,
     core_attention: type = SDPACoreAttention,
 ) -> ModuleSpec:
     """The block's ModuleSpec. The defaults are megatron-core's local tensor-parallel linears (they run on CPU
-    and GPU); on GPU a caller can pass Transformer Engine's TEColumnParallelLinear / TERowParallelLinear /
-    TENorm, which take the same constructor arguments."""
+    and GPU); on GPU a caller can pass Transformer Engine's TEColumnParallelLinear / TERowParallelLinear, which
+    take the same constructor arguments. A replacement `qk_norm` must all-reduce its weight gradient over the
+    TP group as HeadRMSNorm does (each rank normalises only its own heads)."""
     return ModuleSpec(
         module=QwenImageBlock,
         submodules=QwenImageBlockSubmodules(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -44,6 +44,25 @@ class RMSNorm(torch.nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return x * self.weight
+
+
+class HeadRMSNorm(RMSNorm):
+    """The per-head RMSNorm on q and k (weight: head_dim), applied to THIS rank's heads only.
+
+    Its weight is replicated on every TP rank but each rank sees only its own heads, so each rank's weight
+    gradient is partial. The weight therefore enters through megatron's copy_to_tensor_model_parallel_region
+    (identity forward, all-reduce backward): p.grad is the full gradient on every rank by construction, with
+    no reliance on finalize_model_grads' name-based q_layernorm/k_layernorm all-reduce (config.qk_layernorm
+    stays False so that one never runs twice).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        weight = copy_to_tensor_model_parallel_region(self.weight)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(weight.dtype)
+        return x * weight
 
 
 def layer_norm_no_affine(x: torch.Tensor, eps: float) -> torch.Tensor:

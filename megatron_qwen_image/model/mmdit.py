@@ -19,6 +19,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .block import get_qwen_image_block_spec
 from .config import QwenImageConfig
@@ -55,6 +56,20 @@ class QwenImageMMDiT(MegatronModule):
         tensors = input_tensor if isinstance(input_tensor, (list, tuple)) else [input_tensor]
         if any(t is not None for t in tensors):
             raise ValueError("QwenImageMMDiT does not support pipeline parallelism (got an input tensor)")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """For megatron's dist_checkpointing: every tensor with its TP split (see diffusers_mapping for the axes).
+
+        MegatronModule's default would treat everything under the `layers` ModuleList (not a MegatronModule)
+        as replicated; here each block is recursed into so its tensor-parallel linears report their shards.
+        """
+        sharded = {}
+        for name, module in self.named_children():
+            children = module if isinstance(module, torch.nn.ModuleList) else [module]
+            for i, child in enumerate(children):
+                sub_prefix = f"{prefix}{name}.{i}." if isinstance(module, torch.nn.ModuleList) else f"{prefix}{name}."
+                sharded.update(sharded_state_dict_default(child, sub_prefix, sharded_offsets, metadata))
+        return sharded
 
     # ------------------------------------------------------------------ forward
     def forward(
