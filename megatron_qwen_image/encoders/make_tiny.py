@@ -278,6 +278,38 @@ def make_tiny(out_dir: str, seed: int = 0, with_clip: bool = True, with_transfor
     return out_dir
 
 
+def ensure_tiny(out_dir: str | None = None, seed: int = 0) -> str:
+    """Build the tiny encoders once and reuse them: `out_dir` defaults to a temp-dir path keyed by this
+    file's content and the seed, so tests in several modules (and reruns) share one build. The build goes
+    to a temporary sibling directory renamed into place, so a half-built directory is never used."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    if out_dir is None:
+        with open(__file__, "rb") as f:
+            digest = hashlib.sha1(f.read() + str(seed).encode()).hexdigest()[:12]
+        out_dir = os.path.join(tempfile.gettempdir(), f"megatron-qwen-image-tiny-{digest}")
+    if os.path.isfile(os.path.join(out_dir, _DONE)):
+        return out_dir
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", dir=os.path.dirname(os.path.abspath(out_dir)))
+    try:
+        make_tiny(tmp, seed=seed)
+        with open(os.path.join(tmp, _DONE), "w") as f:
+            f.write("ok\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first (or out_dir exists): use theirs if complete
+            if not os.path.isfile(os.path.join(out_dir, _DONE)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+_DONE = ".complete"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_qwen_image.encoders.make_tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
