@@ -75,6 +75,48 @@ def test_bf16_forward_close_to_fp32_diffusers(mp_world, diff_model):
     assert rel_max_err(out.float(), ref) <= 5e-2
 
 
+@pytest.mark.parametrize("images,text_len", [([(1, 4, 6)], 7), ([(1, 5, 3)], 4), ([(2, 3, 2)], 5),
+                                             ([(1, 4, 4), (1, 2, 6)], 3)])
+def test_msrope_matches_diffusers_qwen_embed_rope(images, text_len):
+    """cos/sin of our MSRoPE equal the real/imaginary parts of diffusers' QwenEmbedRope frequencies."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    from megatron_qwen_image.model.rope import QwenMSRoPE
+
+    axes = TINY_DIFFUSERS_CONFIG["axes_dims_rope"]
+    ref_img, ref_txt = QwenEmbedRope(theta=10000, axes_dim=list(axes), scale_rope=True)(
+        [images], max_txt_seq_len=text_len, device=torch.device("cpu"))
+    img_cos, img_sin, txt_cos, txt_sin = QwenMSRoPE(axes)(images, text_len)
+    for ours, ref in ((img_cos, ref_img.real), (img_sin, ref_img.imag), (txt_cos, ref_txt.real),
+                      (txt_sin, ref_txt.imag)):
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_forward_and_backward_match_diffusers_on_cuda(mp_world):
+    """On a GPU (no emulation, megatron's layers allocated on CUDA): fp32 parity without TF32, and bf16."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    diff = build_tiny_diffusers_transformer(seed=3)
+    model = megatron_from_diffusers(diff, use_cpu_initialization=False)
+    diff = diff.cuda()
+    assert next(model.parameters()).is_cuda
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in make_inputs(2, 4, 6, [7, 3], seed=9).items()}
+    out = model(**inputs)
+    ref = diffusers_forward(diff, inputs)
+    assert rel_max_err(out, ref) <= TOL
+    _loss(out.cpu()).backward()
+    _loss(ref.cpu()).backward()
+    ref_grads = _mapped_grads(diff)
+    for name, p in model.named_parameters():
+        assert rel_max_err(_grad(p), ref_grads[name]) <= 1e-4, name
+    with torch.no_grad():
+        out_bf16 = model.bfloat16()(**{k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+                                       for k, v in inputs.items()})
+    assert rel_max_err(out_bf16.float(), ref) <= 5e-2
+
+
 def test_img_shapes_in_pipeline_layout(mp_world, diff_model):
     """img_shapes as QwenImagePipeline passes them ([[(1, h, w)]] per sample) give the same output."""
     model = megatron_from_diffusers(diff_model).eval()

@@ -67,10 +67,13 @@ def msrope_positions(images: Sequence[tuple[int, int, int]], text_len: int) -> t
 class QwenMSRoPE(torch.nn.Module):
     """Produces (img_cos, img_sin, txt_cos, txt_sin), each [S, head_dim // 2] float32, for a batch layout."""
 
+    CACHE_SIZE = 32  # batches are bucketed by size, so a training run sees few distinct layouts
+
     def __init__(self, axes_dims: Sequence[int], theta: int = 10000):
         super().__init__()
         self.axes_dims = tuple(int(a) for a in axes_dims)
         self.theta = theta
+        self._cache: dict = {}
 
     def inv_freqs(self, axis: int) -> torch.Tensor:
         dim = self.axes_dims[axis]
@@ -83,9 +86,14 @@ class QwenMSRoPE(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Sequence[tuple[int, int, int]], text_len: int, device=None):
-        img_pos, txt_pos = msrope_positions(images, text_len)
-        img_ang, txt_ang = self.angles(img_pos), self.angles(txt_pos)
-        return tuple(t.to(device) for t in (img_ang.cos(), img_ang.sin(), txt_ang.cos(), txt_ang.sin()))
+        key = (tuple(tuple(fhw) for fhw in images), int(text_len), str(device))
+        if key not in self._cache:
+            img_pos, txt_pos = msrope_positions(images, text_len)
+            img_ang, txt_ang = self.angles(img_pos), self.angles(txt_pos)
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = tuple(t.to(device) for t in (img_ang.cos(), img_ang.sin(), txt_ang.cos(), txt_ang.sin()))
+        return self._cache[key]
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
