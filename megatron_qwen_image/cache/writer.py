@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -86,7 +87,7 @@ class _BucketShards:
         if not self.rows:
             return
         if self.current is None:
-            tmp = os.path.join(self.w.tmp_dir, f"{self.w.file_stem}.{bucket_name(*self.bucket)}.{self.index:04d}.arrow.tmp")
+            tmp = os.path.join(self.w.tmp_dir, f"{self.w.tmp_stem}.{bucket_name(*self.bucket)}.{self.index:04d}.arrow.tmp")
             sink = pa.OSFile(tmp, "wb")
             self.current = [tmp, sink, pa.ipc.new_file(sink, self.schema), 0]
         batch = self._record_batch()
@@ -151,7 +152,7 @@ class CacheWriter:
 
     def __init__(self, root: str, work_unit: str, latent_dtype="bf16", base_resolution: int | None = None, *,
                  text_dtype="bf16", aspect_ratios=ASPECT_RATIOS, max_shard_bytes: int = 256 << 20,
-                 max_shard_samples: int = 1 << 30, flush_bytes: int = 16 << 20):
+                 max_shard_samples: int = 1 << 30, flush_bytes: int = 16 << 20, stale_temp_grace_s: float = 3600.0):
         self.root = os.path.abspath(root)
         self.work_unit = work_unit
         self.wuid = work_unit_id(work_unit)
@@ -162,10 +163,12 @@ class CacheWriter:
         if max_shard_bytes <= 0 or max_shard_samples <= 0 or flush_bytes <= 0:
             raise ValueError("max_shard_bytes, max_shard_samples and flush_bytes must be positive")
         self.max_shard_bytes, self.max_shard_samples, self.flush_bytes = max_shard_bytes, max_shard_samples, flush_bytes
+        self.stale_temp_grace_s = stale_temp_grace_s
         manifest.ensure_layout(self.root)
         self.tmp_dir = os.path.join(self.root, TMP_DIR)
         self.attempt = uuid.uuid4().hex[:8]
         self.file_stem = f"wu-{self.wuid}.{self.attempt}"
+        self.tmp_stem = f"{self.file_stem}.{_HOST}.{os.getpid()}"  # who owns a temp file: see _stale_temp
         self.text_dim: int | None = None
         self.num_samples = 0
         self._buckets: dict[tuple[int, int], _BucketShards] = {}
@@ -292,14 +295,37 @@ class CacheWriter:
             return {**json.loads(f.read()), "seq": seq}
 
     def _remove_stale_temps(self) -> None:
-        """Temp files of earlier attempts of this work unit were left by killed writers: delete them.
+        """Delete temp files that earlier, dead attempts of this work unit left behind (killed writers).
 
-        (A still-running zombie attempt then fails at its rename, which is what we want.)"""
+        A temp file is stale if its owner process (host and pid are in its name) is gone, or, for
+        another host whose processes we cannot see, if it is older than stale_temp_grace_s. A live
+        concurrent attempt of the same work unit is left alone (both may commit; readers keep the first).
+        """
         prefix = f"wu-{self.wuid}."
         for name in os.listdir(self.tmp_dir):
-            if name.startswith(prefix):
-                log.info("removing stale temp file %s of an earlier attempt", name)
-                _unlink_quiet(os.path.join(self.tmp_dir, name))
+            path = os.path.join(self.tmp_dir, name)
+            if name.startswith(prefix) and _stale_temp(name, path, self.stale_temp_grace_s):
+                log.info("removing temp file %s of a dead writer of work unit %r", name, self.work_unit)
+                _unlink_quiet(path)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _stale_temp(name: str, path: str, grace_s: float) -> bool:
+    parts = name.split(".")  # wu-<id>.<attempt>.<host>.<pid>.<bucket>.<n>.arrow.tmp
+    if len(parts) >= 4 and parts[2] == _HOST and parts[3].isdigit():
+        try:
+            os.kill(int(parts[3]), 0)
+            return False  # its writer is alive on this host
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    try:
+        return time.time() - os.path.getmtime(path) > grace_s
+    except FileNotFoundError:
+        return False
 
 
 __all__ = ["CacheWriter", "CacheSealedError", "CacheFormatError"]
