@@ -9,7 +9,7 @@ LN is LayerNorm without weight or bias (eps 1e-6); MLP is Linear -> GELU(tanh) -
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import torch

@@ -6,7 +6,7 @@ packed 2x2 into 64 channels, MSRoPE axes (16, 56, 56), every norm eps 1e-6.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
