@@ -214,6 +214,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
         return float(value)

@@ -309,14 +309,14 @@ def _install(patch: SourcePatch | FunctionSwap) -> None:
 
 def apply() -> None:
     """Install every patch in PATCHES (idempotent). Refuses megatron-core other than the pinned one."""
-    if _APPLIED:
-        return
     version = megatron_core_version()
     if version != PINNED_MEGATRON_CORE:
         raise CpuEmulationError(
             f"megatron_qwen_image.cpu_emulation was written for megatron-core {PINNED_MEGATRON_CORE} "
             f"and refuses {version}: its patches edit that version's source. Install "
             f"megatron-core=={PINNED_MEGATRON_CORE}, or run on a GPU (no emulation needed).")
+    if _APPLIED:
+        return
     for patch in PATCHES:
         _install(patch)
         _APPLIED.append(f"{patch.module}.{patch.qualname}")
