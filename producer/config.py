@@ -63,7 +63,7 @@ class FilterConfig:
     max_luma: float | None = 0.97
     max_saturation: float | None = 0.9  # mean HSV saturation in [0, 1]
     min_entropy: float | None = 1.0  # grey-histogram entropy in bits (flat, information-poor images)
-    max_texture: float | None = 0.6  # fraction of strong-gradient pixels (over-complex textures, noise)
+    max_texture: float | None = 0.3  # fraction of strong-gradient pixels (over-complex textures, noise)
     texture_gradient: float = 48.0  # what counts as a strong gradient (grey levels)
     # captions
     min_caption_tokens: int | None = 1

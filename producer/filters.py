@@ -40,11 +40,11 @@ REASONS = {
     "max_aspect": "long/short side ratio above filters.max_aspect",
     "exact_duplicate": "same image bytes as a kept sample of the shard",
     "near_duplicate": "perceptual hash within filters.dedup_near_max_distance bits of a kept sample",
-    "clarity": "blurry: Laplacian variance below filters.min_clarity",
     "luma_dark": "mean brightness below filters.min_luma",
     "luma_bright": "mean brightness above filters.max_luma",
     "saturation": "mean saturation above filters.max_saturation",
     "entropy": "grey-level entropy below filters.min_entropy (flat, information-poor)",
+    "clarity": "blurry: Laplacian variance below filters.min_clarity",
     "texture": "strong-gradient density above filters.max_texture (over-complex texture, noise)",
     "caption_missing": "no caption (.txt member / column / sidecar)",
     "caption_invalid_utf8": "caption bytes are not valid UTF-8",
@@ -261,9 +261,10 @@ class SampleFilter:
         return out, info, None
 
     def _quality_reason(self, s: dict) -> str | None:
+        """First failing quality check. Order matters only for attribution: exposure and colour first
+        (a near-black image also measures as flat and blurry), then information content, then blur,
+        then over-complex texture."""
         c = self.cfg
-        if c.min_clarity is not None and s["clarity"] < c.min_clarity:
-            return "clarity"
         if c.min_luma is not None and s["luma"] < c.min_luma:
             return "luma_dark"
         if c.max_luma is not None and s["luma"] > c.max_luma:
@@ -272,6 +273,8 @@ class SampleFilter:
             return "saturation"
         if c.min_entropy is not None and s["entropy"] < c.min_entropy:
             return "entropy"
+        if c.min_clarity is not None and s["clarity"] < c.min_clarity:
+            return "clarity"
         if c.max_texture is not None and s["texture"] > c.max_texture:
             return "texture"
         return None
@@ -304,6 +307,7 @@ class SampleFilter:
                 continue
             if "exif_orientation" in info:
                 transforms["exif_rotated"] += 1
-            meta = {"source_meta": r.meta, **info}
+            src_meta = {k: v for k, v in r.meta.items() if not (k == "caption" and v == text)}  # stored anyway
+            meta = {"source_meta": src_meta, **info}
             kept.append(Prepared(r.key, np.asarray(img, dtype=np.uint8), text, r.source, meta))
         return kept, drops, transforms

@@ -53,8 +53,9 @@ class ModelFilter:
 
 
 class ClipScoreFilter(ModelFilter):
-    """CLIPScore = 100 * max(cos(image embedding, text embedding), 0) of a CLIP-family model (CLIP, SigLIP)
-    loaded with transformers' Auto classes from a local directory."""
+    """Image-text alignment: 100 * cos(image embedding, text embedding) of a CLIP-family model (CLIP,
+    SigLIP) loaded with transformers' Auto classes from a local directory. (CLIPScore also clamps at 0;
+    we keep the sign so thresholds below 0 stay meaningful.)"""
 
     reason = "clip_score"
 
@@ -95,7 +96,7 @@ class ClipScoreFilter(ModelFilter):
             img_emb = self._features(self.model.get_image_features(pixel_values=pix))
             txt_emb = self._features(self.model.get_text_features(**tok))
             cos = torch.nn.functional.cosine_similarity(img_emb.float(), txt_emb.float(), dim=-1)
-            scores.extend((100.0 * cos.clamp(min=0)).tolist())
+            scores.extend((100.0 * cos).tolist())
         return scores
 
 

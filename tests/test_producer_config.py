@@ -1,0 +1,54 @@
+"""Producer config: YAML -> validated dataclasses; every bad value refused with the key in the message."""
+import pytest
+
+from producer.config import ConfigError, PoolSize, load_config, yaml_load
+
+
+def test_default_yaml_loads_and_matches_dataclass_defaults():
+    from producer.config import ProducerConfig
+
+    cfg = load_config("configs/producer/default.yaml")
+    ref = ProducerConfig()
+    assert cfg.filters == ref.filters  # the YAML documents the code defaults, it does not change them
+    assert cfg.pools.cpu_actors == PoolSize(2, 2) and cfg.pools.encoder_actors == PoolSize(1, 1)
+
+
+@pytest.mark.parametrize("value, expected", [("4", PoolSize(4, 4)), ("1:8", PoolSize(1, 8)),
+                                             ("{min: 2, max: 3}", PoolSize(2, 3)), ("{max: 5}", PoolSize(1, 5))])
+def test_pool_sizes_fixed_or_autoscaling(value, expected):
+    assert load_config(None, [f"pools.cpu_actors={value}"]).pools.cpu_actors == expected
+
+
+def test_yaml_has_no_base60_numbers():
+    assert yaml_load("a: 1:4\nb: 1e-3\nc: 12") == {"a": "1:4", "b": 0.001, "c": 12}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("filters.min_sid=3", "filters.min_sid"),
+    ("filters.min_side=abc", "filters.min_side"),
+    ("filters.min_side=-1", "filters.min_side"),
+    ("filters.max_luma=2", "filters.max_luma"),
+    ("filters.min_luma=0.99", "filters.min_luma"),
+    ("filters.max_aspect=0.5", "filters.max_aspect"),
+    ("filters.dedup_near_max_distance=40", "filters.dedup_near_max_distance"),
+    ("filters.max_caption_tokens=5000", "filters.max_caption_tokens"),
+    ("filters.caption_boilerplate=['([']", "filters.caption_boilerplate[0]"),
+    ("pools.cpu_actors=0", "pools.cpu_actors"),
+    ("pools.encoder_actors=4:2", "pools.encoder_actors"),
+    ("pools.encoder_num_gpus=many", "pools.encoder_num_gpus"),
+    ("pools.chunk_size=0", "pools.chunk_size"),
+    ("latent_dtype=int8", "latent_dtype"),
+    ("base_resolution=512", "base_resolution"),
+    ("encoders.vae_sample_mode=random", "encoders.vae_sample_mode"),
+    ("model_filters=[3]", "model_filters[0]"),
+    ("dedup_exact=true", "dedup_exact"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_null_disables_a_filter():
+    cfg = load_config(None, ["filters.min_clarity=null", "filters.max_texture=null"])
+    assert cfg.filters.min_clarity is None and cfg.filters.max_texture is None

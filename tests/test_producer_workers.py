@@ -1,0 +1,90 @@
+"""The actors' work without Ray: chunking, encoding into the cache, and the stale-attempt guards that make
+a restarted encoder unable to commit part of a shard."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_qwen_image.cache import CacheReader, CacheWriter
+from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+from producer.config import load_config
+from producer.sources import discover_shards
+from producer.synthetic import generate_shards
+from producer.workers import CpuWorker, EncoderWorker, StaleAttempt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tiny = ensure_tiny()
+    shards = generate_shards(str(tmp_path_factory.mktemp("syn")), num_shards=1, per_shard=7, seed=3)
+    cfg = load_config("configs/producer/default.yaml", [f"encoders.dir={tiny}", "latent_dtype=fp32"])
+    return cfg, discover_shards(shards)[0], tiny
+
+
+def test_cpu_worker_chunks_a_shard_in_order(setup):
+    cfg, spec, _ = setup
+    chunks = list(CpuWorker(cfg).process_shard(spec, chunk_size=3))
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert [c.seen for c in chunks] == [3, 3, 1]
+    assert [s.key for c in chunks for s in c.samples] == [f"00000{i:04d}" for i in range(7)]
+
+
+def test_encoder_worker_writes_what_the_encoders_compute(setup, tmp_path):
+    cfg, spec, tiny = setup
+    chunks = list(CpuWorker(cfg).process_shard(spec, chunk_size=4))
+    enc = EncoderWorker(cfg, str(tmp_path))
+    stats = [enc.add_chunk(spec.work_unit, 0, c) for c in chunks]
+    assert sum(s["written"] for s in stats) == 7
+    assert enc.commit(spec.work_unit, 0, len(chunks))["num_samples"] == 7
+    assert CacheWriter.is_committed(str(tmp_path), spec.work_unit)
+    records = {r["key"]: r for r in CacheReader(str(tmp_path)).iter_records()}
+    vae, text = QwenVAEEncoder.from_pretrained(tiny), QwenTextEncoder.from_pretrained(tiny)
+    for s in (s for c in chunks for s in c.samples):
+        rec = records[s.key]
+        z = vae.encode([Image.fromarray(s.image)])[0]
+        torch.testing.assert_close(rec["latent"].float(), z, rtol=1e-5, atol=1e-5)
+        (t,) = text.encode([s.caption])
+        assert rec["text_len"] == t.shape[0]
+        torch.testing.assert_close(rec["text_embed"].float(), t.to(torch.bfloat16).float())  # stored as bf16
+        assert rec["caption"] == s.caption and rec["meta"]["bucket"] == [s.image.shape[1], s.image.shape[0]]
+
+
+def test_restarted_encoder_cannot_commit_part_of_a_shard(setup, tmp_path):
+    cfg, spec, _ = setup
+    chunks = list(CpuWorker(cfg).process_shard(spec, chunk_size=3))
+    enc = EncoderWorker(cfg, str(tmp_path))
+    enc.add_chunk(spec.work_unit, 0, chunks[0])
+    fresh = EncoderWorker(cfg, str(tmp_path))  # what a restarted actor looks like: no writers
+    with pytest.raises(StaleAttempt, match="no writer"):
+        fresh.add_chunk(spec.work_unit, 0, chunks[1])
+    with pytest.raises(StaleAttempt, match="expected chunk 1, got 2"):
+        enc.add_chunk(spec.work_unit, 0, chunks[2])
+    with pytest.raises(StaleAttempt, match="cannot commit"):
+        enc.commit(spec.work_unit, 0, 3)
+    assert not CacheWriter.is_committed(str(tmp_path), spec.work_unit)
+    # A new attempt replaces the old writer on the same actor and commits the whole shard once.
+    for c in chunks:
+        enc.add_chunk(spec.work_unit, 1, c)
+    assert enc.commit(spec.work_unit, 1, len(chunks))["num_samples"] == 7
+    assert CacheReader(str(tmp_path)).num_samples() == 7
+    # Redoing a committed work unit adds nothing (the writer's idempotence).
+    for c in chunks:
+        assert enc.add_chunk(spec.work_unit, 2, c)["written"] == 0
+    enc.commit(spec.work_unit, 2, len(chunks))
+    assert CacheReader(str(tmp_path)).num_samples() == 7
+
+
+def test_model_filters_run_before_encoding(setup, tmp_path):
+    cfg, spec, _ = setup
+    chunks = list(CpuWorker(cfg).process_shard(spec, chunk_size=8))
+    lengths = sorted(len(s.caption) for s in chunks[0].samples)
+    threshold = lengths[3]
+    cfg2 = load_config("configs/producer/default.yaml", [
+        f"encoders.dir={cfg.encoders.dir}",
+        "model_filters=[{type: 'tests.test_producer_model_filters:ConstantFilter', "
+        f"options: {{max_score: {threshold}}}}}]"])
+    expected = sum(n > threshold for n in lengths)
+    assert 0 < expected < 7
+    st = EncoderWorker(cfg2, str(tmp_path)).add_chunk(spec.work_unit, 0, chunks[0])
+    assert st["drops"] == {"constant": expected} and st["written"] == 7 - expected
