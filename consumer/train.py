@@ -209,6 +209,12 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="latent cache directory for --data cache (config key 'cache_dir')")
     p.add_argument("--tensorboard-dir", help="TensorBoard log dir (config key 'tensorboard_dir')")
     p.add_argument("--log-jsonl", help="per-step stats JSONL file (config key 'log_jsonl')")
+    p.add_argument("--save", help="checkpoint root to save to (config key 'save'; see docs/checkpoints.md)")
+    p.add_argument("--save-interval", type=int, help="save every K steps (config key 'save_interval')")
+    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints (config key 'keep_last')")
+    p.add_argument("--load", help="resume from this checkpoint root/dir if it holds one (config key 'load')")
+    p.add_argument("--pretrained", help="start from these model weights only, e.g. imported diffusers weights "
+                                        "(config key 'pretrained')")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
     p.add_argument("--dp", type=int, help="data-parallel size for --dry-run (default: WORLD_SIZE / TP)")
     return p.parse_args(argv)
@@ -217,7 +223,8 @@ def parse_args(argv=None):
 def config_from_args(args) -> TrainConfig:
     cfg = load_config(args.config, args.overrides)
     for flag, key in (("data", "data"), ("cache_dir", "cache_dir"), ("tensorboard_dir", "tensorboard_dir"),
-                      ("log_jsonl", "log_jsonl")):
+                      ("log_jsonl", "log_jsonl"), ("save", "save"), ("save_interval", "save_interval"),
+                      ("keep_last", "keep_last"), ("load", "load"), ("pretrained", "pretrained")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     validate(cfg)

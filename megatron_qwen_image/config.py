@@ -124,6 +124,8 @@ class TrainConfig:
     save: Optional[str] = None
     save_interval: Optional[int] = None
     load: Optional[str] = None
+    keep_last: Optional[int] = None   # keep only the newest k checkpoints under `save` (null = keep all)
+    pretrained: Optional[str] = None  # model weights only (e.g. imported diffusers weights) when `load` holds none
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -350,6 +352,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     if cfg.save_interval is not None:
         _require(cfg.save_interval >= 1, "save_interval", "must be >= 1")
         _require(cfg.save is not None, "save_interval", "needs save=DIR")
+    if cfg.keep_last is not None:
+        _require(cfg.keep_last >= 1, "keep_last", f"must be >= 1, got {cfg.keep_last}")
 
     if cuda_available is not None:
         _require(not (cfg.bf16 and not cuda_available), "bf16",
