@@ -150,6 +150,7 @@ class ProducerRun:
         self.retries = 0
         self.skipped: list[str] = []
         self._last_scale = 0.0
+        self.peak = {"cpu": 0, "encoder": 0}  # most actors each pool had (autoscaling shows here)
 
     # ------------------------------------------------------------------ actors
     def _make_pools(self) -> None:
@@ -169,29 +170,36 @@ class ProducerRun:
         self.enc_pool = ActorPool("encoder", lambda: enc_cls.remote(cfg, cache_dir), p.encoder_actors)
 
     def _autoscale(self, queue: deque, active: dict) -> None:
-        """Grow a pool that is the bottleneck, shrink idle actors when the queue is empty."""
+        """Grow the pool that is the bottleneck; retire idle actors above `min` once the queue is empty.
+
+        CPU-bound: shards wait, every CPU actor is busy, and some encoder has no chunk to work on.
+        Encoder-bound: every open shard has its full `max_chunks_in_flight` waiting at its encoder, and
+        there are more shards (queued or open) than encoders to spread them over.
+        """
         now = time.time()
         if now - self._last_scale < self.cfg.pools.scale_interval_s:
             return
         self._last_scale = now
-        cp, ep = self.cpu_pool, self.enc_pool
+        cp, ep, limit = self.cpu_pool, self.enc_pool, self.cfg.pools.max_chunks_in_flight
         busy_cpu = {ActorPool.aid(j.cpu) for j in active.values()}
         free_cpu = [a for a in cp.ready if ActorPool.aid(a) not in busy_cpu]
-        backlog = sum(len(j.pending) for j in active.values())
-        enc_capacity = max(1, len(ep.ready)) * self.cfg.pools.max_chunks_in_flight
-        if queue and not free_cpu and not cp.starting and cp.total() < cp.size.max and backlog < enc_capacity // 2:
-            log.info("autoscale: cpu pool %d -> %d (queue %d, encoders have spare capacity)", cp.total(), cp.total() + 1,
-                     len(queue))
+        fed = {ActorPool.aid(j.enc) for j in active.values() if j.pending}
+        idle_enc = [a for a in ep.ready if ActorPool.aid(a) not in fed]
+        saturated = bool(active) and all(len(j.pending) >= limit or j.gen_done for j in active.values())
+        if queue and not free_cpu and idle_enc and not cp.starting and cp.total() < cp.size.max:
+            log.info("autoscale: cpu pool %d -> %d (%d shards queued, %d encoders idle)", cp.total(), cp.total() + 1,
+                     len(queue), len(idle_enc))
             cp.spawn()
-        elif (queue or active) and backlog >= enc_capacity and not ep.starting and ep.total() < ep.size.max:
-            log.info("autoscale: encoder pool %d -> %d (back-log %d chunks)", ep.total(), ep.total() + 1, backlog)
+        if saturated and (queue or len(active) > len(ep.ready)) and not ep.starting and ep.total() < ep.size.max:
+            log.info("autoscale: encoder pool %d -> %d (every open shard is waiting on its encoder)", ep.total(),
+                     ep.total() + 1)
             ep.spawn()
         if not queue:
             for a in free_cpu[: max(0, len(cp.ready) - cp.size.min)]:
                 log.info("autoscale: retiring an idle cpu actor")
                 cp.retire(a)
-            idle_enc = [a for a in ep.ready if ep.load[ActorPool.aid(a)] == 0]
-            for a in idle_enc[: max(0, len(ep.ready) - ep.size.min)]:
+            unused = [a for a in ep.ready if ep.load[ActorPool.aid(a)] == 0]
+            for a in unused[: max(0, len(ep.ready) - ep.size.min)]:
                 log.info("autoscale: retiring an idle encoder actor")
                 ep.retire(a)
 
@@ -273,6 +281,8 @@ class ProducerRun:
                     self._handle(ref, owners.get(ref), queue, active)
                 if not self.cfg.pools.cpu_actors.fixed or not self.cfg.pools.encoder_actors.fixed:
                     self._autoscale(queue, active)
+                self.peak["cpu"] = max(self.peak["cpu"], self.cpu_pool.total())
+                self.peak["encoder"] = max(self.peak["encoder"], self.enc_pool.total())
                 reporter.maybe_print(self._live_stats(active), len(active), len(self.failed), self.retries)
         finally:
             for pool in ("cpu_pool", "enc_pool"):
@@ -292,7 +302,8 @@ class ProducerRun:
                 "latent_dtype": self.cfg.latent_dtype, "ray_address": ray.get_runtime_context().gcs_address,
                 "cpu_actors": [p.cpu_actors.min, p.cpu_actors.max],
                 "encoder_actors": [p.encoder_actors.min, p.encoder_actors.max],
-                "chunk_size": p.chunk_size, "max_chunks_in_flight": p.max_chunks_in_flight}
+                "peak_actors": dict(self.peak), "chunk_size": p.chunk_size,
+                "max_chunks_in_flight": p.max_chunks_in_flight}
 
     def _live_stats(self, active) -> RunStats:
         live = RunStats()
