@@ -39,7 +39,9 @@ def test_concurrent_writer_processes_give_a_consistent_manifest(tmp_path):
     nproc = 4
     shared = [100, 101, 102]  # every process tries these: they must land exactly once
     plan = [[p * 10 + k for k in range(3)] + shared for p in range(nproc)]
-    ctx = mp.get_context("spawn")
+    # forkserver: torch is imported once (in the server), the writers fork from it clean of threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "megatron_qwen_image.cache", "tests.test_cache_writer_processes"])
     barrier = ctx.Barrier(nproc)
     procs = [ctx.Process(target=write_units, args=(root, units, barrier)) for units in plan]
     for p in procs:

@@ -1,26 +1,30 @@
 """Collation into the train loop's batch dict (the contract in docs/cache_format.md, "Batches")."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
-def collate(samples, output_dtype: torch.dtype | None = torch.float32) -> dict:
+def collate(samples, output_dtype: torch.dtype | None = torch.float32, alloc=None) -> dict:
     """[(key, latent [C,H,W], text [L_i, D]), ...] -> the batch dict.
 
     {"latents": [B,C,H,W], "text_embeds": [B,L,D] zero-padded to the batch's longest L,
      "text_mask": [B,L] bool (True = real token), "keys": [str]}.
     One copy per tensor, straight into the output (with the dtype conversion); only the padding is
-    zeroed. output_dtype=None keeps the stored dtype.
+    zeroed. output_dtype=None keeps the stored dtype. `alloc(shape, dtype)` provides the output
+    tensors (default torch.empty; the loader passes a BufferPool).
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
+    alloc = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     keys = [s[0] for s in samples]
     lat0, txt0 = samples[0][1], samples[0][2]
     shape, dim = tuple(lat0.shape), txt0.shape[1]
     lengths = [s[2].shape[0] for s in samples]
     max_len = max(lengths)
-    latents = torch.empty((len(samples), *shape), dtype=output_dtype or lat0.dtype)
-    text = torch.empty((len(samples), max_len, dim), dtype=output_dtype or txt0.dtype)
+    latents = alloc((len(samples), *shape), output_dtype or lat0.dtype)
+    text = alloc((len(samples), max_len, dim), output_dtype or txt0.dtype)
     mask = torch.zeros((len(samples), max_len), dtype=torch.bool)
     for i, (key, lat, txt) in enumerate(samples):
         if tuple(lat.shape) != shape:
@@ -34,3 +38,53 @@ def collate(samples, output_dtype: torch.dtype | None = torch.float32) -> dict:
             text[i, n:].zero_()
         mask[i, :n] = True
     return {"latents": latents, "text_embeds": text, "text_mask": mask, "keys": keys}
+
+
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    return None if fn is None else fn(t.untyped_storage()._cdata)
+
+
+class BufferPool:
+    """Recycles the memory of batches the train loop has let go of.
+
+    Allocating fresh tens-of-MB tensors per batch costs a page fault per 4 KiB on first touch (on
+    some VMs that alone is ~0.1-0.5 GB/s; pinned host memory for GPU copies is costlier still). A
+    pooled buffer is handed out again only when nothing but the pool references its storage (the
+    storage's use count is back to its baseline), so a batch the caller still holds is never
+    overwritten. Without torch's use-count hook the pool degrades to plain allocation.
+    """
+
+    def __init__(self, max_buffers: int = 16, pin_memory: bool = False):
+        self.max_buffers, self.pin_memory = max_buffers, pin_memory
+        self._free_count = _storage_use_count(torch.empty(1))
+        self._buffers: list[torch.Tensor] = []  # flat tensors owned by the pool
+        self._lock = threading.Lock()
+
+    def _new(self, numel: int, dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype, pin_memory=self.pin_memory)
+
+    def __call__(self, shape, dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        if self._free_count is None:
+            return self._new(numel, dtype).view(shape)
+        with self._lock:
+            best, smaller = None, None
+            for i, buf in enumerate(self._buffers):
+                if buf.dtype != dtype or _storage_use_count(buf) != self._free_count:
+                    continue
+                if buf.numel() >= numel:
+                    if best is None or buf.numel() < self._buffers[best].numel():
+                        best = i
+                elif smaller is None:
+                    smaller = i
+            if best is None:
+                buf = self._new(numel, dtype)
+                if len(self._buffers) < self.max_buffers:
+                    self._buffers.append(buf)
+                elif smaller is not None:  # grow: replace a free buffer that is too small
+                    self._buffers[smaller] = buf
+                return buf[:numel].view(shape)  # (not pooled if the pool is full of held buffers)
+            return self._buffers[best][:numel].view(shape)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .collate import collate
+from .collate import BufferPool, collate
 from .format import CorruptShardError, parse_bucket_name
 from .manifest import ManifestLog, ShardInfo
 from .plan import plan_epoch, plan_round, replacement_candidates, sample_ids, split_id
@@ -60,6 +60,9 @@ class BucketedLoader:
       stream_timeout_s: give up (TimeoutError) after waiting this long for producers (None: wait).
       num_entries: epoch mode: use exactly the first N manifest entries (default: the sealed count,
         else all visible at construction).
+      pin_memory: build batches in pinned host memory (for fast, asynchronous copies to a GPU).
+    Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
+    it (collate.BufferPool), so keeping a batch is always safe.
     """
 
     def __init__(self, root: str, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
@@ -67,7 +70,7 @@ class BucketedLoader:
                  output_dtype: torch.dtype | None = torch.float32, base_resolution: int | None = None,
                  buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
-                 num_entries: int | None = None, max_open_shards: int = 128):
+                 num_entries: int | None = None, max_open_shards: int = 128, pin_memory: bool = False):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -102,7 +105,9 @@ class BucketedLoader:
         self._lock = threading.Lock()
         self._open: OrderedDict[str, ShardFile] = OrderedDict()
         self._bad: dict[str, str] = {}
+        self._verified_rows: dict[str, np.ndarray] = {}
         self._stats = {"batches": 0, "samples": 0, "skipped_samples": 0, "replaced_samples": 0, "wait_s": 0.0}
+        self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=pin_memory)
         self._pipeline = None  # (planner thread, out queue, stop event, executor); call close() when done
         self._sync_gen = None   # prefetch=0
 
@@ -298,9 +303,12 @@ class BucketedLoader:
             if sf is not None:
                 self._open.move_to_end(info.path)
                 return sf
-        sf = ShardFile(self.root, info, self.verify)  # outside the lock: may read (verify="full")
+        # Outside the lock: opening may read the whole file (verify="full").
+        sf = ShardFile(self.root, info, self.verify, verified=self._verified_rows.get(info.path))
         with self._lock:
             self._open[info.path] = sf
+            if sf.verified is not None:
+                self._verified_rows[info.path] = sf.verified  # survives LRU eviction: each row is hashed once
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         return sf
@@ -336,7 +344,7 @@ class BucketedLoader:
                                        f"sample and all its replacement candidates are corrupt: "
                                        f"{self.stats['corrupt_shard_reasons']}")
             samples.append(got)
-        return collate(samples, self.output_dtype), skipped, replaced
+        return collate(samples, self.output_dtype, alloc=self._pool), skipped, replaced
 
     def _consumed(self, state_after, batch, skipped, replaced):
         self._position = state_after

@@ -63,7 +63,9 @@ class _Batch:
 class ShardFile:
     """An open, structurally validated shard. `sample(i)` -> (key, latent [C,H,W], text [L,D]) views."""
 
-    def __init__(self, root: str, info: ShardInfo, verify: str = "sample"):
+    def __init__(self, root: str, info: ShardInfo, verify: str = "sample", verified: np.ndarray | None = None):
+        """`verified`: a bool array [num_samples] of rows already checked, kept by the caller so that a
+        shard closed and reopened (LRU) is not re-hashed."""
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r}; use one of {VERIFY_MODES}")
         self.info, self.verify = info, verify
@@ -101,7 +103,12 @@ class ShardFile:
             raise CorruptShardError(f"{path}: {start} rows, the manifest says {info.num_samples}")
         self.num_samples = start
         self._starts = np.array([b.start for b in self.batches], dtype=np.int64)
-        self._verified = np.zeros(start, dtype=bool) if verify == "sample" else None
+        if verify != "sample":
+            self.verified = None
+        elif verified is not None and verified.shape == (start,):
+            self.verified = verified
+        else:
+            self.verified = np.zeros(start, dtype=bool)
 
     def _check_schema(self, schema: pa.Schema) -> None:
         md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
@@ -127,13 +134,13 @@ class ShardFile:
         b, j = self._locate(i)
         lo, hi = int(b.off[j] - b.off[0]), int(b.off[j + 1] - b.off[0])
         key = b.keys[j]
-        if self._verified is not None and not self._verified[i]:
+        if self.verified is not None and not self.verified[i]:
             crc = zlib.crc32(key.encode("utf-8"))
             crc = zlib.crc32(b.lat_np[j], crc)
             crc = zlib.crc32(b.txt_np[lo:hi], crc)
             if crc != b.crc[j]:
                 raise CorruptShardError(f"{self.path}: row {i} ({key!r}) fails its CRC-32")
-            self._verified[i] = True
+            self.verified[i] = True
         text = b.txt_t[lo:hi].view(-1, self.info.text_dim)
         return key, b.lat_t[j], text
 
