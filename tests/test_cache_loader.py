@@ -255,3 +255,23 @@ def test_filters_and_output_dtype(cache):
     with BucketedLoader(root, 4, base_resolution=640) as ld:
         with pytest.raises(ValueError, match="no bucket"):
             next(ld)
+
+
+def test_batches_held_by_the_caller_are_never_overwritten_and_released_ones_are_reused(cache):
+    root, data = cache
+    with BucketedLoader(root, 8, seed=4, prefetch=2) as ld:
+        kept = next(ld)
+        snapshot = {k: kept[k].clone() for k in ("latents", "text_embeds", "text_mask")}
+        view = next(ld)["latents"][0]  # a view keeps its batch's buffer alive too
+        view_copy = view.clone()
+        ptrs = set()
+        for _ in range(12):
+            b = next(ld)
+            ptrs.add(b["latents"].data_ptr())
+            del b
+        for k, v in snapshot.items():
+            assert torch.equal(kept[k], v)
+        assert torch.equal(view, view_copy)
+        assert kept["latents"].data_ptr() not in ptrs and view.data_ptr() not in ptrs
+        assert len(ptrs) < 12  # released buffers came back
+        check_batch_against_source(kept, data)
