@@ -1,0 +1,200 @@
+"""Producer benchmark (issue 4): the CPU stage's filter overhead and how the CPU pool scales.
+
+    python -m benchmarks.bench_producer [--images 160] [--repeats 3] [--base 640]
+
+1. Filter overhead, on the same in-memory JPEGs (photo-like, 800x600 .. 1280x960) in one process, one
+   thread, best of --repeats interleaved runs, timed in process CPU seconds (wall time is also recorded;
+   it is inflated by whatever else runs on the machine):
+     decode+resize        Image.open -> JPEG draft -> RGB -> the cache's resize_to_bucket: the least any
+                          producer must do (same decode path as ours, so the ratio isolates the filters)
+     decode+filter        our CPU stage, `SampleFilter.process`: caption checks with the MLLM tokenizer,
+                          file-size / pixel-limit / side / aspect checks, exact + pHash near-dedup,
+                          EXIF orientation, clarity / luma / saturation / entropy / texture, resize
+     naive decode+resize  full-size decode (no draft) + resize: what a loader without draft pays
+   Goal: decode+filter <= 1.25 x decode+resize.
+2. CPU-pool scaling on a local Ray: the same shards through 1 and then 2 CPU actors (num_cpus=1 each),
+   samples/s from submit until every chunk exists (the driver does not fetch images). Encoders are not
+   involved (on 2 cores they would compete for the same CPUs). Goal: 2 actors / 1 actor >= 1.8.
+Writes benchmarks/results/producer.json. Other jobs sharing the machine lower both figures.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from benchmarks.common import environment, print_table, save_results
+
+SIZES = ((800, 600), (1024, 768), (1280, 960), (960, 1280), (1024, 1024), (1280, 720))
+
+
+def photo_like_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Distinct scenes of random overlapping shapes on a gradient, lightly blurred: decode and filter like
+    photographs (every one passes the default filters, none is a near-duplicate of another)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        top, bottom = rng.integers(40, 216, 3), rng.integers(40, 216, 3)
+        t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+        img = Image.fromarray((top * (1 - t) + bottom * t).repeat(w, axis=1).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(60):
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+            rx, ry = int(rng.integers(8, w // 5)), int(rng.integers(8, h // 5))
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x - rx, y - ry, x + rx, y + ry], fill=color)
+        img = img.filter(ImageFilter.GaussianBlur(0.8))
+        b = io.BytesIO()
+        img.save(b, format="JPEG", quality=88)
+        out.append(b.getvalue())
+    return out
+
+
+def bare_decode_resize(datas, base: int, draft: bool = True) -> int:
+    from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
+    from producer.filters import _needed_size
+
+    n = 0
+    for d in datas:
+        img = Image.open(io.BytesIO(d))
+        bucket = bucket_for_size(*img.size, base)
+        if draft:
+            img.draft("RGB", _needed_size(*img.size, bucket))
+        out = resize_to_bucket(img.convert("RGB"), bucket)
+        n += np.asarray(out).shape[0] > 0
+    return n
+
+
+def filter_stage(filt, raws) -> int:
+    filt.start_shard()
+    kept, drops, _ = filt.process(raws)
+    if drops:
+        raise RuntimeError(f"benchmark images were dropped: {dict(drops)}; they must all pass to compare fairly")
+    return len(kept)
+
+
+def bench_overhead(n: int, repeats: int, base: int, tiny_dir: str) -> dict:
+    from megatron_qwen_image.encoders.text import load_tokenizer
+    from producer.config import FilterConfig
+    from producer.filters import SampleFilter
+    from producer.sources import RawSample
+
+    datas = photo_like_jpegs(n)
+    captions = [f"A photograph number {i} of a landscape with hills, a river and a small red house.".encode()
+                for i in range(n)]
+    raws = [RawSample(f"k{i}", d, "jpg", c, {}, "bench") for i, (d, c) in enumerate(zip(datas, captions))]
+    filt = SampleFilter(FilterConfig(), base, load_tokenizer(tiny_dir))
+    runs = {k: [] for k in ("decode+resize", "decode+filter", "naive decode+resize")}
+    wall = {k: [] for k in runs}
+    fns = {"decode+resize": lambda: bare_decode_resize(datas, base),
+           "decode+filter": lambda: filter_stage(filt, raws),
+           "naive decode+resize": lambda: bare_decode_resize(datas, base, draft=False)}
+    for fn in fns.values():  # warm-up (imports, first-call costs)
+        fn()
+    for _ in range(repeats):  # interleaved, so load from other jobs hits all methods alike
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            assert fn() == n
+            runs[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in runs.items()}
+    return {"images": n, "base_resolution": base, "timer": "process CPU time (one thread; robust to other jobs)",
+            "cpu_runs_s": runs, "wall_runs_s": wall, "best_s": best,
+            "ratio_filter_over_bare_wall": min(wall["decode+filter"]) / min(wall["decode+resize"]),
+            "ms_per_image": {k: 1000 * v / n for k, v in best.items()},
+            "ratio_filter_over_bare": best["decode+filter"] / best["decode+resize"],
+            "ratio_naive_over_bare": best["naive decode+resize"] / best["decode+resize"]}
+
+
+def bench_scaling(n: int, base: int, tiny_dir: str, shards: int = 8) -> dict:
+    import ray
+
+    from producer.config import load_config
+    from producer.pipeline import init_ray
+    from producer.sources import discover_shards
+    from producer.workers import CpuWorker
+
+    tmp = tempfile.mkdtemp(prefix="bench_producer_")
+    per = max(1, n // shards)
+    datas = photo_like_jpegs(per * shards, seed=1)
+    import tarfile
+
+    for s in range(shards):
+        with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tf:
+            for i in range(per):
+                for ext, payload in (("jpg", datas[s * per + i]), ("txt", f"A photo {s}-{i} of hills.".encode())):
+                    ti = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+    specs = discover_shards([tmp])
+    cfg = load_config(None, [f"encoders.dir={tiny_dir}", f"base_resolution={base}", "pools.chunk_size=8"])
+    init_ray(num_cpus=2)
+    Cpu = ray.remote(num_cpus=1)(CpuWorker)
+    result = {"samples": per * shards, "shards": shards}
+    def drain(actors, todo) -> float:
+        """Run shards `todo` on `actors` (one shard per actor at a time); seconds until all chunks exist."""
+        t0 = time.perf_counter()
+        queue, running = list(todo), {}
+        while queue or running:
+            for a in actors:
+                if a not in running.values() and queue:
+                    running[a.process_shard.options(num_returns="streaming").remote(queue.pop(0))] = a
+            ready, _ = ray.wait(list(running), num_returns=1, fetch_local=False)
+            for gen in ready:
+                try:
+                    next(gen)  # a chunk exists; its images stay in the object store
+                except StopIteration:
+                    del running[gen]
+        return time.perf_counter() - t0
+
+    for n_actors in (1, 2, 1, 2):  # twice each, interleaved; best of two
+        actors = [Cpu.remote(cfg) for _ in range(n_actors)]
+        ray.get([a.ping.remote() for a in actors])
+        drain(actors, specs[:n_actors])  # warm-up: imports, first-call costs
+        dt = drain(actors, specs)
+        key = f"{n_actors}_actor_samples_per_s"
+        result[key] = max(result.get(key, 0.0), per * shards / dt)
+        for a in actors:
+            ray.kill(a)
+    ray.shutdown()
+    result["ratio_2_over_1"] = result["2_actor_samples_per_s"] / result["1_actor_samples_per_s"]
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=160)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--base", type=int, default=640, choices=(256, 640, 1328))
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+
+    tiny = ensure_tiny()  # only its tokenizer is used (caption token length)
+    t0 = time.time()
+    over = bench_overhead(args.images, args.repeats, args.base, tiny)
+    print(f"\nCPU stage on {over['images']} photo-like JPEGs (800x600..1280x960) -> {args.base}p buckets, 1 thread:")
+    print_table(["method", "best CPU s", "ms / image", "x decode+resize"],
+                [[k, v, over["ms_per_image"][k], v / over["best_s"]["decode+resize"]] for k, v in over["best_s"].items()])
+    scale = bench_scaling(args.images, args.base, tiny)
+    print(f"\nCPU pool on a local Ray (2 cores), {scale['samples']} samples in {scale['shards']} shards:")
+    print_table(["CPU actors", "samples/s"], [[1, scale["1_actor_samples_per_s"]], [2, scale["2_actor_samples_per_s"]]])
+    print(f"\ndecode+filter / decode+resize = {over['ratio_filter_over_bare']:.3f}  (goal <= 1.25)")
+    print(f"2 CPU actors / 1 actor        = {scale['ratio_2_over_1']:.3f}  (goal >= 1.8)")
+    out = {"filter_overhead": over, "cpu_pool_scaling": scale,
+           "environment": {**environment(), "load_average_at_end": os.getloadavg()},
+           "wall_s": time.time() - t0,
+           "goals": {"filter_over_bare_max": 1.25, "scaling_2_over_1_min": 1.8},
+           "command": "python -m benchmarks.bench_producer " + " ".join(argv or [])}
+    print(f"results: {save_results('producer', out)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
