@@ -27,6 +27,7 @@ def build_model_config(cfg: TrainConfig, bf16: bool, use_cpu_initialization: boo
         tensor_model_parallel_size=tp_size or cfg.tensor_model_parallel_size,
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
+        **({"recompute_modules": list(cfg.recompute_modules)} if cfg.recompute_modules is not None else {}),
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=use_cpu_initialization, perform_initialization=perform_initialization,
     )

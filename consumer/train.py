@@ -25,8 +25,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+import warnings
+
 import torch
 import torch.distributed as dist
+
+# Known, harmless warnings from megatron-core 0.16.1 / torch 2.13 that would otherwise flood every rank's log
+# (the start-up banner states the facts that matter instead).
+for _pattern, _category in (
+    ("Transformer Engine and Apex are not installed", UserWarning),      # -> torch AdamW, local multi-tensor ops
+    ("full scope is deprecated", UserWarning),                           # TransformerConfig's own default
+    ("The .grad attribute of a Tensor that is not a leaf", UserWarning),  # DistributedOptimizer's zero_grad on views
+    (r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
+):
+    warnings.filterwarnings("ignore", message=_pattern, category=_category)
+if not torch.cuda.is_available():  # only meaningful for CUDA streams
+    warnings.filterwarnings("ignore", message="When using async grad allreduce", category=UserWarning)
 
 from megatron_qwen_image.config import ConfigError, TrainConfig, load_config, resolve_precision, validate
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
@@ -154,12 +168,15 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
     data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
     state = TrainState(cfg=cfg, model=ddp_model, optimizer=optimizer, scheduler=scheduler, data_iterator=data)
     if ctx.is_main:
+        from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
+
         n_local = sum(p.numel() for p in model.parameters())
         print(f"megatron-qwen-image: world {ctx.world_size} = TP {ctx.tp_size} x DP {ctx.dp_size} | "
               f"{'bf16' if bf16 else 'fp32'} on {ctx.device}"
               f"{' (CPU emulation of megatron-core CUDA placements)' if ctx.cpu_emulation else ''} | "
               f"{n_local:,} params on rank 0 | distributed optimizer {cfg.use_distributed_optimizer} | "
-              f"recompute {cfg.recompute_granularity or 'off'} | global batch {cfg.global_batch_size} = "
+              f"recompute {cfg.recompute_granularity or 'off'} | "
+              f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch {cfg.global_batch_size} = "
               f"micro {cfg.micro_batch_size} x DP {ctx.dp_size} x {cfg.num_microbatches(ctx.world_size)} accumulation",
               flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)

@@ -64,6 +64,7 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list] = None  # selective only; null = megatron's default ['core_attn']
     # precision: null = automatic (bf16 on a GPU, fp32 on CPU)
     bf16: Optional[bool] = None
     # null = automatic (True on CPU). True initialises each full weight on CPU from the default
@@ -308,6 +309,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     else:
         _require(meth is None, "recompute_method", f"only applies to recompute_granularity=full (it is {g!r})")
         _require(n is None, "recompute_num_layers", f"only applies to recompute_granularity=full (it is {g!r})")
+    if cfg.recompute_modules is not None:
+        from megatron_qwen_image.model.config import SUPPORTED_RECOMPUTE_MODULES
+
+        _require(g == "selective", "recompute_modules", f"only applies to recompute_granularity=selective (it is {g!r})")
+        bad = [x for x in cfg.recompute_modules if x not in SUPPORTED_RECOMPUTE_MODULES]
+        _require(not bad and len(cfg.recompute_modules) > 0, "recompute_modules",
+                 f"{bad or 'empty list'}: choose from {list(SUPPORTED_RECOMPUTE_MODULES)}")
 
     _require(cfg.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {cfg.micro_batch_size}")
     _require(cfg.global_batch_size % cfg.micro_batch_size == 0, "global_batch_size",

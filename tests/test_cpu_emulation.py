@@ -54,12 +54,11 @@ def test_every_patch_applies_exactly_and_keeps_megatron_file_and_lines():
 
 
 def test_not_applied_when_a_gpu_is_visible():
-    code = ("import torch; torch.cuda.is_available = lambda: True\n"
+    """With CUDA visible, apply_if_needed() does nothing: megatron is not even imported by it."""
+    code = ("import sys, torch; torch.cuda.is_available = lambda: True\n"
             "from megatron_qwen_image import cpu_emulation as c\n"
             "assert c.apply_if_needed() is False and not c.is_active()\n"
-            "import megatron.core.optimizer.clip_grads as cg, megatron.core.tensor_parallel.random as r\n"
-            "assert not hasattr(cg.get_grad_norm_fp32, '__cpu_emulated__')\n"
-            "assert r._get_cuda_rng_state.__module__ == 'megatron.core.tensor_parallel.random'\n")
+            "assert not [m for m in sys.modules if m.startswith('megatron.core')], 'megatron was imported'\n")
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO, check=True)
 
 
