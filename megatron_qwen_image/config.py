@@ -124,7 +124,9 @@ class TrainConfig:
     # checkpoints (consumer/checkpointing.py)
     save: Optional[str] = None
     save_interval: Optional[int] = None
-    load: Optional[str] = None
+    keep_last: Optional[int] = None     # keep only the newest k checkpoints (null = keep all)
+    load: Optional[str] = None          # resume everything from this directory's latest complete checkpoint
+    pretrained: Optional[str] = None    # start from these model weights only (e.g. imported diffusers weights)
     keep_last: Optional[int] = None   # keep only the newest k checkpoints under `save` (null = keep all)
     pretrained: Optional[str] = None  # model weights only (e.g. imported diffusers weights) when `load` holds none
 
@@ -357,6 +359,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     _require(cfg.synthetic_num_classes >= 1, "synthetic_num_classes", "must be >= 1")
 
     _require(cfg.log_interval >= 1, "log_interval", "must be >= 1")
+    if cfg.keep_last is not None:
+        _require(cfg.keep_last >= 1, "keep_last", f"must be >= 1, got {cfg.keep_last}")
     if cfg.save_interval is not None:
         _require(cfg.save_interval >= 1, "save_interval", "must be >= 1")
         _require(cfg.save is not None, "save_interval", "needs save=DIR")
