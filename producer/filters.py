@@ -146,6 +146,8 @@ class SampleFilter:
         self._bucket_for_size = bucket_for_size
         self._resize_to_bucket = resize_to_bucket
         self._boilerplate = [re.compile(p, re.IGNORECASE) for p in cfg.caption_boilerplate]
+        # PIL's own guard (warning above the limit, error above twice it) follows ours in this process.
+        Image.MAX_IMAGE_PIXELS = cfg.max_pixels
         if (cfg.min_caption_tokens or cfg.max_caption_tokens) and tokenizer is None:
             raise ValueError("caption token-length filters need the MLLM tokenizer (encoders.dir)")
         self.start_shard()

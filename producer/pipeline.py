@@ -277,6 +277,8 @@ class ProducerRun:
                     time.sleep(0.05)
                     continue
                 ready, _ = ray.wait(waitables, num_returns=1, timeout=0.5, fetch_local=False)
+                if ready:  # take everything else that is ready too, in one pass
+                    ready, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=False)
                 for ref in ready:
                     self._handle(ref, owners.get(ref), queue, active)
                 if not self.cfg.pools.cpu_actors.fixed or not self.cfg.pools.encoder_actors.fixed:
@@ -348,6 +350,8 @@ class ProducerRun:
             return
         job, kind = owner
         wu = job.spec.work_unit
+        if active.get(wu) is not job:  # this attempt already failed earlier in the same pass
+            return
         try:
             if kind == "gen":
                 try:
