@@ -10,6 +10,7 @@ CORE = [
     "megatron-core==0.16.1",
     "numpy>=1.26,<3",
     "pyarrow==26.0.1",
+    "zlib-ng==1.1.0",  # SIMD CRC-32 for the latent cache (same values as zlib.crc32, which is the fallback)
     "safetensors==0.8.0",
     "pyyaml==6.0.3",
     "tensorboard==2.21.0",

@@ -191,3 +191,19 @@ def test_unknown_format_versions_are_refused(tmp_path):
 def test_storage_dtype_names():
     assert storage_dtype("bf16").torch == torch.bfloat16
     assert storage_dtype(torch.float16).name == "fp16"
+
+
+def test_fast_crc32_gives_zlibs_values():
+    """The format's checksum is zlib's CRC-32; the SIMD implementation must agree (it is optional)."""
+    import zlib
+
+    import numpy as np
+
+    from megatron_qwen_image.cache.format import crc32, sample_crc
+
+    blob = np.random.default_rng(0).bytes(1 << 20)
+    assert crc32(blob) == zlib.crc32(blob)
+    assert crc32(blob[100:], crc32(blob[:100])) == zlib.crc32(blob)
+    lat, txt = np.arange(4096, dtype=np.int16), np.ones((3, 8), np.float32)
+    expect = zlib.crc32(txt.tobytes(), zlib.crc32(lat.tobytes(), zlib.crc32("ключ".encode())))
+    assert sample_crc("ключ", lat, txt) == expect

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .format import (FORMAT_NAME, CacheFormatError, CorruptShardError, check_version, file_crc32,
+from .format import (FORMAT_NAME, CacheFormatError, CorruptShardError, check_version, crc32, file_crc32,
                      numpy_to_tensor, storage_dtype)
 from .manifest import ShardInfo
 
@@ -135,9 +134,9 @@ class ShardFile:
         lo, hi = int(b.off[j] - b.off[0]), int(b.off[j + 1] - b.off[0])
         key = b.keys[j]
         if self.verified is not None and not self.verified[i]:
-            crc = zlib.crc32(key.encode("utf-8"))
-            crc = zlib.crc32(b.lat_np[j], crc)
-            crc = zlib.crc32(b.txt_np[lo:hi], crc)
+            crc = crc32(key.encode("utf-8"))
+            crc = crc32(b.lat_np[j], crc)
+            crc = crc32(b.txt_np[lo:hi], crc)
             if crc != b.crc[j]:
                 raise CorruptShardError(f"{self.path}: row {i} ({key!r}) fails its CRC-32")
             self.verified[i] = True
