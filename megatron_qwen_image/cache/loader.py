@@ -137,6 +137,7 @@ class BucketedLoader:
         return {"version": STATE_VERSION, "seed": self.seed, "global_batch_size": self.global_batch_size,
                 "base_resolution": self.base_resolution,
                 "buckets": None if self.bucket_filter is None else sorted(list(b) for b in self.bucket_filter),
+                "stream_round_samples": self.round_samples,
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -145,7 +146,10 @@ class BucketedLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()
-        for key in ("seed", "global_batch_size", "base_resolution", "buckets"):
+        keys = ["seed", "global_batch_size", "base_resolution", "buckets"]
+        if sd["position"].get("mode") == "stream":
+            keys.append("stream_round_samples")  # rounds are cut by it
+        for key in keys:
             if sd.get(key) != mine[key]:
                 raise ValueError(f"cannot resume: loader state has {key}={sd.get(key)!r}, this loader has "
                                  f"{key}={mine[key]!r} (the batch sequence would differ)")
