@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,8 +173,25 @@ def run_command(stage: str, cmd: list[str], log_path: str, quiet: bool, timeout_
             _kill_group(proc)  # leftovers of a finished stage (e.g. a Ray worker) die with it
             reader.join(timeout=10)
         if rc != 0:
+            causes = _error_lines(log_path)
             raise DemoError(f"stage '{stage}' failed: `{shown}` exited with status {rc}\n"
-                            f"{_tail(log_path, 25)}\nfull log: {log_path}")
+                            + (f"errors reported:\n{causes}\n" if causes else "")
+                            + f"last lines:\n{_tail(log_path, 15)}\nfull log: {log_path}")
+
+
+# The lines that say what went wrong: the tools' own "error: ..." messages and Python exceptions (not
+# torchrun's ChildFailedError wrapper, which only says that a rank failed).
+_ERROR_LINE = re.compile(r"^(\S+\s+)?(config )?error: |^[\w.]*(Error|Exception): ")
+
+
+def _error_lines(path: str, limit: int = 6) -> str:
+    seen: list[str] = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if _ERROR_LINE.search(line) and "ChildFailedError" not in line and line not in seen:
+                seen.append(line)
+    return "\n".join("  ! " + line for line in seen[:limit])
 
 
 def _tail(path: str, n: int) -> str:
@@ -358,8 +376,10 @@ def run_demo(args) -> dict:
             results.append(StageResult(name, "reused", prev["seconds"], prev.get("info", {})))
             continue
         upstream_ran = True
-        for path in L.outputs_of(name):
-            _remove(path)
+        for later, *_ in STAGES[i - 1:]:  # this stage's and every later stage's outputs are now stale
+            for path in L.outputs_of(later):
+                _remove(path)
+        _remove(L.summary)
         recorded.pop(name, None)
         log = os.path.join(L.logs, f"{i}_{name}.log")
         _remove(log)

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -103,6 +104,37 @@ def test_demo_refuses_foreign_directory(tmp_path):
     with pytest.raises(demo.DemoError, match="not a demo output directory"):
         demo.prepare_out(demo.Layout(str(tmp_path)), clean=True)
     assert (tmp_path / "precious.txt").read_text() == "not a demo"
+
+
+def test_failing_stage_is_named_with_its_error(tmp_path):
+    log = str(tmp_path / "logs" / "x.log")
+    cmd = [sys.executable, "-c", "import sys; print('working'); sys.exit('error: widgets.count: must be > 0')"]
+    with pytest.raises(demo.DemoError) as e:
+        demo.run_command("widgets", cmd, log, quiet=True, timeout_s=120)
+    msg = str(e.value)
+    assert "stage 'widgets' failed" in msg and "status 1" in msg and log in msg
+    assert "! error: widgets.count: must be > 0" in msg
+    assert "working" in open(log).read()
+
+
+def test_hanging_stage_times_out_and_is_killed(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # The stage starts a grandchild that would outlive it; the whole process group must die.
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    with pytest.raises(demo.DemoError, match="stage 'sleepy' timed out after 6 s"):
+        demo.run_command("sleepy", [sys.executable, "-c", code], str(tmp_path / "s.log"), quiet=True, timeout_s=6)
+    pid = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # killed, not yet reaped by init
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {pid} survived its stage")
 
 
 def test_demo_argument_checks(capsys):
