@@ -380,7 +380,6 @@ def run_demo(args) -> dict:
             for path in L.outputs_of(later):
                 _remove(path)
         _remove(L.summary)
-        recorded.pop(name, None)
         log = os.path.join(L.logs, f"{i}_{name}.log")
         _remove(log)
         t0 = time.perf_counter()
