@@ -166,10 +166,6 @@ def test_streaming_sees_shards_committed_after_start_and_matches_a_late_start(tm
     assert [b["keys"] for b in again] == [b["keys"] for b in batches + rest]
 
 
-def _shard_paths(root):
-    return [os.path.join(root, s.path) for s in CacheReader(root).shards()]
-
-
 def test_corrupt_and_truncated_shards_are_skipped_counted_and_never_fed(cache):
     root, data = cache
     reader = CacheReader(root)
