@@ -144,6 +144,8 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
     loss = torch.stack(losses).mean()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     loss = loss.item() / ctx.dp_size
+    if cfg.clip_grad <= 0:  # megatron computes the norm only when clipping (else it returns 0.0 or None)
+        grad_norm = None
     return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "skipped": not ok,
             "latent_hw": list(batch["latents"].shape[-2:])}
 
@@ -260,14 +262,15 @@ def main(argv=None) -> int:
                     if cfg.bf16 is None else "")
             print(format_plan(plan(cfg, dp=dp), note))
             return 0
-        train(cfg)
+        try:
+            train(cfg)
+        finally:
+            from megatron_qwen_image.parallel import destroy_parallel
+
+            destroy_parallel()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        from megatron_qwen_image.parallel import destroy_parallel
-
-        destroy_parallel()
     return 0
 
 
