@@ -35,11 +35,13 @@ log = logging.getLogger("producer")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join `address` (a running cluster) or start a local Ray; a session already running is reused."""
+    """Join `address` (a running cluster; also taken from RAY_ADDRESS, as `ray job submit` sets it) or
+    start a local Ray; a session already running in this process is reused."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

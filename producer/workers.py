@@ -79,6 +79,10 @@ class CpuWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (benchmarks: utilisation = CPU seconds / wall seconds)."""
+        return time.process_time()
+
     def process_shard(self, spec: ShardSpec, chunk_size: int | None = None):
         """Yield `Chunk`s of at most `chunk_size` input records, in the shard's order (always >= 1 chunk)."""
         chunk_size = chunk_size or self.cfg.pools.chunk_size

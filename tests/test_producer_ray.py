@@ -56,7 +56,15 @@ def _records(cache):
 @pytest.fixture(scope="module")
 def clean_run(ray_session, tiny, shards, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache_clean"))
-    report = run_producer(_cfg(tiny), [shards], cache, report_path=os.path.join(cache, "reports", "run.json"))
+    in_flight = []
+
+    def watch(kind, run, job, payload):  # chunks between the stages, per shard, at every event
+        if job is not None:
+            in_flight.append(len(job.pending))
+
+    report = run_producer(_cfg(tiny), [shards], cache, report_path=os.path.join(cache, "reports", "run.json"),
+                          on_event=watch)
+    report["max_in_flight_seen"] = max(in_flight)
     return cache, report
 
 
@@ -65,6 +73,7 @@ def test_end_to_end_cache_is_read_by_the_loader(clean_run):
     assert report["shards"] == {"total": 2, "committed": 2, "skipped_already_committed": 0, "failed": 0,
                                 "retried_attempts": 0}
     assert report["samples"] == {"seen": 2 * PER_SHARD, "written": 2 * PER_SHARD, "dropped": 0}
+    assert report["max_in_flight_seen"] <= 1  # pools.max_chunks_in_flight: memory stays bounded
     assert sum(report["buckets"].values()) == 2 * PER_SHARD
     assert os.path.isfile(os.path.join(cache, "reports", "run.json"))
     assert "bucket (w x h)" in open(os.path.join(cache, "reports", "run.txt")).read()
