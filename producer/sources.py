@@ -35,6 +35,7 @@ class ShardSpec:
     path: str  # the tar/parquet file, or the folder
     work_unit: str
     files: tuple = ()  # folder shards: the image files (relative to path) in this slice
+    key_prefix: str = ""  # folder shards: the folder relative to its input root (keys are prefix/stem)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _dir_specs(root: str, options: SourceOptions) -> list[ShardSpec]:
         for i in range(0, len(images), options.folder_shard_size):
             part = i // options.folder_shard_size
             specs.append(ShardSpec("folder", d, work_unit_name(f"{rel_dir}/part-{part:05d}"),
-                                   tuple(images[i : i + options.folder_shard_size])))
+                                   tuple(images[i : i + options.folder_shard_size]), posixpath.normpath(rel_dir)))
     if not specs:
         raise ValueError(f"input directory {root!r} holds no tar, parquet or image files")
     return specs
@@ -141,7 +142,7 @@ def iter_shard(spec: ShardSpec, options: SourceOptions | None = None) -> Iterato
     if spec.kind == "parquet":
         return iter_parquet(spec.path, options, source=spec.work_unit)
     if spec.kind == "folder":
-        return iter_folder(spec.path, spec.files, options, source=spec.work_unit)
+        return iter_folder(spec.path, spec.files, options, source=spec.work_unit, key_prefix=spec.key_prefix)
     raise ValueError(f"unknown shard kind {spec.kind!r}")
 
 
@@ -279,11 +280,12 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "") -> Iterato
 
 # --------------------------------------------------------------------------- image folder
 
-def iter_folder(folder: str, files: tuple, options: SourceOptions, source: str = "") -> Iterator[RawSample | BadRecord]:
-    """Images with `stem.txt` caption sidecars (and optional `stem.json` metadata)."""
+def iter_folder(folder: str, files: tuple, options: SourceOptions, source: str = "",
+                key_prefix: str = "") -> Iterator[RawSample | BadRecord]:
+    """Images with `stem.txt` caption sidecars (and optional `stem.json` metadata); key = prefix/stem."""
     for name in files:
         stem = os.path.splitext(name)[0]
-        key = f"{source}/{stem}"
+        key = f"{key_prefix}/{stem}" if key_prefix else stem
         p = os.path.join(folder, name)
         try:
             size = os.path.getsize(p)

@@ -258,6 +258,7 @@ def test_parquet_and_folder_sources(tmp_path, tiny_dir):
     kept, drops, _ = _run_filters(cfg, load_tokenizer(tiny_dir), specs)
     assert dict(drops) == {"broken_shard": 1, "broken_file": 1, "caption_missing": 1}
     assert len(kept) == 4
+    assert sorted(s.key for s in kept if s.source != specs[0].work_unit) == ["folder/img0", "folder/img1"]
     pq_meta = [s.meta["source_meta"] for s in kept if s.source == specs[0].work_unit]
     assert [m["url"] for m in pq_meta] == ["http://a", "http://b"]
 

@@ -52,3 +52,16 @@ def test_bad_values_name_their_key(override, key):
 def test_null_disables_a_filter():
     cfg = load_config(None, ["filters.min_clarity=null", "filters.max_texture=null"])
     assert cfg.filters.min_clarity is None and cfg.filters.max_texture is None
+
+
+def test_cli_refuses_bad_config_before_starting_ray(tmp_path, capsys):
+    from producer.__main__ import main
+
+    args = ["--input", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    assert main(args + ["--encoders", str(tmp_path), "--set", "filters.min_sid=3"]) == 2
+    assert "filters.min_sid: unknown key" in capsys.readouterr().err
+    assert main(args + ["--encoders", str(tmp_path), "--cpu-actors", "0"]) == 2
+    assert "pools.cpu_actors" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "encoders.dir: required" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
