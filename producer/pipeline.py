@@ -46,8 +46,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         ray.init(address=address, log_to_driver=True)
     else:
         # Ray 2.60 turns token authentication on by default; a loopback-only local cluster needs none.
+        # address="local": always a new instance, never a `ray start` cluster that happens to run here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 @dataclass
