@@ -20,8 +20,7 @@ import time
 import pytest
 
 from launch.local_slurm import LocalSlurm, SlurmUnavailable, install_system_packages
-
-pytestmark = pytest.mark.slow
+from launch.slurm.torchrun_slurm import SlurmEnvError, slurm_rendezvous, torchrun_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(os.path.join(REPO, ".venv", "bin", "python")) \
@@ -76,6 +75,28 @@ def _train_env(**extra) -> dict:
     return {"OMP_NUM_THREADS": "1", "SHUTDOWN_TIMEOUT": "50", "PYTHON": PYTHON, **extra}
 
 
+def test_rendezvous_is_derived_from_the_slurm_environment(cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", cluster.conf_path)  # scontrol resolves host lists and node addresses
+    env = {"SLURM_JOB_NODELIST": "node[1-3]", "SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_ID": "12345"}
+    r = slurm_rendezvous(env)
+    assert (r.hosts, r.master_addr, r.master_port, r.nnodes, r.node_rank) == \
+        (("node1", "node2", "node3"), "127.0.0.1", 22345, 3, 2)  # node1's NodeAddr in the generated slurm.conf
+    # Inside a step, the step's own node list and count win; MASTER_PORT overrides the derived port.
+    r = slurm_rendezvous({**env, "SLURM_STEP_NODELIST": "node[2-3]", "SLURM_STEP_NUM_NODES": "2",
+                          "SLURM_NODEID": "0", "MASTER_PORT": "29999"})
+    assert (r.hosts, r.nnodes, r.node_rank, r.master_port) == (("node2", "node3"), 2, 0, 29999)
+    argv = torchrun_argv(r, 8, ["-m", "consumer.train"], shutdown_timeout=90, python="py")
+    assert argv == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "8",
+                    "--master-addr", "127.0.0.1", "--master-port", "29999", "--shutdown-timeout", "90",
+                    "-m", "consumer.train"]
+    for bad, msg in (({}, "SLURM_JOB_NODELIST not set"), ({**env, "SLURM_JOB_NUM_NODES": "2"}, "has 3 hosts"),
+                     ({**env, "SLURM_NODEID": "3"}, "SLURM_NODEID=3 outside 0..2"),
+                     ({**env, "SLURM_JOB_ID": "x"}, "SLURM_JOB_ID='x' is not an integer")):
+        with pytest.raises(SlurmEnvError, match=re.escape(msg)):
+            slurm_rendezvous(bad)
+
+
+@pytest.mark.slow
 def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_completion(cluster, tmp_path):
     ckpt, out = tmp_path / "ckpt", str(tmp_path / "train.out")
     iters = 40
@@ -129,6 +150,7 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
     assert '"step": %d' % iters in (ckpt / f"iter_{iters:07d}" / "complete.json").read_text()
 
 
+@pytest.mark.slow
 def test_producer_and_streaming_consumer_jobs_share_one_cache(cluster, tmp_path):
     from megatron_qwen_image.cache import CacheReader
     from megatron_qwen_image.cache.manifest import ensure_layout

@@ -6,7 +6,7 @@ the same rendezvous from the same inputs, so nothing is exchanged before torchru
 - master: the first host of the step's node list (`SLURM_STEP_NODELIST`, which is `SLURM_JOB_NODELIST`
   when the step spans the whole allocation, as the batch scripts' steps do) at its SLURM address
   (launch/slurm/allocation.py: the same rule picks the producer's Ray head);
-- port: `MASTER_PORT` if set, else 15000 + job id mod 20000 (the same on every node, and the same again
+- port: `MASTER_PORT` if set, else 20000 + job id mod 10000 (the same on every node, and the same again
   when a requeued job restarts);
 - nnodes: the step's node count (`SLURM_STEP_NUM_NODES`, else `SLURM_JOB_NUM_NODES`); node rank: `SLURM_NODEID` (0 on the master);
 - processes per node: `--nproc-per-node`, default `SLURM_GPUS_ON_NODE`, else 1.
@@ -63,7 +63,7 @@ def slurm_rendezvous(env: dict | None = None) -> Rendezvous:
     if env.get("MASTER_PORT"):
         port = _int_env(env, "MASTER_PORT")
     else:
-        port = 15000 + _int_env(env, "SLURM_JOB_ID", "SLURM_JOBID") % 20000
+        port = 20000 + _int_env(env, "SLURM_JOB_ID", "SLURM_JOBID") % 10000
     master_addr = env.get("MASTER_ADDR") or node_address(hosts[0])
     return Rendezvous(master_addr=master_addr, master_port=port, nnodes=nnodes, node_rank=node_rank,
                       hosts=tuple(hosts))
