@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     time.sleep(1)
     with open(pids_path) as f:
         pids = json.load(f)
-    for name in sorted(pids, key=lambda n: ("slurmctld" in n, "munged" in n)):  # slurmds, then ctld, then munged
+    for name in [n for n in pids if n.startswith("slurmd-")] + ["slurmctld", "munged"]:
         if name in pids:
             try:
                 os.kill(pids[name], signal.SIGTERM)
