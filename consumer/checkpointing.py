@@ -404,7 +404,7 @@ class Checkpointer:
 
     def _restore_data_position(self, state, saved: Optional[dict]) -> None:
         it = state.data_iterator
-        if saved is None or saved.get("states") is None:
+        if not saved or not saved.get("states"):
             _log("the checkpoint holds no data-iterator position: the data starts from the beginning")
             return
         if not hasattr(it, "load_state_dict"):
@@ -414,7 +414,11 @@ class Checkpointer:
         states = saved["states"]
         # Same DP size: each rank continues its own stream. Otherwise the loaders' positions are global
         # (they all describe the same global batch sequence), so DP rank 0's serves every rank.
-        it.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
+        mine = states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0]
+        if mine is None:
+            _log("the checkpoint's data iterator had no state_dict(): the data starts from the beginning")
+            return
+        it.load_state_dict(mine)
 
     # -------------------------------------------------------------- saving
     def maybe_save(self, state) -> bool:

@@ -90,16 +90,23 @@ def test_save_layout_keep_last_and_latest(run):
     assert sorted(run["losses"]) == list(range(1, STEPS + 1))
 
 
-def test_resume_reproduces_the_uninterrupted_losses(run):
+@pytest.fixture(scope="module")
+def exact(run):
+    """Resume the reference's step-4 checkpoint at the same layout (TP=2) through the worker, which also
+    records the model's output on fixed inputs right after the load (the reference for the other layouts)."""
+    ranks, probes = _worker(run, "exact", 2, f"load={run['root'] / 'iter_0000004'}")
+    return {"ranks": ranks, "probe_step4": probes["load"]}
+
+
+def test_resume_reproduces_the_uninterrupted_losses(run, exact):
     """Load step 4 (model, distributed optimizer, LR schedule, RNG, cache-loader position) and train 4 more."""
-    (r0, r1), probes = _worker(run, "exact", 2, f"load={run['root'] / 'iter_0000004'}")
+    r0, r1 = exact["ranks"]
     assert r0["loaded_step"] == 4 and (r0["tp"], r0["dp"]) == (2, 1)
     resumed = {int(k): v for k, v in r0["losses"].items()}
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
         assert abs(loss - run["losses"][step]) <= 1e-6, (step, loss, run["losses"][step])
     assert r0["losses"] == r1["losses"]
-    run["probe_tp2_step4"] = probes["load"]
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(run):
@@ -156,15 +163,13 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
     assert "checkpointing.py\", line" not in out and "consumer/train.py\", line" not in out, out[-5000:]
 
 
-def test_reshard_tp2_to_tp1_and_back_to_tp2(run):
+def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
     """TP=2 step-4 checkpoint -> TP=1 (1 process): same outputs, steps 5-6, save at 6 -> TP=2: steps 7-8."""
-    if "probe_tp2_step4" not in run:
-        pytest.skip("needs test_resume_reproduces_the_uninterrupted_losses")
     tp1_root = run["tmp"] / "tp1"
     (r,), probes = _worker(run, "tp1", 1, "tensor_model_parallel_size=1", f"load={run['root'] / 'iter_0000004'}",
                            f"save={tp1_root}", "save_interval=2", stop_at=6)
     assert r["loaded_step"] == 4 and (r["tp"], r["dp"]) == (1, 1)
-    assert _rel(probes["load"], run["probe_tp2_step4"]) <= 1e-5
+    assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in r["losses"].items():
         assert abs(loss - run["losses"][int(step)]) <= 1e-5 * abs(run["losses"][int(step)]), step
     assert sorted(int(s) for s in r["losses"]) == [5, 6]
@@ -177,21 +182,17 @@ def test_reshard_tp2_to_tp1_and_back_to_tp2(run):
         assert abs(loss - run["losses"][int(step)]) <= 1e-5 * abs(run["losses"][int(step)]), step
 
 
-def test_reshard_tp2dp1_to_tp2dp2_with_distributed_optimizer(run):
-    if "probe_tp2_step4" not in run:
-        pytest.skip("needs test_resume_reproduces_the_uninterrupted_losses")
+def test_reshard_tp2dp1_to_tp2dp2_with_distributed_optimizer(run, exact):
     ranks, probes = _worker(run, "dp2", 4, f"load={run['root'] / 'iter_0000004'}", stop_at=6)
     assert len(ranks) == 4 and all((r["tp"], r["dp"]) == (2, 2) and r["loaded_step"] == 4 for r in ranks)
-    assert _rel(probes["load"], run["probe_tp2_step4"]) <= 1e-5
+    assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in ranks[0]["losses"].items():
         assert abs(loss - run["losses"][int(step)]) <= 1e-5 * abs(run["losses"][int(step)]), step
     assert sorted(int(s) for s in ranks[0]["losses"]) == [5, 6]
 
 
-def test_export_of_a_training_checkpoint_loads_in_diffusers(run):
+def test_export_of_a_training_checkpoint_loads_in_diffusers(run, exact):
     """export-diffusers of the TP=2 step-4 checkpoint: diffusers' model gives the probe output of our model."""
-    if "probe_tp2_step4" not in run:
-        pytest.skip("needs test_resume_reproduces_the_uninterrupted_losses")
     from diffusers import QwenImageTransformer2DModel
 
     from megatron_qwen_image.convert.exporter import export_diffusers
@@ -202,4 +203,4 @@ def test_export_of_a_training_checkpoint_loads_in_diffusers(run):
     model = QwenImageTransformer2DModel.from_pretrained(str(out)).eval()
     with torch.no_grad():
         ref = diffusers_forward(model, make_inputs(2, 4, 6, [7, 3], seed=11))
-    assert _rel(run["probe_tp2_step4"], ref) <= 1e-5
+    assert _rel(exact["probe_step4"], ref) <= 1e-5
