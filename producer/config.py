@@ -107,6 +107,7 @@ class PoolConfig:
     encoder_num_cpus: float = 1.0
     encoder_num_gpus: float | str = "auto"  # auto: 1 when the cluster has GPUs, else 0
     threads_per_actor: int = 1  # torch / BLAS threads inside each actor
+    cpu_shards_per_actor: int = 2  # shards given to a CPU actor at once (the 2nd queues: no idle gap between)
     chunk_size: int = 16  # samples per message from a CPU actor to an encoder actor
     max_chunks_in_flight: int = 4  # per shard: produced but not yet encoded (bounds memory)
     max_restarts: int = 3  # Ray restarts of a dead actor
@@ -270,6 +271,7 @@ def validate(cfg: ProducerConfig) -> None:
         "filters.max_pixels": f.max_pixels, "filters.stats_side": f.stats_side, "filters.min_side": f.min_side,
         "pools.chunk_size": cfg.pools.chunk_size, "pools.max_chunks_in_flight": cfg.pools.max_chunks_in_flight,
         "pools.max_shard_attempts": cfg.pools.max_shard_attempts, "pools.threads_per_actor": cfg.pools.threads_per_actor,
+        "pools.cpu_shards_per_actor": cfg.pools.cpu_shards_per_actor,
         "encoders.text_batch_size": cfg.encoders.text_batch_size, "encoders.vae_batch_size": cfg.encoders.vae_batch_size,
         "sources.folder_shard_size": cfg.sources.folder_shard_size, "sources.max_member_bytes": cfg.sources.max_member_bytes,
         "sources.parquet_batch_rows": cfg.sources.parquet_batch_rows,

@@ -318,15 +318,20 @@ class ProducerRun:
         return live
 
     def _schedule(self, queue: deque, active: dict) -> None:
-        busy = {ActorPool.aid(j.cpu) for j in active.values()}
+        """Give queued shards to CPU actors with fewer than `cpu_shards_per_actor` shards (the least busy
+        first). A second shard waits in the actor's own queue and starts the moment the first one ends, so
+        the actor never idles while the driver notices the end and submits the next."""
+        limit = self.cfg.pools.cpu_shards_per_actor
+        busy = Counter(ActorPool.aid(j.cpu) for j in active.values())
         while queue:
-            cpu = next((a for a in self.cpu_pool.ready if ActorPool.aid(a) not in busy), None)
+            free = [a for a in self.cpu_pool.ready if busy[ActorPool.aid(a)] < limit]
             enc = self.enc_pool.least_loaded()
-            if cpu is None or enc is None:
+            if not free or enc is None:
                 return
+            cpu = min(free, key=lambda a: busy[ActorPool.aid(a)])
             spec, attempt = queue.popleft()
             active[spec.work_unit] = self._start(spec, attempt, cpu, enc)
-            busy.add(ActorPool.aid(cpu))
+            busy[ActorPool.aid(cpu)] += 1
             self._event("shard_started", active[spec.work_unit])
 
     def _waitables(self, active: dict):

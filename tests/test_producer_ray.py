@@ -150,7 +150,7 @@ def test_bad_input_dropped_and_counted_without_crash(ray_session, tiny, tmp_path
                       if not os.path.join(d, f).startswith(str(cache)))
 
     before = snapshot()
-    report = run_producer(_cfg(tiny, *BAD_INPUT_OVERRIDES, "pools.cpu_actors=1:2", "pools.scale_interval_s=0.5"),
+    report = run_producer(_cfg(tiny, *BAD_INPUT_OVERRIDES, "pools.cpu_actors=1:2", "pools.cpu_shards_per_actor=1", "pools.scale_interval_s=0.5"),
                           [str(raw)], str(cache))
     assert report["run"]["cpu_actors"] == [1, 2] and report["run"]["peak_actors"]["cpu"] == 2
     assert report["shards"]["failed"] == 0 and report["shards"]["retried_attempts"] == 0, "an actor crashed"
