@@ -88,7 +88,10 @@ def build_data_iterator(cfg: TrainConfig, ctx: ParallelContext) -> Iterator[dict
 
         return BucketedLoader(cfg.cache_dir, global_batch_size=cfg.global_batch_size, dp_rank=ctx.dp_rank,
                               dp_size=ctx.dp_size, seed=cfg.seed, streaming=cfg.cache_streaming,
-                              prefetch=cfg.cache_prefetch)
+                              prefetch=cfg.cache_prefetch,
+                              # Keep the stored dtype (bf16 by default): the train step casts on the device,
+                              # which is exact (bf16 -> fp32) and moves half the bytes through host memory.
+                              output_dtype=None)
     from consumer.synthetic_data import SyntheticLatentBatches
 
     if ctx.is_main:
