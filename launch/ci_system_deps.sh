@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Install the Debian packages the launch tests need (a real single-node SLURM: slurm-wlm, slurmd,
-# slurmctld, munge). Idempotent: a quick no-op when they are already installed. Needs root (or sudo)
+# Install the Debian packages the tests need: a real single-node SLURM (slurm-wlm, slurmd, slurmctld,
+# munge) for the launch tests, and the fonts the synthetic text renderer uses (DejaVu for Latin,
+# WenQuanYi Micro Hei for Chinese; without it the Chinese samples are skipped with a warning). Idempotent: a quick no-op when they are already installed. Needs root (or sudo)
 # and a reachable Debian mirror; when neither is there it says so and exits 0, and the SLURM tests
 # skip with that reason printed (they never silently pass).
 #
 #   launch/ci_system_deps.sh          # from .ci/run or `make test`
 set -uo pipefail
 
-PACKAGES=(slurm-wlm slurmd slurmctld munge)
+PACKAGES=(slurm-wlm slurmd slurmctld munge fonts-dejavu-core fonts-wqy-microhei)
+FONTS=(/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/truetype/wqy/wqy-microhei.ttc)
 BINARIES=(sbatch slurmctld slurmd munged scontrol)
 
 have_all() {
     local b
     for b in "${BINARIES[@]}"; do command -v "$b" >/dev/null 2>&1 || return 1; done
+    for f in "${FONTS[@]}"; do [ -e "$f" ] || return 1; done
     return 0
 }
 
