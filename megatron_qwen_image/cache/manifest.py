@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .format import (CACHE_FILE, ENTRY_DIGITS, MANIFEST_DIR, SEALED_FILE, TMP_DIR, WORKUNITS_DIR,
                      CacheFormatError, check_version, new_cache_file_content, parse_bucket_name,
                      read_cache_file)
-from .fsutil import atomic_replace, create_exclusive, fsync_dir, link_exclusive, unique_tmp_name, write_durable
+from ..fsutil import atomic_replace, create_exclusive, fsync_dir, link_exclusive, unique_tmp_name, write_durable
 
 
 def entry_path(root: str, seq: int) -> str:

@@ -31,7 +31,7 @@ from . import manifest
 from .buckets import ASPECT_RATIOS, bucket_of_latent, buckets_for_base
 from .format import (FORMAT_VERSION, TMP_DIR, CacheFormatError, bucket_dir, bucket_name, file_crc32,
                      sample_crc, shard_schema, storage_dtype, tensor_to_numpy, work_unit_id)
-from .fsutil import fsync_dir, fsync_file
+from ..fsutil import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 

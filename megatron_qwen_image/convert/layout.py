@@ -25,6 +25,8 @@ import re
 import shutil
 from typing import Optional
 
+from megatron_qwen_image.fsutil import atomic_replace
+
 FORMAT = "megatron-qwen-image-checkpoint"
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
@@ -56,23 +58,10 @@ def read_marker(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` to `path` so that readers see either the old or the new content, never a mix."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    path = os.path.abspath(path)
+    atomic_replace(path, text.encode(), tmp_dir=os.path.dirname(path))
 
 
 def mark_complete(ckpt_dir: str, info: dict) -> None:
