@@ -313,11 +313,23 @@ PartitionName=urgent Nodes={nodelist} Default=NO MaxTime=INFINITE State=UP Prior
         """SLURM holds a requeued batch job about two minutes (Reason=BeginTime) before it may start again;
         make it eligible now (tests do not wait those minutes; clusters normally do). First wait until the
         previous run's step daemons are gone: slurmd refuses to launch a job id it still runs ("already
-        running"), which fails the job."""
+        running"), which fails the launch."""
         deadline = time.time() + timeout
         while self.job_steps_alive(job_id) and time.time() < deadline:
             time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env, check=True,
+        self.kick_pending(job_id)
+
+    def kick_pending(self, job_id: str) -> None:
+        """If the job is PENDING with no step daemons left, make it start now. Call it while waiting for a
+        requeued job: a launch that still raced the previous run's teardown leaves the job requeued *held*
+        (Reason=launch_failed_requeued_held, Priority=0), and a requeue that finishes late resets its begin
+        time; both would otherwise leave the job waiting far longer than any test does."""
+        rec = self.job(job_id)
+        if rec.get("JobState") != "PENDING" or self.job_steps_alive(job_id):
+            return
+        if "held" in rec.get("Reason", "").lower() or rec.get("Priority") == "0":
+            subprocess.run(["scontrol", "release", str(job_id)], env=self.env, capture_output=True, timeout=10)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
                        capture_output=True, timeout=10)
 
     def squeue(self) -> list[str]:

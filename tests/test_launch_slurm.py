@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from launch.local_slurm import LocalSlurm, SlurmUnavailable, install_system_packages
+from launch.local_slurm import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, install_system_packages
 from launch.slurm.torchrun_slurm import SlurmEnvError, slurm_rendezvous, torchrun_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,14 +57,16 @@ def _runs(log: str, job: str) -> list[str]:
     return re.split(rf"\[train\.sbatch\] job {job} run \d+ on", log)[1:]
 
 
-def _wait_for(pred, timeout: float, what: str, log_path=None):
+def _wait_for(pred, timeout: float, what: str, log_path=None, job_record=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         v = pred()
         if v:
             return v
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{_read(log_path)[-6000:] if log_path else ''}")
+    record = f"\njob record: {job_record()}" if job_record else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{record}\n"
+                         f"{_read(log_path)[-6000:] if log_path else ''}")
 
 
 def _steps(run_log: str) -> list[int]:
@@ -117,15 +119,17 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
     cluster.release_requeue_hold(job)
 
     # Run 2: the time-limit warning (what --signal=B:USR1@300 delivers before the limit).
-    _wait_for(lambda: len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1]), 240,
-              "run 2 to train a step", out)
+    _wait_for(lambda: cluster.kick_pending(job) or (len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1])),
+              240, "run 2 to train a step", out, lambda: cluster.job(job))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=10)
     rec = cluster.wait(job, 120, states={"PENDING"})
     assert rec["Restarts"] == "2", rec
     cluster.release_requeue_hold(job)
 
     # Run 3: to the end.
-    rec = cluster.wait(job, 300)
+    _wait_for(lambda: cluster.kick_pending(job) or cluster.job(job).get("JobState") in TERMINAL_STATES, 300,
+              "run 3 to finish", out, lambda: cluster.job(job))
+    rec = cluster.job(job)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, log[-6000:])
     runs = _runs(log, job)
