@@ -195,6 +195,8 @@ def _pool_size(value, key: str) -> PoolSize:
         lo, hi = value.min, value.max
     elif isinstance(value, int) and not isinstance(value, bool):
         lo = hi = value
+    elif isinstance(value, str) and value.strip().isdigit():  # "4" from the command line (--cpu-actors 4)
+        lo = hi = int(value)
     elif isinstance(value, str) and _POOL_RANGE.match(value):
         lo, hi = (int(x) for x in value.split(":"))
     elif isinstance(value, dict) and set(value) <= {"min", "max"} and "max" in value:

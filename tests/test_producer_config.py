@@ -19,6 +19,13 @@ def test_pool_sizes_fixed_or_autoscaling(value, expected):
     assert load_config(None, [f"pools.cpu_actors={value}"]).pools.cpu_actors == expected
 
 
+@pytest.mark.parametrize("flag, expected", [("3", PoolSize(3, 3)), ("2:6", PoolSize(2, 6))])
+def test_pool_size_flags_take_counts_and_ranges(flag, expected):
+    # what argparse hands over for `--cpu-actors 3` / `--encoder-actors 2:6`: strings
+    cfg = load_config(None, None, {"pools.cpu_actors": flag, "pools.encoder_actors": flag})
+    assert cfg.pools.cpu_actors == expected and cfg.pools.encoder_actors == expected
+
+
 def test_yaml_has_no_base60_numbers():
     assert yaml_load("a: 1:4\nb: 1e-3\nc: 12") == {"a": "1:4", "b": 0.001, "c": 12}
 
