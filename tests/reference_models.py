@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import torch
+
+from tests.torchrun import free_port
 
 TINY_DIFFUSERS_CONFIG = dict(
     patch_size=2,
@@ -90,12 +91,6 @@ def diffusers_forward(model, inputs) -> torch.Tensor:
         img_shapes=[[tuple(s)] for s in inputs["img_shapes"]],
         return_dict=False,
     )[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,15 +16,10 @@ import urllib.request
 import pytest
 
 from launch.ray.submit_producer import SubmitError, load_runtime_env, producer_entrypoint
+from tests.torchrun import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def ray_head():
         pytest.skip(f"ray CLI not found next to {sys.executable}")
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    port, dash, client = _free_port(), _free_port(), _free_port()
+    port, dash, client = free_port(), free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="mqi-rayjob-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log = open(os.path.join(tmp, "head.log"), "w")
     proc = subprocess.Popen([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
