@@ -1,6 +1,6 @@
 """Producer benchmark (issue 4): the CPU stage's filter overhead and how the CPU pool scales.
 
-    python -m benchmarks.bench_producer [--images 160] [--repeats 3] [--base 640]
+    python -m benchmarks.bench_producer [--images 160] [--repeats 3] [--base 640] [--shards 32]
 
 1. Filter overhead, on the same in-memory JPEGs (photo-like, 800x600 .. 1280x960) in one process, one
    thread, best of --repeats interleaved runs, timed in process CPU seconds (wall time is also recorded;
@@ -15,10 +15,13 @@
 2. CPU-pool scaling on a local Ray: the same shards through 1 and then 2 CPU actors (num_cpus=1 each),
    samples/s from submit until every chunk exists (the driver does not fetch images). Encoders are not
    involved (on 2 cores they would compete for the same CPUs). Goal: 2 actors / 1 actor >= 1.8.
+   Side by side, the same shards through 1 and 2 plain processes running the same CpuWorker code without
+   Ray (a shared queue hands out shards): the ratio this machine allows, before any Ray overhead.
    Also recorded: each actor's CPU utilisation, how busy the whole machine was and how many cores other
    processes took meanwhile (/proc/stat), and the ratio normalised by CPU cost per sample (what it would
    be with a whole core per actor) — on a shared 2-core machine other jobs take part of the cores.
-   Also each actor's end-of-run idle time: shards are indivisible, so with 16 shards (~0.5 s each) the
+   The default config's chunk size (pools.chunk_size) and 20 samples per shard, --shards of them.
+   Also each actor's end-of-run idle time: shards are indivisible, so with 32 shards (~0.45 s each) the
    actor that finishes its last shard first waits for the other; that tail is part of the measured
    ratio (a short run shows it, a long run amortises it) and is recorded, with the ratio over the
    actors' mean finishing time, so it is not mistaken for per-chunk overhead.
@@ -127,16 +130,48 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(vals) - idle, sum(vals)
 
 
-def bench_scaling(n: int, base: int, tiny_dir: str, shards: int = 16) -> dict:
+def _plain_process(cfg, specs, todo, barrier, done) -> None:
+    """One process of the no-Ray baseline: the CPU actor's own code, shards taken from a shared queue."""
+    from producer.workers import CpuWorker
+
+    worker = CpuWorker(cfg)
+    for _ in worker.process_shard(specs[0]):  # warm-up, as the actors get
+        pass
+    barrier.wait()
+    t0 = time.perf_counter()
+    for i in iter(todo.get, None):  # None: no shards left
+        for _ in worker.process_shard(specs[i]):
+            pass
+    done.put(time.perf_counter() - t0)
+
+
+def plain_process_rate(cfg, specs, n_procs: int, samples: int) -> float:
+    """Samples/s of `n_procs` plain processes (no Ray) running CpuWorker.process_shard over `specs`, each
+    taking the next shard when it finishes one; timed from a common start until the last one ends."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    todo, done, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n_procs)
+    for i in [*range(len(specs)), *[None] * n_procs]:
+        todo.put(i)
+    procs = [ctx.Process(target=_plain_process, args=(cfg, specs, todo, barrier, done)) for _ in range(n_procs)]
+    for pr in procs:
+        pr.start()
+    elapsed = max(done.get(timeout=600) for _ in procs)
+    for pr in procs:
+        pr.join()
+    return samples / elapsed
+
+
+def bench_scaling(per: int, shards: int, base: int, tiny_dir: str, repeats: int = 3) -> dict:
     import ray
 
     from producer.config import load_config
-    from producer.pipeline import init_ray
+    from producer.pipeline import init_ray, shards_per_cpu_actor
     from producer.sources import discover_shards
     from producer.workers import CpuWorker
 
     tmp = tempfile.mkdtemp(prefix="bench_producer_")
-    per = max(1, n // shards)
     datas = photo_like_jpegs(per * shards, seed=1)
     import tarfile
 
@@ -148,19 +183,20 @@ def bench_scaling(n: int, base: int, tiny_dir: str, shards: int = 16) -> dict:
                     ti.size = len(payload)
                     tf.addfile(ti, io.BytesIO(payload))
     specs = discover_shards([tmp])
-    cfg = load_config(None, [f"encoders.dir={tiny_dir}", f"base_resolution={base}", "pools.chunk_size=8"])
+    cfg = load_config(None, [f"encoders.dir={tiny_dir}", f"base_resolution={base}"])
     init_ray(num_cpus=2)
     Cpu = ray.remote(num_cpus=1)(CpuWorker)
-    result = {"samples": per * shards, "shards": shards}
+    result = {"samples": per * shards, "shards": shards, "chunk_size": cfg.pools.chunk_size, "repeats": repeats}
     def drain(actors, todo) -> tuple[float, list[float]]:
-        """Run shards `todo` on `actors`, two shards per actor at a time as the producer schedules them
-        (pools.cpu_shards_per_actor). Returns (seconds until all chunks exist, per actor the seconds
+        """Run shards `todo` on `actors`, as many shards per actor at a time as the producer gives them
+        (shards_per_cpu_actor). Returns (seconds until all chunks exist, per actor the seconds
         until its last shard ended, as the driver saw it)."""
         t0 = time.perf_counter()
         queue, running, last_end = list(todo), {}, {a: 0.0 for a in actors}
         while queue or running:
             for a in actors:
-                while queue and list(running.values()).count(a) < cfg.pools.cpu_shards_per_actor:
+                while queue and list(running.values()).count(a) < shards_per_cpu_actor(
+                        len(queue), len(actors), cfg.pools.cpu_shards_per_actor):
                     running[a.process_shard.options(num_returns="streaming").remote(queue.pop(0))] = a
             ready, _ = ray.wait(list(running), num_returns=1, fetch_local=False)
             for gen in ready:
@@ -170,7 +206,7 @@ def bench_scaling(n: int, base: int, tiny_dir: str, shards: int = 16) -> dict:
                     last_end[running.pop(gen)] = time.perf_counter() - t0
         return time.perf_counter() - t0, [last_end[a] for a in actors]
 
-    for n_actors in (1, 2) * 2:  # twice each, interleaved; best of two (other jobs share the cores)
+    for n_actors in (1, 2) * repeats:  # interleaved; best of `repeats` (other jobs share the cores)
         actors = [Cpu.remote(cfg) for _ in range(n_actors)]
         ray.get([a.ping.remote() for a in actors])
         drain(actors, specs[:n_actors])  # warm-up: imports, first-call costs
@@ -197,6 +233,10 @@ def bench_scaling(n: int, base: int, tiny_dir: str, shards: int = 16) -> dict:
         for a in actors:
             ray.kill(a)
     ray.shutdown()
+    for n_procs in (1, 2) * repeats:  # the same shards through plain processes: what the machine allows
+        rate = plain_process_rate(cfg, specs, n_procs, per * shards)
+        result[f"no_ray_{n_procs}_process_samples_per_s"] = max(rate, result.get(f"no_ray_{n_procs}_process_samples_per_s", 0.0))
+    result["no_ray_ratio_2_over_1"] = result["no_ray_2_process_samples_per_s"] / result["no_ray_1_process_samples_per_s"]
     result["ratio_2_over_1"] = result["2_actor_samples_per_s"] / result["1_actor_samples_per_s"]
     result["ratio_2_over_1_tail_excluded"] = (result["2_actor_samples_per_s_tail_excluded"]
                                               / result["1_actor_samples_per_s_tail_excluded"])
@@ -212,6 +252,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=160)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--base", type=int, default=640, choices=(256, 640, 1328))
+    p.add_argument("--shards", type=int, default=32, help="scaling: input shards of 20 samples each")
     p.add_argument("--only", choices=("overhead", "scaling"), default=None, help="run one part")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -227,20 +268,21 @@ def main(argv=None) -> dict:
                     [[k, v, over["ms_per_image"][k], v / over["best_s"]["decode+resize"]]
                      for k, v in over["best_s"].items()])
     if args.only in (None, "scaling"):
-        scale = bench_scaling(2 * args.images, args.base, tiny)  # many shards: little end-of-run imbalance
+        scale = bench_scaling(20, args.shards, args.base, tiny, args.repeats)  # many shards: a short end-of-run tail
         print(f"\nCPU pool on a local Ray (2 cores), {scale['samples']} samples in {scale['shards']} shards:")
         print_table(["CPU actors", "samples/s", "CPU utilisation per actor", "machine busy", "cores used by others",
-                     "end-of-run idle s per actor"],
+                     "end-of-run idle s per actor", "no Ray: samples/s"],
                     [[n, scale[f"{n}_actor_samples_per_s"], scale[f"{n}_actor_cpu_utilisation"],
                       scale[f"{n}_actor_machine_busy"], scale[f"{n}_actor_others_cores"],
-                      scale[f"{n}_actor_tail_idle_s"]] for n in (1, 2)])
+                      scale[f"{n}_actor_tail_idle_s"], scale[f"no_ray_{n}_process_samples_per_s"]] for n in (1, 2)])
     print(f"\nload average before / after: {load0[0]:.2f} / {os.getloadavg()[0]:.2f} (2 cores; other jobs skew timings)")
     if over:
         print(f"decode+filter / decode+resize = {over['ratio_filter_over_bare']:.3f}  (goal <= 1.25)")
     if scale:
         print(f"2 CPU actors / 1 actor        = {scale['ratio_2_over_1']:.3f}  (goal >= 1.8); with a whole core per "
               f"actor (CPU-normalised): {scale['ratio_2_over_1_cpu_normalised']:.3f}; without the end-of-run tail: "
-              f"{scale['ratio_2_over_1_tail_excluded']:.3f}")
+              f"{scale['ratio_2_over_1_tail_excluded']:.3f}\n"
+              f"  the same with plain processes, no Ray: {scale['no_ray_ratio_2_over_1']:.3f} (what this machine allows)")
     out = {"filter_overhead": over, "cpu_pool_scaling": scale,
            "environment": {**environment(), "load_average_before": load0, "load_average_after": os.getloadavg()},
            "wall_s": time.time() - t0,

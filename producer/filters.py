@@ -68,6 +68,26 @@ class Prepared:
     source: str
     meta: dict = field(default_factory=dict)
 
+    def __reduce__(self):
+        return _rebuild_prepared, (self.key, _row_bands(self.image), self.caption, self.source, self.meta)
+
+
+# Ray copies every pickled buffer larger than 1 MiB into its object store with 6 threads it starts for
+# that one copy (a fixed constant in its serializer). On a producer node every core is busy with CPU
+# actors, so those threads wait to be scheduled: a chunk of 640p images took ~3x longer to hand over than
+# to copy. Pixel buffers therefore travel as row bands of at most 1 MiB, copied by the calling thread.
+_MAX_BAND_BYTES = 1 << 20
+
+
+def _row_bands(image: np.ndarray) -> list[np.ndarray]:
+    image = np.ascontiguousarray(image)
+    rows = max(1, _MAX_BAND_BYTES // max(1, image.strides[0]))
+    return [image[i:i + rows] for i in range(0, image.shape[0], rows)]
+
+
+def _rebuild_prepared(key, bands, caption, source, meta) -> "Prepared":
+    return Prepared(key, bands[0] if len(bands) == 1 else np.concatenate(bands), caption, source, meta)
+
 
 class NearDuplicateIndex:
     """64-bit hashes; finds one within `max_distance` bits without a linear scan.

@@ -68,6 +68,14 @@ class _Job:
     started: float = field(default_factory=time.time)
 
 
+def shards_per_cpu_actor(queued: int, actors: int, per_actor: int) -> int:
+    """How many shards one CPU actor may hold. `per_actor` while more shards wait than there are actors
+    (the extra one waits in the actor's own queue and starts with no gap); near the end of the queue only
+    one, so the last shards go to whichever actor frees first instead of queueing behind another actor's
+    shard while this one idles (a shard is indivisible: that wait is the run's end-of-run tail)."""
+    return per_actor if queued > actors else 1
+
+
 class ActorPool:
     """Actors of one kind; an actor is usable once its `ping` (i.e. its __init__) has completed."""
 
@@ -319,11 +327,12 @@ class ProducerRun:
 
     def _schedule(self, queue: deque, active: dict) -> None:
         """Give queued shards to CPU actors with fewer than `cpu_shards_per_actor` shards (the least busy
-        first). A second shard waits in the actor's own queue and starts the moment the first one ends, so
-        the actor never idles while the driver notices the end and submits the next."""
-        limit = self.cfg.pools.cpu_shards_per_actor
+        first; one each near the end of the queue, see `shards_per_cpu_actor`). A second shard waits in the
+        actor's own queue and starts the moment the first one ends, so the actor never idles while the
+        driver notices the end and submits the next."""
         busy = Counter(ActorPool.aid(j.cpu) for j in active.values())
         while queue:
+            limit = shards_per_cpu_actor(len(queue), len(self.cpu_pool.ready), self.cfg.pools.cpu_shards_per_actor)
             free = [a for a in self.cpu_pool.ready if busy[ActorPool.aid(a)] < limit]
             enc = self.enc_pool.least_loaded()
             if not free or enc is None:

@@ -88,3 +88,30 @@ def test_model_filters_run_before_encoding(setup, tmp_path):
     assert 0 < expected < 7
     st = EncoderWorker(cfg2, str(tmp_path)).add_chunk(spec.work_unit, 0, chunks[0])
     assert st["drops"] == {"constant": expected} and st["written"] == 7 - expected
+
+
+@pytest.mark.parametrize("shape", [(1328, 1328, 3), (640, 640, 3), (480, 832, 3), (256, 256, 3)])
+def test_prepared_pixels_travel_in_bands_ray_copies_on_its_calling_thread(shape):
+    """Ray copies each pickled buffer over 1 MiB with threads it starts for that copy; a sample's pixels
+    must reach the object store as buffers of at most 1 MiB and come back bit-exact."""
+    import pickle
+
+    from producer.filters import Prepared
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    sample = Prepared("k", image, "a caption", "src", {"w": shape[1]})
+    buffers = []
+    data = pickle.dumps(sample, protocol=5, buffer_callback=buffers.append)
+    sizes = [memoryview(b).nbytes for b in buffers]
+    assert sum(sizes) == image.nbytes and max(sizes) <= 1 << 20, sizes
+    back = pickle.loads(data, buffers=buffers)
+    assert back.key == "k" and back.caption == "a caption" and back.meta == {"w": shape[1]}
+    assert back.image.shape == shape and back.image.dtype == np.uint8 and np.array_equal(back.image, image)
+
+
+def test_cpu_actors_hold_one_shard_each_near_the_end_of_the_queue():
+    from producer.pipeline import shards_per_cpu_actor
+
+    assert shards_per_cpu_actor(queued=10, actors=2, per_actor=2) == 2
+    assert shards_per_cpu_actor(queued=3, actors=2, per_actor=2) == 2
+    assert [shards_per_cpu_actor(q, 2, 2) for q in (2, 1, 0)] == [1, 1, 1]
