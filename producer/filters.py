@@ -227,6 +227,7 @@ class SampleFilter:
         digest = None
         if cfg.dedup_exact:
             digest = hashlib.blake2b(data, digest_size=16).digest()
+            info["blake2b"] = digest.hex()  # stored in meta: producer.dedup finds duplicates across shards
             if digest in self._exact:
                 return None, info, "exact_duplicate"
         try:

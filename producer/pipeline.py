@@ -48,7 +48,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # Ray 2.60 turns token authentication on by default; a loopback-only local cluster needs none.
         # address="local": always a new instance, never a `ray start` cluster that happens to run here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+        # No prestarted task workers: the producer runs only actors, which get workers of their own; idle
+        # prestarted ones still take ~0.01 core each, which the CPU actors would otherwise have.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+                 _system_config={"prestart_worker_first_driver": False})
 
 
 @dataclass

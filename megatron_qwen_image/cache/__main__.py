@@ -35,6 +35,8 @@ def cmd_inspect(args) -> int:
     print(f"  {info['entries']} manifest entries ({info['work_units']} work units, {info['duplicate_entries']} "
           f"duplicate, {len(info['corrupt_entries'])} unreadable), {info['samples']} samples, "
           f"{_fmt_bytes(info['bytes'])}")
+    if info["exclusion_list"]:
+        print(f"  exclusion list {info['exclusion_list']}: {info['excluded_samples']} samples skipped by loaders")
     print(f"  {'bucket':>11} {'latent':>12} {'shards':>7} {'samples':>9} {'bytes/sample':>13} {'dtype':>6} "
           f"{'text D':>6} {'text len min/mean/max':>22}")
     for name, b in info["buckets"].items():

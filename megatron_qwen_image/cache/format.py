@@ -37,6 +37,7 @@ SEALED_FILE = "SEALED.json"     # optional: the log is complete (num_entries)
 MANIFEST_DIR = "manifest"       # commit log: 000000000000.json, 000000000001.json, ...
 WORKUNITS_DIR = "workunits"     # hints: <work_unit_id>.json exists once that work unit is committed
 TMP_DIR = "_tmp"                # temp files of writers in progress; never read
+EXCLUSIONS_DIR = "exclusions"   # NNNNNN.json: committed samples readers skip (newest number wins)
 BUCKET_PREFIX = "bucket="
 SHARD_SUFFIX = ".arrow"
 ENTRY_DIGITS = 12

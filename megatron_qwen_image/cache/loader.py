@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .collate import BufferPool, collate
+from .exclusions import read_exclusions
 from .format import CorruptShardError, parse_bucket_name
 from .manifest import ManifestLog, ShardInfo
 from .plan import plan_epoch, plan_round, replacement_candidates, sample_ids, split_id
@@ -95,6 +96,7 @@ class BucketedLoader:
 
         self.log = ManifestLog(self.root)  # refuses unknown format versions here
         self.log.refresh()
+        self.exclusions = read_exclusions(self.root)  # the newest list; a resumed state brings its own
         self._shards: list[ShardInfo] = []
         self._entry_ranges: list[tuple[int, int]] = []  # entry k -> its shard ids [a, b)
         if streaming:
@@ -137,7 +139,7 @@ class BucketedLoader:
         return {"version": STATE_VERSION, "seed": self.seed, "global_batch_size": self.global_batch_size,
                 "base_resolution": self.base_resolution,
                 "buckets": None if self.bucket_filter is None else sorted(list(b) for b in self.bucket_filter),
-                "stream_round_samples": self.round_samples,
+                "stream_round_samples": self.round_samples, "exclusions": self.exclusions.number,
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -158,14 +160,19 @@ class BucketedLoader:
             raise ValueError("cannot resume: the state is from a streaming loader; construct with streaming=True")
         self._stop_pipeline()
         self._sync_gen = None
+        if sd.get("exclusions", 0) != self.exclusions.number:
+            # Planned with another exclusion list: keep that one, or the batch sequence would differ.
+            self.exclusions = read_exclusions(self.root, sd.get("exclusions", 0))
         self._position = pos
 
     @property
     def stats(self) -> dict:
         """Counters: batches/samples returned, corrupt shards skipped (and why), samples skipped and
-        replaced, duplicate/corrupt manifest entries, seconds waited for producers."""
+        replaced, duplicate/corrupt manifest entries, seconds waited for producers, and the exclusion
+        list in use (its number and how many samples it lists)."""
         with self._lock:
             return {**self._stats, "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
+                    "exclusion_list": self.exclusions.number, "excluded_samples": self.exclusions.num_samples,
                     "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
                     "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
 
@@ -212,8 +219,12 @@ class BucketedLoader:
         for sid in range(a, b):
             s = self._shards[sid]
             if self._wanted(s):
-                new[s.bucket].append(sample_ids(sid, s.num_samples))
-                added += s.num_samples
+                ids = sample_ids(sid, s.num_samples)
+                excluded = self.exclusions.rows.get(s.path)
+                if excluded is not None:
+                    ids = np.delete(ids, excluded[excluded < s.num_samples])
+                new[s.bucket].append(ids)
+                added += len(ids)
         return added
 
     def _wait_for_entry(self, k: int, stop: threading.Event | None) -> bool:

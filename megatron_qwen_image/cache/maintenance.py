@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .format import BUCKET_PREFIX, SHARD_SUFFIX, TMP_DIR, CorruptShardError
+from .exclusions import read_exclusions
 from .reader import CacheReader
 
 TEXT_LEN_BINS = (1, 33, 65, 129, 257, 513, 1025)
@@ -43,7 +44,9 @@ def inspect_cache(root: str, text_lengths: bool = True) -> dict:
                                            for lo, hi, c in zip(TEXT_LEN_BINS, list(TEXT_LEN_BINS[1:]) + [np.inf],
                                                                 counts)}}
     entries = r.log.entries
+    ex = read_exclusions(root)
     return {
+        "exclusion_list": ex.number, "excluded_samples": ex.num_samples,
         "root": r.root, "format_version": r.log.info["format_version"], "sealed": r.sealed,
         "entries": len(entries), "duplicate_entries": sum(e.duplicate for e in entries),
         "corrupt_entries": [e.corrupt for e in entries if e.corrupt],

@@ -151,5 +151,9 @@ class ShardFile:
                 "caption": b.rb.column("caption")[j].as_py(), "source": b.rb.column("source")[j].as_py(),
                 "meta": json.loads(b.rb.column("meta")[j].as_py())}
 
+    def column(self, name: str) -> list:
+        """One column of every row as Python values, in row order (tools: keys, meta JSON strings)."""
+        return [v for b in self.batches for v in b.rb.column(name).to_pylist()]
+
     def text_lengths(self) -> np.ndarray:
         return np.concatenate([b.lens for b in self.batches]) if self.batches else np.zeros(0, np.int32)

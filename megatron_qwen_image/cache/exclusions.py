@@ -1,0 +1,91 @@
+"""Exclusion lists: committed samples that readers skip (spec: docs/cache_format.md → Exclusions).
+
+Shard files are immutable, so a sample found to be unwanted after it was committed (a duplicate of a
+sample in another work unit, found by `python -m producer.dedup`) is not deleted; it is listed.
+
+`exclusions/NNNNNN.json` files are numbered from 1 and never modified: each is a complete list (not
+a delta), the highest number is the current one. A loader records the number it planned with, so a
+run resumed from a checkpoint keeps exactly the sample set it started with even if a newer list
+appeared meanwhile; a run started afresh takes the newest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_qwen_image.fsutil import create_exclusive
+
+from .format import EXCLUSIONS_DIR, FORMAT_NAME, TMP_DIR, CacheFormatError, check_version
+
+_NAME = re.compile(r"^(\d{6})\.json$")
+
+
+@dataclass
+class Exclusions:
+    number: int                                  # 0: no list (nothing excluded)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # shard path (relative) -> sorted row indexes
+    info: dict = field(default_factory=dict)     # what made the list (tool, reasons, counts)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(len(r) for r in self.rows.values()))
+
+
+def _path(root: str, number: int) -> str:
+    return os.path.join(root, EXCLUSIONS_DIR, f"{number:06d}.json")
+
+
+def latest_number(root: str) -> int:
+    try:
+        names = os.listdir(os.path.join(root, EXCLUSIONS_DIR))
+    except FileNotFoundError:
+        return 0
+    return max((int(m.group(1)) for m in map(_NAME.match, names) if m), default=0)
+
+
+def read_exclusions(root: str, number: int | None = None) -> Exclusions:
+    """List `number` (default: the newest; 0 or none yet: an empty list). Refuses unknown versions."""
+    number = latest_number(root) if number is None else int(number)
+    if number == 0:
+        return Exclusions(0)
+    path = _path(root, number)
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        raise CacheFormatError(f"{path}: exclusion list {number} does not exist (a loader state refers to it; "
+                               "exclusion lists are never deleted)") from None
+    except ValueError as e:
+        raise CacheFormatError(f"{path}: unreadable exclusion list: {e}") from None
+    if doc.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{path}: not a {FORMAT_NAME} exclusion list")
+    check_version(doc.get("format_version"), path)
+    rows = {p: np.unique(np.asarray(r, dtype=np.int64)) for p, r in doc["samples"].items() if r}
+    return Exclusions(number, rows, doc.get("info", {}))
+
+
+def write_exclusions(root: str, samples: dict[str, list[int]], info: dict) -> int:
+    """Publish a new complete list (shard path -> rows); returns its number. Safe against a concurrent
+    writer: each number is created exclusively, the later one simply gets the next number."""
+    os.makedirs(os.path.join(root, EXCLUSIONS_DIR), exist_ok=True)
+    doc = {"format": FORMAT_NAME, "format_version": 1, "created_unix": time.time(), "info": info,
+           "samples": {p: sorted(int(r) for r in rows) for p, rows in sorted(samples.items()) if rows}}
+    data = json.dumps(doc, indent=None, separators=(",", ":")).encode()
+    number = latest_number(root) + 1
+    while not create_exclusive(_path(root, number), data, os.path.join(root, TMP_DIR)):
+        number += 1
+    return number
+
+
+def digest(ex: Exclusions) -> str:
+    """A short fingerprint of the excluded set (tools print it; two equal sets have equal digests)."""
+    h = hashlib.sha256()
+    for p in sorted(ex.rows):
+        h.update(p.encode() + b"\0" + ex.rows[p].tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""Dedup across work units (producer.dedup) and the exclusion lists the loader honours."""
+import io
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+
+from megatron_qwen_image.cache import BucketedLoader, CacheWriter, seal
+from megatron_qwen_image.cache.exclusions import read_exclusions
+from megatron_qwen_image.cache.maintenance import inspect_cache
+from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+from producer.config import load_config
+from producer.dedup import dedup_cache, main as dedup_main
+from producer.sources import discover_shards
+from producer.synthetic import generate_shards
+from producer.workers import CpuWorker, EncoderWorker
+
+
+def write_unit(root, unit: str, samples: list[tuple[str, dict]], base=256):
+    """A work unit of 256x256 samples (latent 16x32x32) with the given (key, meta)."""
+    g = torch.Generator().manual_seed(len(unit))
+    side = base // 8
+    with CacheWriter(root, unit, base_resolution=base) as w:
+        for key, meta in samples:
+            w.add(key, torch.randn(16, side, side, generator=g), torch.randn(3, 8, generator=g), caption=key,
+                  meta=meta)
+
+
+def ph(bits: int) -> dict:
+    return {"phash": f"{bits:016x}"}
+
+
+def all_keys(root, **kw) -> list[str]:
+    """Every key of one epoch (global batch 1: no key repeats before the next epoch starts)."""
+    keys = []
+    with BucketedLoader(root, global_batch_size=1, prefetch=0, output_dtype=None, **kw) as loader:
+        for batch in loader:
+            if batch["keys"][0] in keys:
+                return keys
+            keys.append(batch["keys"][0])
+
+
+@pytest.fixture
+def cache(tmp_path):
+    root = str(tmp_path / "cache")
+    write_unit(root, "A", [("a0", {"blake2b": "aa", **ph(0x0F0F)}), ("a1", {"blake2b": "a1", **ph(0xFF00FF00)}),
+                           ("a2", {"blake2b": "a2", **ph(0x123456789ABCDEF0)})])
+    write_unit(root, "B", [("b0", {"blake2b": "a1", **ph(0x1)}),                 # same bytes as a1
+                           ("b1", {"blake2b": "b1", **ph(0x123456789ABCDEF3)}),  # 2 bits from a2
+                           ("b2", {"blake2b": "b2", **ph(0x123456789ABC0000)}),  # far from everything
+                           ("b3", {})])                                          # no hashes: never judged
+    write_unit(root, "C", [("c0", {"blake2b": "aa", **ph(0x0F0F)})], base=640)  # a0 again, another stage
+    return root
+
+
+def test_duplicates_across_work_units_are_listed_and_skipped(cache):
+    report = dedup_cache(cache, max_distance=4)
+    assert (report["exact_duplicate"], report["near_duplicate"], report["unhashed"]) == (1, 1, 1)
+    assert report["written"] and report["exclusion_list"] == 1 and report["samples"] == 8
+    assert {(e["key"], e["duplicate_of"]) for e in report["examples"]} == {("b0", "a1"), ("b1", "a2")}
+    keys = all_keys(cache, base_resolution=256)
+    assert sorted(keys) == ["a0", "a1", "a2", "b2", "b3"]
+    assert all_keys(cache, base_resolution=640) == ["c0"]  # a0's bytes, but in another stage
+    # Nothing new: nothing published.
+    again = dedup_cache(cache, max_distance=4)
+    assert not again["changed"] and again["exclusion_list"] == 1
+    assert sorted(os.listdir(os.path.join(cache, "exclusions"))) == ["000001.json"]
+    info = inspect_cache(cache)
+    assert (info["exclusion_list"], info["excluded_samples"], info["samples"]) == (1, 2, 8)
+
+
+def test_exact_only_and_dry_run(cache, capsys):
+    assert dedup_main([cache, "--max-distance", "-1", "--dry-run"]) == 0
+    assert "1 exact and 0 near duplicates" in capsys.readouterr().out
+    assert read_exclusions(cache).number == 0  # dry run published nothing
+    assert dedup_main([cache, "--json", "--max-distance", "-1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["excluded"] == 1 and read_exclusions(cache).number == 1
+
+
+def test_a_resumed_loader_keeps_the_list_it_planned_with(cache):
+    dedup_cache(cache)
+    with BucketedLoader(cache, global_batch_size=1, prefetch=0, output_dtype=None, base_resolution=256) as a:
+        next(a)
+        state = a.state_dict()
+        rest = [next(a)["keys"][0] for _ in range(4)]
+    write_unit(cache, "D", [("d0", {"blake2b": "b2"})])  # a new duplicate -> list 2
+    seal(cache)
+    assert dedup_cache(cache)["exclusion_list"] == 2
+    with BucketedLoader(cache, global_batch_size=1, prefetch=0, output_dtype=None, base_resolution=256,
+                        num_entries=3) as b:
+        assert b.exclusions.number == 2
+        b.load_state_dict(state)
+        assert b.stats["exclusion_list"] == 1
+        assert [next(b)["keys"][0] for _ in range(4)] == rest
+    assert "d0" not in all_keys(cache, base_resolution=256)
+
+
+def test_missing_list_named_by_a_state_is_an_error(cache):
+    dedup_cache(cache)
+    with BucketedLoader(cache, global_batch_size=1, prefetch=0, base_resolution=256) as a:
+        state = a.state_dict()
+    os.remove(os.path.join(cache, "exclusions", "000001.json"))
+    with BucketedLoader(cache, global_batch_size=1, prefetch=0, base_resolution=256) as b:
+        with pytest.raises(Exception, match="exclusion list 1 does not exist"):
+            b.load_state_dict(state)
+
+
+def test_producer_stores_the_hashes_dedup_needs(tmp_path):
+    """Two input shards where the second repeats an image of the first under another key: each shard
+    alone keeps it; dedup over the cache lists exactly that repeat."""
+    tiny = ensure_tiny()
+    raw = tmp_path / "raw"
+    paths = generate_shards(str(raw), num_shards=2, per_shard=4, seed=5, languages=("en",))
+    with tarfile.open(paths[0]) as tf:
+        key = tf.getmembers()[0].name.split(".", 1)[0]
+        members = {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in tf.getmembers()
+                   if m.name.split(".", 1)[0] == key}
+    with tarfile.open(paths[1], "a") as tf:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"repeat.{ext}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    cfg = load_config("configs/producer/default.yaml", [f"encoders.dir={tiny}", "latent_dtype=fp32"])
+    cache = str(tmp_path / "cache")
+    cpu, enc = CpuWorker(cfg), EncoderWorker(cfg, cache)
+    for spec in discover_shards(paths):
+        chunks = list(cpu.process_shard(spec))
+        for c in chunks:
+            enc.add_chunk(spec.work_unit, 0, c)
+        enc.commit(spec.work_unit, 0, len(chunks))
+    report = dedup_cache(cache)
+    assert report["samples"] == 9 and report["exact_duplicate"] == 1 and report["unhashed"] == 0
+    assert [(e["key"], e["duplicate_of"]) for e in report["examples"]] == [("repeat", key)]
