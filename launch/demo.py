@@ -236,6 +236,8 @@ def stage_shards(L: Layout, args, log: str) -> dict:
 
 
 def stage_producer(L: Layout, args, log: str) -> dict:
+    from megatron_qwen_image.cache.exclusions import read_exclusions
+
     # One CPU (decode + filter) actor and one encoder actor on a 2-CPU local Ray: on 2 cores the default
     # 2 + 1 actors would not all fit, and idle actors holding CPUs starve the others.
     run_command("producer", py("-m", "producer", "--input", L.shards, "--cache-dir", L.cache,
@@ -244,16 +246,22 @@ def stage_producer(L: Layout, args, log: str) -> dict:
                                "--num-cpus", "2", "--report", L.report),
                 log, args.quiet, STAGE_TIMEOUT_S["producer"])
     run_command("producer", py("-m", "megatron_qwen_image.cache", "seal", L.cache), log, args.quiet, 120)
+    # duplicates across input shards (each shard was deduplicated on its own while it was processed)
+    run_command("producer", py("-m", "producer.dedup", L.cache), log, args.quiet, 120)
     run_command("producer", py("-m", "megatron_qwen_image.cache", "inspect", L.cache), log, args.quiet, 120)
     with open(L.report) as f:
         report = json.load(f)
+    excluded = read_exclusions(L.cache)  # what producer.dedup listed: loaders skip it
+    buckets = {b: n - sum(len(r) for path, r in excluded.rows.items() if path.startswith(f"bucket={b}/"))
+               for b, n in report["buckets"].items()}
     gbs = global_batch_size()
-    full = {b: n for b, n in report["buckets"].items() if n >= gbs}
+    full = {b: n for b, n in buckets.items() if n >= gbs}
     if not full:
         raise DemoError(f"stage 'producer': no cache bucket holds a whole global batch ({gbs} samples, "
-                        f"{TRAIN_CONFIG}): {report['buckets']}; raise --samples (got {args.samples})")
+                        f"{TRAIN_CONFIG}): {buckets}; raise --samples (got {args.samples})")
     return {"samples_written": report["samples"]["written"], "samples_seen": report["samples"]["seen"],
-            "drops": report["drops"], "buckets": report["buckets"], "trainable_buckets": full}
+            "cross_shard_duplicates": excluded.num_samples, "drops": report["drops"], "buckets": buckets,
+            "trainable_buckets": full}
 
 
 def stage_train(L: Layout, args, log: str) -> dict:
@@ -432,7 +440,8 @@ def print_summary(s: dict) -> None:
         ("latent cache", o["cache"], f"{p['samples_written']} samples in {len(p['buckets'])} buckets; "
                                      f"python -m megatron_qwen_image.cache inspect {o['cache']}"),
         ("producer report", o["producer_report"], f"(+ .txt) {p['samples_seen']} seen, {p['samples_written']} "
-                                                  f"written; drops: {drops}"),
+                                                  f"written; drops: {drops}; "
+                                                  f"{p.get('cross_shard_duplicates', 0)} duplicates across shards"),
         ("training stats", o["train_stats"], f"{s['train']['steps']} steps; TensorBoard: {o['tensorboard']}"),
         ("checkpoint", ckpt, ""),
         ("loss curve", o["loss_png"], f"loss {loss['first_loss']:.3f} -> {loss['last_loss']:.3f} (mean of first/"
