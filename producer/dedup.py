@@ -23,7 +23,7 @@ from collections import Counter
 
 import numpy as np
 
-from megatron_qwen_image.cache import CacheReader
+from megatron_qwen_image.cache import CacheReader, CorruptShardError
 from megatron_qwen_image.cache.exclusions import Exclusions, digest, read_exclusions, write_exclusions
 from producer.config import FilterConfig
 from producer.filters import NearDuplicateIndex
@@ -43,22 +43,28 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
     examples: list[dict] = []  # a few (duplicate, kept) pairs for the report
     t0 = last = time.time()
     for k, info in enumerate(shards):
-        sf = reader.open(info)
+        try:
+            sf = reader.open(info)
+            rows = list(zip(sf.column("key"), sf.column("meta")))
+        except CorruptShardError as e:  # loaders skip it too; nothing of it can be kept or excluded
+            log.warning("dedup: skipping corrupt shard: %s", e)
+            counts["corrupt_shards"] += 1
+            continue
         seen_exact = exact.setdefault(info.base_resolution, {})
         index, owners = near.setdefault(info.base_resolution, (
             NearDuplicateIndex(max_distance) if max_distance is not None else None, {}))
-        for row, (key, meta_json) in enumerate(zip(sf.column("key"), sf.column("meta"))):
+        for row, (key, meta_json) in enumerate(rows):
             counts["scanned"] += 1
             meta = json.loads(meta_json or "{}")
             b2, ph = meta.get("blake2b"), meta.get("phash")
+            h = int(ph, 16) if ph is not None and index is not None else None
             if b2 is None and ph is None:
                 counts["unhashed"] += 1
                 continue
             reason, kept = None, None
             if b2 is not None and b2 in seen_exact:
                 reason, kept = "exact_duplicate", seen_exact[b2]
-            elif ph is not None and index is not None:
-                h = int(ph, 16)
+            elif h is not None:
                 match = index.find(h)
                 if match is not None:
                     reason, kept = "near_duplicate", owners[match]
@@ -71,8 +77,7 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
                 continue
             if b2 is not None:
                 seen_exact[b2] = key
-            if ph is not None and index is not None:
-                h = int(ph, 16)
+            if h is not None:
                 index.add(h)
                 owners.setdefault(h, key)
         if time.time() - last >= progress_every_s:
@@ -100,7 +105,7 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
     c = found["counts"]
     return {"cache_dir": root, "shards": c["shards"], "samples": c["scanned"],
             "exact_duplicate": c["exact_duplicate"], "near_duplicate": c["near_duplicate"],
-            "unhashed": c["unhashed"], "excluded": sum(map(len, found["samples"].values())),
+            "unhashed": c["unhashed"], "corrupt_shards": c["corrupt_shards"], "excluded": sum(map(len, found["samples"].values())),
             "max_distance": max_distance, "exclusion_list": number, "previous_list": current.number,
             "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run,
             "seconds": round(found["seconds"], 3), "examples": found["examples"]}
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
         return 0
     print(f"{report['samples']} samples in {report['shards']} shards scanned in {report['seconds']:.1f} s: "
           f"{report['exact_duplicate']} exact and {report['near_duplicate']} near duplicates across work units"
-          + (f", {report['unhashed']} without hashes (not judged)" if report["unhashed"] else ""))
+          + (f", {report['unhashed']} without hashes (not judged)" if report["unhashed"] else "")
+          + (f", {report['corrupt_shards']} corrupt shards skipped" if report["corrupt_shards"] else ""))
     for ex in report["examples"][:5]:
         print(f"  {ex['key']} ({ex['reason']}) duplicates {ex['duplicate_of']}")
     if report["dry_run"]:

@@ -134,3 +134,15 @@ def test_producer_stores_the_hashes_dedup_needs(tmp_path):
     report = dedup_cache(cache)
     assert report["samples"] == 9 and report["exact_duplicate"] == 1 and report["unhashed"] == 0
     assert [(e["key"], e["duplicate_of"]) for e in report["examples"]] == [("repeat", key)]
+
+
+def test_a_corrupt_shard_is_skipped_and_counted(cache):
+    from megatron_qwen_image.cache import CacheReader
+
+    victim = [s for s in CacheReader(cache).shards() if s.work_unit == "A"][0]
+    with open(os.path.join(cache, victim.path), "r+b") as f:
+        f.truncate(100)
+    report = dedup_cache(cache, max_distance=4)
+    assert report["corrupt_shards"] == 1
+    # a0..a2 are gone, so b0 and b1 are no longer duplicates of anything
+    assert (report["exact_duplicate"], report["near_duplicate"], report["samples"]) == (0, 0, 5)
