@@ -44,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from megatron_qwen_image.netutil import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = "configs/smoke_tp2.yaml"
 STATE_FILE = "demo_state.json"
@@ -267,7 +269,7 @@ def stage_producer(L: Layout, args, log: str) -> dict:
 def stage_train(L: Layout, args, log: str) -> dict:
     save_interval = max(1, args.steps // 2)  # a checkpoint half-way and one at the end (saved at the last step)
     cmd = py("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-             "--master-port", str(_free_port()),
+             "--master-port", str(free_port()),
              "-m", "consumer.train", "--config", TRAIN_CONFIG, "--data", "cache", "--cache-dir", L.cache,
              "--log-jsonl", L.stats, "--tensorboard-dir", L.tensorboard)
     if checkpointing_available():
@@ -316,14 +318,6 @@ def stage_keys(args) -> dict:
 def checkpointing_available() -> bool:
     """Whether this build of the consumer has checkpoints (consumer/checkpointing.py, added separately)."""
     return os.path.isfile(os.path.join(REPO, "consumer", "checkpointing.py"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_emulation
+from .netutil import free_port
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,6 @@ class ParallelContext:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: int = 30) -> ParallelContext:
     from megatron.core import parallel_state
 
@@ -56,7 +50,7 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
         init_method = "env://"
     else:  # launched without torchrun: a world of one process
         rank, world, local_rank = 0, 1, 0
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     if world % tensor_model_parallel_size:
         from .config import ConfigError
 

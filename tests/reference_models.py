@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from tests.torchrun import free_port
+from megatron_qwen_image.netutil import free_port
 
 TINY_DIFFUSERS_CONFIG = dict(
     patch_size=2,

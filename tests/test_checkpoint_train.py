@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from megatron_qwen_image.convert import layout
-from tests.torchrun import REPO, free_port, torchrun
+from megatron_qwen_image.netutil import free_port
+from tests.torchrun import REPO, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from launch.ray.submit_producer import SubmitError, load_runtime_env, producer_entrypoint
-from tests.torchrun import free_port
+from megatron_qwen_image.netutil import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -1,17 +1,12 @@
 """Launch a multi-process test under torchrun (gloo on CPU) and always clean up its processes."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 
+from megatron_qwen_image.netutil import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, target: list[str], timeout: float = 600, env: dict | None = None) -> str:
