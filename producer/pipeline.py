@@ -8,8 +8,8 @@
                          ▼
                     latent cache (CacheWriter: one work unit = one input shard, atomic and idempotent)
 
-- Each CPU actor works on one shard at a time; the shard is pinned to one encoder actor (the one with
-  the fewest open shards) because a work unit's writer lives there.
+- Shards go out largest first. Each CPU actor works on one shard at a time; the shard is pinned to one
+  encoder actor (the one with the fewest open shards) because a work unit's writer lives there.
 - Bounded memory: a shard has at most `pools.max_chunks_in_flight` chunks produced but not yet encoded;
   the generator's back-pressure pauses the CPU actor beyond that.
 - Faults: actors are created with `max_restarts`, so Ray restarts a killed actor. The shard it was
@@ -69,6 +69,13 @@ class _Job:
     commit_ref: object = None
     stats: RunStats = field(default_factory=RunStats)
     started: float = field(default_factory=time.time)
+
+
+def largest_first(specs: list[ShardSpec]) -> list[ShardSpec]:
+    """Shards in the order they are handed out: by input bytes, largest first (ties keep their order).
+    Shards are indivisible, so a run ends when the actor with the last big shard finishes; with the
+    small ones last (longest-processing-time-first), the actors finish close together."""
+    return sorted(specs, key=lambda s: -s.input_bytes())
 
 
 def shards_per_cpu_actor(queued: int, actors: int, per_actor: int) -> int:
@@ -272,7 +279,7 @@ class ProducerRun:
 
         t0 = time.time()
         queue: deque = deque()
-        for spec in self.specs:
+        for spec in largest_first(self.specs):
             if CacheWriter.is_committed(self.cache_dir, spec.work_unit):
                 self.skipped.append(spec.work_unit)
             else:

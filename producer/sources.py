@@ -37,6 +37,18 @@ class ShardSpec:
     files: tuple = ()  # folder shards: the image files (relative to path) in this slice
     key_prefix: str = ""  # folder shards: the folder relative to its input root (keys are prefix/stem)
 
+    def input_bytes(self) -> int:
+        """Bytes this shard reads (its file; a folder slice: its images), 0 if they are gone: a size
+        estimate for scheduling, not a check (reading reports missing input as it should)."""
+        paths = [os.path.join(self.path, f) for f in self.files] if self.kind == "folder" else [self.path]
+        total = 0
+        for p in paths:
+            try:
+                total += os.path.getsize(p)
+            except OSError:
+                pass
+        return total
+
 
 @dataclass
 class RawSample:

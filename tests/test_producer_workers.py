@@ -1,5 +1,7 @@
 """The actors' work without Ray: chunking, encoding into the cache, and the stale-attempt guards that make
 a restarted encoder unable to commit part of a shard."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,21 @@ def test_cpu_actors_hold_one_shard_each_near_the_end_of_the_queue():
     assert shards_per_cpu_actor(queued=10, actors=2, per_actor=2) == 2
     assert shards_per_cpu_actor(queued=3, actors=2, per_actor=2) == 2
     assert [shards_per_cpu_actor(q, 2, 2) for q in (2, 1, 0)] == [1, 1, 1]
+
+
+def test_shards_are_handed_out_largest_first(tmp_path):
+    """Longest-processing-time-first: the small shards come last, so actors finish close together."""
+    from producer.pipeline import largest_first
+
+    for name, size in (("a.tar", 3000), ("b.tar", 9000), ("c.tar", 1000), ("d.tar", 9000)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    specs = discover_shards([str(tmp_path / "*.tar")])
+    assert [s.input_bytes() for s in specs] == [3000, 9000, 1000, 9000]
+    assert [os.path.basename(s.path) for s in largest_first(specs)] == ["b.tar", "d.tar", "a.tar", "c.tar"]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, size in (("x.jpg", 500), ("y.png", 700)):
+        (folder / name).write_bytes(b"\0" * size)
+        (folder / name.replace(name[-4:], ".txt")).write_text("a caption")
+    [spec] = discover_shards([str(folder)])
+    assert spec.kind == "folder" and spec.input_bytes() == 1200  # the images, not the sidecars
