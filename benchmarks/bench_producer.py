@@ -66,6 +66,21 @@ def photo_like_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def write_tar_shards(path: str, shards: int, per: int, seed: int) -> None:
+    """`shards` img2dataset-layout tars of `per` photo-like JPEGs with captions each, into `path`."""
+    import tarfile
+
+    os.makedirs(path, exist_ok=True)
+    datas = photo_like_jpegs(shards * per, seed=seed)
+    for s in range(shards):
+        with tarfile.open(os.path.join(path, f"{s:05d}.tar"), "w") as tf:
+            for i in range(per):
+                for ext, payload in (("jpg", datas[s * per + i]), ("txt", f"A photo {s}-{i} of hills.".encode())):
+                    ti = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+
+
 def bare_decode_resize(datas, base: int, draft: bool = True) -> int:
     from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
     from producer.filters import _needed_size
@@ -172,16 +187,7 @@ def bench_scaling(per: int, shards: int, base: int, tiny_dir: str, repeats: int 
     from producer.workers import CpuWorker
 
     tmp = tempfile.mkdtemp(prefix="bench_producer_")
-    datas = photo_like_jpegs(per * shards, seed=1)
-    import tarfile
-
-    for s in range(shards):
-        with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tf:
-            for i in range(per):
-                for ext, payload in (("jpg", datas[s * per + i]), ("txt", f"A photo {s}-{i} of hills.".encode())):
-                    ti = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
-                    ti.size = len(payload)
-                    tf.addfile(ti, io.BytesIO(payload))
+    write_tar_shards(tmp, shards, per, seed=1)
     specs = discover_shards([tmp])
     cfg = load_config(None, [f"encoders.dir={tiny_dir}", f"base_resolution={base}"])
     init_ray(num_cpus=2)

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 
+from benchmarks.bench_producer import write_tar_shards
 from benchmarks.common import environment, print_table, save_results
 
 
@@ -52,23 +53,6 @@ class ObjectStoreSampler(threading.Thread):
             self.peak = max(self.peak, self.used())
             self.samples += 1
             self.stop.wait(self.interval)
-
-
-def write_input(path: str, shards: int, per: int, seed: int) -> None:
-    import io
-    import tarfile
-
-    from benchmarks.bench_producer import photo_like_jpegs
-
-    os.makedirs(path, exist_ok=True)
-    datas = photo_like_jpegs(shards * per, seed=seed)
-    for s in range(shards):
-        with tarfile.open(os.path.join(path, f"{s:05d}.tar"), "w") as tf:
-            for i in range(per):
-                for ext, payload in (("jpg", datas[s * per + i]), ("txt", f"A photo {s}-{i} of hills.".encode())):
-                    ti = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
-                    ti.size = len(payload)
-                    tf.addfile(ti, io.BytesIO(payload))
 
 
 def one_run(inputs: str, tiny: str, max_in_flight: int, workdir: str) -> dict:
@@ -111,8 +95,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     try:
         small, large = os.path.join(work, "small"), os.path.join(work, "large")
-        write_input(small, 2, args.per_shard, seed=2)
-        write_input(large, 2, args.per_shard * args.scale, seed=3)
+        write_tar_shards(small, 2, args.per_shard, seed=2)
+        write_tar_shards(large, 2, args.per_shard * args.scale, seed=3)
         runs = {}
         for mode, limit in (("bounded", 2), ("unbounded", 100_000)):
             for name, path in (("small", small), ("large", large)):
