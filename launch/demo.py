@@ -254,8 +254,8 @@ def stage_producer(L: Layout, args, log: str) -> dict:
     with open(L.report) as f:
         report = json.load(f)
     excluded = read_exclusions(L.cache)  # what producer.dedup listed: loaders skip it
-    buckets = {b: n - sum(len(r) for path, r in excluded.rows.items() if path.startswith(f"bucket={b}/"))
-               for b, n in report["buckets"].items()}
+    per_bucket = excluded.by_bucket()
+    buckets = {b: n - per_bucket.get(b, 0) for b, n in report["buckets"].items()}
     gbs = global_batch_size()
     full = {b: n for b, n in buckets.items() if n >= gbs}
     if not full:

@@ -21,10 +21,8 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
-
 from megatron_qwen_image.cache import CacheReader, CorruptShardError
-from megatron_qwen_image.cache.exclusions import Exclusions, digest, read_exclusions, write_exclusions
+from megatron_qwen_image.cache.exclusions import read_exclusions, write_exclusions
 from producer.config import FilterConfig
 from producer.filters import NearDuplicateIndex
 
@@ -95,8 +93,7 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
     current one. Returns a report (counts, the list number in force, a few examples)."""
     found = find_duplicates(root, max_distance)
     current = read_exclusions(root)
-    proposed = Exclusions(0, {p: np.asarray(r, dtype=np.int64) for p, r in found["samples"].items()})
-    unchanged = digest(proposed) == digest(current)
+    unchanged = current.same_rows(found["samples"])
     number = current.number
     if not dry_run and not unchanged:
         number = write_exclusions(root, found["samples"], {
@@ -105,7 +102,8 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
     c = found["counts"]
     return {"cache_dir": root, "shards": c["shards"], "samples": c["scanned"],
             "exact_duplicate": c["exact_duplicate"], "near_duplicate": c["near_duplicate"],
-            "unhashed": c["unhashed"], "corrupt_shards": c["corrupt_shards"], "excluded": sum(map(len, found["samples"].values())),
+            "unhashed": c["unhashed"], "corrupt_shards": c["corrupt_shards"],
+            "excluded": sum(map(len, found["samples"].values())),
             "max_distance": max_distance, "exclusion_list": number, "previous_list": current.number,
             "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run,
             "seconds": round(found["seconds"], 3), "examples": found["examples"]}

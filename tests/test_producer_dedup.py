@@ -67,6 +67,7 @@ def test_duplicates_across_work_units_are_listed_and_skipped(cache):
     again = dedup_cache(cache, max_distance=4)
     assert not again["changed"] and again["exclusion_list"] == 1
     assert sorted(os.listdir(os.path.join(cache, "exclusions"))) == ["000001.json"]
+    assert read_exclusions(cache).by_bucket() == {"256x256": 2}
     info = inspect_cache(cache)
     assert (info["exclusion_list"], info["excluded_samples"], info["samples"]) == (1, 2, 8)
 

@@ -10,7 +10,6 @@ appeared meanwhile; a run started afresh takes the newest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import numpy as np
 
 from megatron_qwen_image.fsutil import create_exclusive
 
-from .format import EXCLUSIONS_DIR, FORMAT_NAME, TMP_DIR, CacheFormatError, check_version
+from .format import BUCKET_PREFIX, EXCLUSIONS_DIR, FORMAT_NAME, TMP_DIR, CacheFormatError, check_version
 
 _NAME = re.compile(r"^(\d{6})\.json$")
 
@@ -35,6 +34,19 @@ class Exclusions:
     @property
     def num_samples(self) -> int:
         return int(sum(len(r) for r in self.rows.values()))
+
+    def by_bucket(self) -> dict[str, int]:
+        """Excluded samples per bucket name ("640x480"), from the shard paths' bucket directories."""
+        out: dict[str, int] = {}
+        for path, rows in self.rows.items():
+            name = os.path.dirname(path).removeprefix(BUCKET_PREFIX)
+            out[name] = out.get(name, 0) + len(rows)
+        return out
+
+    def same_rows(self, samples: dict[str, list[int]]) -> bool:
+        """Whether `samples` (shard path -> rows) lists exactly the rows this list does."""
+        other = {p: np.unique(np.asarray(r, dtype=np.int64)) for p, r in samples.items() if len(r)}
+        return other.keys() == self.rows.keys() and all(np.array_equal(other[p], self.rows[p]) for p in other)
 
 
 def _path(root: str, number: int) -> str:
@@ -82,10 +94,3 @@ def write_exclusions(root: str, samples: dict[str, list[int]], info: dict) -> in
         number += 1
     return number
 
-
-def digest(ex: Exclusions) -> str:
-    """A short fingerprint of the excluded set (tools print it; two equal sets have equal digests)."""
-    h = hashlib.sha256()
-    for p in sorted(ex.rows):
-        h.update(p.encode() + b"\0" + ex.rows[p].tobytes())
-    return h.hexdigest()[:16]
