@@ -73,6 +73,14 @@ def _machine_cpus_and_memory() -> tuple[int, int]:
         raise SlurmUnavailable(f"`slurmd -C` did not report the machine's CPUs: {out!r}")
 
 
+def _slurm_time(value: str) -> float | None:
+    """Epoch seconds of a SLURM timestamp (local time, as slurmctld prints it); None for Unknown/None."""
+    try:
+        return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
 def parse_scontrol_record(line: str) -> dict:
     """`scontrol show job -o` prints one `Key=Value Key=Value ...` line per job; values hold no spaces
     except the trailing free-text fields, which we do not need."""
@@ -231,6 +239,10 @@ PartitionName=urgent Nodes={nodelist} Default=NO MaxTime=INFINITE State=UP Prior
                     text += f"--- {path}\n" + f.read()[-n:]
         return text or "(no log)"
 
+    def daemon_logs(self, n: int = 4000) -> str:
+        """The last `n` characters of slurmctld's and every slurmd's log: what explains a job's state."""
+        return "\n".join(self._tail(name, n) for name in ["slurmctld"] + [f"slurmd-{x}" for x in self.nodes])
+
     def node_states(self) -> dict[str, str]:
         r = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, env=self.env,
                            timeout=10)
@@ -306,27 +318,40 @@ PartitionName=urgent Nodes={nodelist} Default=NO MaxTime=INFINITE State=UP Prior
                 for f in os.listdir(os.path.join(spool, n)) if f.startswith(f"{n}_{job_id}.")]
 
     def release_requeue_hold(self, job_id: str, timeout: float = 60) -> None:
-        """SLURM holds a requeued batch job about two minutes (Reason=BeginTime) before it may start again;
-        make it eligible now (tests do not wait those minutes; clusters normally do). First wait until the
-        previous run's step daemons are gone: slurmd refuses to launch a job id it still runs ("already
-        running"), which fails the launch."""
+        """SLURM holds a requeued batch job about two minutes (Reason=BeginTime, the credential lifetime)
+        before it may start again; make it eligible as soon as that is safe (tests do not wait those
+        minutes; clusters normally do). First wait until the previous run's step daemons are gone: slurmd
+        refuses to launch a job id it still runs ("already running"), which fails the launch."""
         deadline = time.time() + timeout
         while self.job_steps_alive(job_id) and time.time() < deadline:
             time.sleep(0.2)
-        self.kick_pending(job_id)
+        while not self.kick_pending(job_id) and self.job(job_id).get("JobState") == "PENDING" \
+                and time.time() < deadline:
+            time.sleep(0.2)
 
-    def kick_pending(self, job_id: str) -> None:
-        """If the job is PENDING with no step daemons left, make it start now. Call it while waiting for a
+    # Why the hold exists: the requeue revokes the job's launch credential on the nodes as of that second,
+    # and slurmd rejects a credential created in or before the revocation's second ("Job credential
+    # revoked"), which kills the relaunched job as non-startable: FAILED, exit 1, without running.
+    # Timestamps have 1 s resolution, so a relaunch 2 s after the requeue (SubmitTime is reset to it) is safe.
+    REQUEUE_SETTLE_S = 2
+
+    def kick_pending(self, job_id: str) -> bool:
+        """If the job is PENDING, its previous run's step daemons are gone and its requeue is at least
+        REQUEUE_SETTLE_S old, make it start now; return whether it did. Call it while waiting for a
         requeued job: a launch that still raced the previous run's teardown leaves the job requeued *held*
         (Reason=launch_failed_requeued_held, Priority=0), and a requeue that finishes late resets its begin
         time; both would otherwise leave the job waiting far longer than any test does."""
         rec = self.job(job_id)
         if rec.get("JobState") != "PENDING" or self.job_steps_alive(job_id):
-            return
+            return False
+        requeued_at = _slurm_time(rec.get("SubmitTime", ""))
+        if requeued_at is None or time.time() < requeued_at + self.REQUEUE_SETTLE_S:
+            return False
         if "held" in rec.get("Reason", "").lower() or rec.get("Priority") == "0":
             subprocess.run(["scontrol", "release", str(job_id)], env=self.env, capture_output=True, timeout=10)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
-                       capture_output=True, timeout=10)
+        r = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
+                           capture_output=True, timeout=10)
+        return r.returncode == 0
 
     def squeue(self) -> list[str]:
         r = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env, timeout=10)
@@ -347,7 +372,7 @@ PartitionName=urgent Nodes={nodelist} Default=NO MaxTime=INFINITE State=UP Prior
                 return rec
             time.sleep(poll_s)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:.0f}s; last record {rec}\n"
-                           + "\n".join(self._tail(n) for n in ["slurmctld"] + [f"slurmd-{x}" for x in self.nodes]))
+                           + self.daemon_logs())
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,16 @@ def _wait_for(pred, timeout: float, what: str, log_path=None, job_record=None):
                          f"{_read(log_path)[-6000:] if log_path else ''}")
 
 
+def _kicking(cluster, job) -> bool:
+    """Keep a requeued job moving while a test waits on it (LocalSlurm.kick_pending); always true."""
+    cluster.kick_pending(job)
+    return True
+
+
+def _job_and_daemon_logs(cluster, job) -> str:
+    return f"{cluster.job(job)}\n{cluster.daemon_logs(2500)}"
+
+
 def _steps(run_log: str) -> list[int]:
     return [int(m.group(1)) for m in STEP_RE.finditer(run_log)]
 
@@ -119,16 +129,16 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
     cluster.release_requeue_hold(job)
 
     # Run 2: the time-limit warning (what --signal=B:USR1@300 delivers before the limit).
-    _wait_for(lambda: cluster.kick_pending(job) or (len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1])),
-              240, "run 2 to train a step", out, lambda: cluster.job(job))
+    _wait_for(lambda: _kicking(cluster, job) and len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1]),
+              240, "run 2 to train a step", out, lambda: _job_and_daemon_logs(cluster, job))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=10)
     rec = cluster.wait(job, 120, states={"PENDING"})
     assert rec["Restarts"] == "2", rec
     cluster.release_requeue_hold(job)
 
     # Run 3: to the end.
-    _wait_for(lambda: cluster.kick_pending(job) or cluster.job(job).get("JobState") in TERMINAL_STATES, 300,
-              "run 3 to finish", out, lambda: cluster.job(job))
+    _wait_for(lambda: _kicking(cluster, job) and cluster.job(job).get("JobState") in TERMINAL_STATES, 300,
+              "run 3 to finish", out, lambda: _job_and_daemon_logs(cluster, job))
     rec = cluster.job(job)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, log[-6000:])
