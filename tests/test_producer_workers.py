@@ -11,7 +11,8 @@ from megatron_qwen_image.cache import CacheReader, CacheWriter
 from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.config import load_config
-from producer.sources import discover_shards
+import producer.sources as sources
+from producer.sources import SourceOptions, discover_shards
 from producer.synthetic import generate_shards
 from producer.workers import CpuWorker, EncoderWorker, StaleAttempt
 
@@ -119,7 +120,7 @@ def test_cpu_actors_hold_one_shard_each_near_the_end_of_the_queue():
     assert [shards_per_cpu_actor(q, 2, 2) for q in (2, 1, 0)] == [1, 1, 1]
 
 
-def test_shards_are_handed_out_largest_first(tmp_path):
+def test_shards_are_handed_out_largest_first(tmp_path, monkeypatch):
     """Longest-processing-time-first: the small shards come last, so actors finish close together."""
     from producer.pipeline import largest_first
 
@@ -135,3 +136,17 @@ def test_shards_are_handed_out_largest_first(tmp_path):
         (folder / name.replace(name[-4:], ".txt")).write_text("a caption")
     [spec] = discover_shards([str(folder)])
     assert spec.kind == "folder" and spec.input_bytes() == 1200  # the images, not the sidecars
+
+    # A large folder: each slice's size is estimated from a few evenly spaced images (a handful of stats
+    # per shard, not one per image), and the partial last slice sorts after the full ones.
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(50):
+        (many / f"{i:03d}.jpg").write_bytes(b"\0" * (100 + i % 2))
+    full, partial = discover_shards([str(many)], SourceOptions(folder_shard_size=40))
+    stats = []
+    real_getsize = os.path.getsize
+    monkeypatch.setattr(sources.os.path, "getsize", lambda p: stats.append(p) or real_getsize(p))
+    assert 40 * 100 <= full.input_bytes() <= 40 * 101 and len(stats) == sources.FOLDER_SIZE_SAMPLES
+    assert 10 * 100 <= partial.input_bytes() <= 10 * 101
+    assert largest_first([partial, full]) == [full, partial]
