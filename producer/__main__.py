@@ -54,11 +54,16 @@ def main(argv=None) -> int:
         return 2
     from producer.pipeline import run_producer
     from producer.report import format_table
+    from producer.sources import InputError
 
     report_path = args.report or os.path.join(
         args.cache_dir, "reports", time.strftime("producer-%Y%m%dT%H%M%SZ.json", time.gmtime()))
-    report = run_producer(cfg, args.input, args.cache_dir, address=args.address, num_cpus=args.num_cpus,
-                          report_path=report_path)
+    try:
+        report = run_producer(cfg, args.input, args.cache_dir, address=args.address, num_cpus=args.num_cpus,
+                              report_path=report_path)
+    except InputError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
     print(format_table(report))
     print(f"report: {report_path} (+ .txt)", file=sys.stderr)
     return 1 if report["shards"]["failed"] else 0

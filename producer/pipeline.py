@@ -412,6 +412,8 @@ class ProducerRun:
 
 def run_producer(cfg: ProducerConfig, inputs: list[str], cache_dir: str, address: str | None = None,
                  num_cpus: int | None = None, report_path: str | None = None, on_event=None) -> dict:
-    """Start (or join) Ray, run the producer, return the final report (also written to `report_path`)."""
+    """Start (or join) Ray, run the producer, return the final report (also written to `report_path`).
+    Bad inputs raise `InputError` before Ray starts."""
+    run = ProducerRun(cfg, inputs, cache_dir, report_path, on_event)
     init_ray(address, num_cpus)
-    return ProducerRun(cfg, inputs, cache_dir, report_path, on_event).run()
+    return run.run()

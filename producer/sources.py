@@ -100,6 +100,10 @@ def _is_image(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
 
 
+class InputError(ValueError):
+    """The producer's inputs cannot be used as given (missing, unsupported, empty, ambiguous)."""
+
+
 def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> list[ShardSpec]:
     """Expand CLI inputs (files, directories, globs) into sorted work units.
 
@@ -111,7 +115,7 @@ def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> 
     for inp in inputs:
         paths = sorted(glob.glob(inp)) if any(c in inp for c in "*?[") else [inp]
         if not paths:
-            raise FileNotFoundError(f"input {inp!r} matches nothing")
+            raise InputError(f"input {inp!r} matches nothing")
         for path in paths:
             path = os.path.abspath(path)
             if os.path.isfile(path):
@@ -119,11 +123,11 @@ def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> 
             elif os.path.isdir(path):
                 specs.extend(_dir_specs(path, options))
             else:
-                raise FileNotFoundError(f"input {path!r} does not exist")
+                raise InputError(f"input {path!r} does not exist")
     seen = set()
     for s in specs:
         if s.work_unit in seen:
-            raise ValueError(f"two inputs map to the same work unit {s.work_unit!r}; pass each input once")
+            raise InputError(f"two inputs map to the same work unit {s.work_unit!r}; pass each input once")
         seen.add(s.work_unit)
     return specs
 
@@ -134,7 +138,7 @@ def _file_spec(path: str, rel: str) -> ShardSpec:
         return ShardSpec("tar", path, work_unit_name(rel))
     if low.endswith(PARQUET_EXTS):
         return ShardSpec("parquet", path, work_unit_name(rel))
-    raise ValueError(f"unsupported input file {path!r}: expected {TAR_EXTS + PARQUET_EXTS}")
+    raise InputError(f"unsupported input file {path!r}: expected {TAR_EXTS + PARQUET_EXTS}")
 
 
 def _dir_specs(root: str, options: SourceOptions) -> list[ShardSpec]:
@@ -154,7 +158,7 @@ def _dir_specs(root: str, options: SourceOptions) -> list[ShardSpec]:
             specs.append(ShardSpec("folder", d, work_unit_name(f"{rel_dir}/part-{part:05d}"),
                                    tuple(images[i : i + options.folder_shard_size]), posixpath.normpath(rel_dir)))
     if not specs:
-        raise ValueError(f"input directory {root!r} holds no tar, parquet or image files")
+        raise InputError(f"input directory {root!r} holds no tar, parquet or image files")
     return specs
 
 

@@ -72,3 +72,21 @@ def test_cli_refuses_bad_config_before_starting_ray(tmp_path, capsys):
     assert main(args) == 2
     assert "encoders.dir: required" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_cli_refuses_bad_inputs_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import producer.pipeline
+    from producer.__main__ import main
+
+    monkeypatch.setattr(producer.pipeline, "init_ray", lambda *a: pytest.fail("Ray started despite bad inputs"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.csv").write_text("a,b")
+    base = ["--cache-dir", str(tmp_path / "c"), "--encoders", str(tmp_path)]
+    for inputs, msg in (([str(tmp_path / "missing.tar")], "does not exist"),
+                        ([str(tmp_path / "*.tar")], "matches nothing"),
+                        ([str(tmp_path / "empty")], "holds no tar, parquet or image files"),
+                        ([str(tmp_path / "notes.csv")], "unsupported input file")):
+        assert main(["--input", *inputs, *base]) == 2
+        err = capsys.readouterr().err
+        assert "input error: " in err and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
