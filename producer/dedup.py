@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 
-from megatron_qwen_image.cache import CacheReader, CorruptShardError
+from megatron_qwen_image.cache import CacheFormatError, CacheReader, CorruptShardError
 from megatron_qwen_image.cache.exclusions import read_exclusions, write_exclusions
 from producer.config import FilterConfig
 from producer.filters import NearDuplicateIndex
@@ -120,7 +120,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.max_distance is not None and not -1 <= args.max_distance < 32:
         p.error(f"--max-distance must be in -1..31, got {args.max_distance}")
-    report = dedup_cache(args.cache_dir, None if args.max_distance == -1 else args.max_distance, args.dry_run)
+    try:
+        report = dedup_cache(args.cache_dir, None if args.max_distance == -1 else args.max_distance, args.dry_run)
+    except CacheFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

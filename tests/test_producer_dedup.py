@@ -81,6 +81,12 @@ def test_exact_only_and_dry_run(cache, capsys):
     assert report["excluded"] == 1 and read_exclusions(cache).number == 1
 
 
+def test_not_a_cache_is_a_clear_error(tmp_path, capsys):
+    assert dedup_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a latent cache" in err and "Traceback" not in err
+
+
 def test_a_resumed_loader_keeps_the_list_it_planned_with(cache):
     dedup_cache(cache)
     with BucketedLoader(cache, global_batch_size=1, prefetch=0, output_dtype=None, base_resolution=256) as a:
