@@ -42,6 +42,7 @@ for _pattern, _category in (
 if not torch.cuda.is_available():  # only meaningful for CUDA streams
     warnings.filterwarnings("ignore", message="When using async grad allreduce", category=UserWarning)
 
+from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, TrainConfig, load_config, resolve_precision, validate
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
                                                noisy_latents, velocity_target)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
             from megatron_qwen_image.parallel import destroy_parallel
 
             destroy_parallel()
-    except ConfigError as e:
+    except (ConfigError, CacheFormatError) as e:  # a bad config, or --cache-dir is not a cache
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""python -m megatron_qwen_image.cache inspect|verify|cleanup|seal (run in-process through main())."""
+"""python -m megatron_qwen_image.cache init|inspect|verify|cleanup|seal (run in-process through main())."""
 import json
 import os
 
@@ -52,3 +52,17 @@ def test_unknown_version_gives_a_clear_error_and_exit_status_2(tmp_path, capsys)
     json.dump({**json.load(open(p)), "format_version": 5}, open(p, "w"))
     assert main(["verify", root]) == 2
     assert "format_version 5 is not supported" in capsys.readouterr().err
+
+
+def test_init_creates_an_empty_cache_and_leaves_a_filled_one_alone(tmp_path, capsys):
+    root = str(tmp_path / "new")
+    assert main(["inspect", root]) == 2  # not a cache yet
+    capsys.readouterr()
+    assert main(["init", root]) == 0 and "ready" in capsys.readouterr().out
+    reader = CacheReader(root)
+    assert list(reader.iter_records()) == [] and not reader.sealed
+    marker = open(os.path.join(root, "CACHE.json")).read()
+    _cache(root)  # writers accept the initialised cache
+    assert main(["init", root]) == 0
+    assert open(os.path.join(root, "CACHE.json")).read() == marker
+    assert len(list(CacheReader(root).iter_records())) == 10

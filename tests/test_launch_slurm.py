@@ -167,14 +167,14 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
 @pytest.mark.slow
 def test_producer_and_streaming_consumer_jobs_share_one_cache(cluster, tmp_path):
     from megatron_qwen_image.cache import CacheReader
-    from megatron_qwen_image.cache.manifest import ensure_layout
     from megatron_qwen_image.encoders.make_tiny import ensure_tiny
     from producer.synthetic import generate_shards
 
     raw, cache = tmp_path / "raw", tmp_path / "cache"
     generate_shards(str(raw), num_shards=2, per_shard=12, seed=5)
     tiny = ensure_tiny()
-    ensure_layout(str(cache))  # the streaming loader needs the cache's CACHE.json before producers commit
+    # The streaming trainer may start before any producer has created the cache: create it first.
+    subprocess.run([PYTHON, "-m", "megatron_qwen_image.cache", "init", str(cache)], check=True, cwd=REPO)
     ray_tmp = tempfile.mkdtemp(prefix="mqi-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     tout, pout, sout = (str(tmp_path / n) for n in ("train.out", "producer.out", "seal.out"))
     try:

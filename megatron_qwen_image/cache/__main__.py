@@ -1,5 +1,7 @@
-"""python -m megatron_qwen_image.cache {inspect,verify,cleanup,seal} DIR
+"""python -m megatron_qwen_image.cache {init,inspect,verify,cleanup,seal} DIR
 
+init     create an empty cache (what a streaming trainer started before the producers needs; producers
+         create it themselves too, and init on an existing cache changes nothing)
 inspect  buckets, samples, bytes per sample, text-length histogram (--json for machines)
 verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32
          (exit status 1 if anything is bad)
@@ -89,6 +91,14 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from .manifest import ensure_layout
+
+    content = ensure_layout(args.dir)
+    print(f"cache {args.dir} ready (format {content.get('format_version')})")
+    return 0
+
+
 def cmd_seal(args) -> int:
     from .manifest import seal
 
@@ -100,6 +110,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_qwen_image.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("init", help="create an empty cache (no-op on an existing one)")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_init)
     s = sub.add_parser("inspect", help="summary of a cache")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON")
