@@ -153,3 +153,74 @@ def test_a_corrupt_shard_is_skipped_and_counted(cache):
     assert report["corrupt_shards"] == 1
     # a0..a2 are gone, so b0 and b1 are no longer duplicates of anything
     assert (report["exact_duplicate"], report["near_duplicate"], report["samples"]) == (0, 0, 5)
+
+
+def _sequential_reference(digests, hashes, max_distance):
+    """The rule, one sample at a time: keep a sample unless its pHash is within max_distance of a kept
+    one's (near) or its digest was seen before, in which case it shares the first such sample's fate."""
+    first_of_digest, kept_hashes, out = {}, [], []
+    for i, (b, h) in enumerate(zip(digests, hashes)):
+        if b is not None and b in first_of_digest:
+            r0, d0, i0 = first_of_digest[b]
+            out.append((1, i0) if r0 == 0 else (r0, d0))
+            continue
+        res = (0, -1)
+        if h is not None and max_distance is not None:
+            res = next(((2, j) for j, hj in kept_hashes if bin(h ^ hj).count("1") <= max_distance), res)
+            if res[0] == 0:
+                kept_hashes.append((i, h))
+        if b is not None:
+            first_of_digest[b] = (*res, i)
+        out.append(res)
+    return out
+
+
+@pytest.mark.parametrize("max_distance", [None, 0, 2, 4, 6])
+def test_vectorised_dedup_equals_the_sequential_rule(max_distance):
+    import numpy as np
+    from producer.dedup import greedy_duplicates
+
+    rng = np.random.default_rng(max_distance or 0)
+    centers = rng.integers(0, 2**63, 150, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    digests, hashes = [], []
+    for i in range(2500):
+        if i and rng.random() < 0.1:  # the same bytes as an earlier sample, usually with its pHash
+            j = int(rng.integers(0, i))
+            digests.append(digests[j] if digests[j] is not None else f"d{i}")
+            hashes.append(hashes[j] if rng.random() < 0.8 else int(rng.integers(0, 2**62)))
+            continue
+        h = int(centers[rng.integers(0, len(centers))])
+        for bit in rng.choice(64, size=int(rng.integers(0, 7)), replace=False):
+            h ^= 1 << int(bit)
+        u = rng.random()
+        digests.append(None if u < 0.07 else f"d{i}")
+        hashes.append(None if 0.05 < u < 0.12 else h)
+    flags = np.array([(b is not None) | (h is not None) << 1 for b, h in zip(digests, hashes)], np.uint8)
+    hi = np.array([hash(b) % 2**64 if b is not None else 0 for b in digests], np.uint64)
+    ph = np.array([h if h is not None else 0 for h in hashes], np.uint64)
+    reason, dup_of = greedy_duplicates(hi, np.zeros_like(hi), ph, flags, max_distance)
+    expected = _sequential_reference(digests, hashes, max_distance)
+    assert list(zip(reason.tolist(), dup_of.tolist())) == expected
+    near = (reason == 2).sum()
+    assert (near == 0 if max_distance is None else near > 100) and (reason == 1).sum() > 100
+
+
+def test_near_pairs_finds_exactly_the_close_pairs():
+    import numpy as np
+    from producer.dedup import near_pairs
+
+    rng = np.random.default_rng(1)
+    variants = []
+    for c in rng.integers(0, 2**63, 60, dtype=np.int64).tolist():  # clusters: a hash and 1-3 bit variants
+        variants.append(c)
+        for _ in range(20):
+            for bit in rng.choice(64, size=int(rng.integers(1, 4)), replace=False).tolist():
+                c ^= 1 << bit
+            variants.append(c)
+    h = np.unique(np.array(variants, np.uint64))
+    h = rng.permutation(h)
+    for d in (1, 3, 4, 5):
+        i, j = near_pairs(h, d)
+        dist = np.bitwise_count(h[:, None] ^ h[None, :])
+        ej, ei = np.nonzero(np.tril(dist <= d, k=-1))  # j > i, in (j, i) order
+        assert np.array_equal(i, ei) and np.array_equal(j, ej) and len(i) > 50
