@@ -60,22 +60,13 @@ def baseline(digests, hashes, max_distance: int) -> int:
 
 
 def vectorised(digests, hashes, max_distance: int) -> int:
-    from array import array
+    from producer.dedup import HashColumns, greedy_duplicates
 
-    from producer.dedup import greedy_duplicates
-
-    cols = {name: array(code) for name, code in (("hi", "Q"), ("lo", "Q"), ("ph", "Q"), ("flags", "B"),
-                                                 ("shard", "i"), ("row", "i"))}
-    for i, (b2, h) in enumerate(zip(digests, hashes)):  # what find_duplicates appends per sample
-        d = hashlib.blake2b(b2.encode(), digest_size=16).digest()
-        cols["hi"].append(int.from_bytes(d[:8], "little"))
-        cols["lo"].append(int.from_bytes(d[8:], "little"))
-        cols["ph"].append(h)
-        cols["flags"].append(3)
-        cols["shard"].append(i // 1000)
-        cols["row"].append(i % 1000)
-    a = {k: np.frombuffer(v, dtype={"Q": np.uint64, "B": np.uint8, "i": np.int32}[v.typecode]) for k, v in cols.items()}
-    reason, _ = greedy_duplicates(a["hi"], a["lo"], a["ph"], a["flags"], max_distance)
+    cols = HashColumns()  # what find_duplicates keeps per sample
+    for i, (b2, h) in enumerate(zip(digests, hashes)):
+        cols.add(b2, h, i // 1000, i % 1000, 640)
+    a = cols.arrays()
+    reason, _ = greedy_duplicates(a["b2_hi"], a["b2_lo"], a["ph"], a["flags"], max_distance)
     return int((reason > 0).sum())
 
 

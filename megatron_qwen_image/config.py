@@ -374,12 +374,14 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     if world_size is not None:  # checks that only matter when training starts
         if cfg.data == "cache":
             _require(bool(cfg.cache_dir), "cache_dir", "is required with data=cache (--cache-dir DIR)")
-            from megatron_qwen_image.cache.format import CACHE_FILE
+            from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 
-            _require(os.path.isfile(os.path.join(cfg.cache_dir, CACHE_FILE)), "cache_dir",
-                     f"{cfg.cache_dir!r} is not a latent cache (no CACHE.json): fill it with `python -m producer`"
-                     + (", or, to stream while producers start, create it first with "
-                        "`python -m megatron_qwen_image.cache init DIR`" if cfg.cache_streaming else ""))
+            try:  # the cache's own check (marker present, format version readable), before any rank starts
+                read_cache_file(cfg.cache_dir)
+            except CacheFormatError as e:
+                raise ConfigError("cache_dir", f"{e}; fill it with `python -m producer`" + (
+                    ", or, to stream while producers start, create it first with "
+                    "`python -m megatron_qwen_image.cache init DIR`" if cfg.cache_streaming else "")) from None
         _require(world_size % tp == 0, "tensor_model_parallel_size",
                  f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}")
         dp = world_size // tp

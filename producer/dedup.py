@@ -40,16 +40,47 @@ log = logging.getLogger("producer.dedup")
 
 
 
+class HashColumns:
+    """Per sample, in scan order: a 128-bit digest of its `blake2b` string, its 64-bit pHash, which of the
+    two it has, and its place (shard number, row, base resolution), in flat arrays: ~34 bytes a sample."""
+
+    TYPES = {"b2_hi": ("Q", np.uint64), "b2_lo": ("Q", np.uint64), "ph": ("Q", np.uint64),
+             "flags": ("B", np.uint8), "shard": ("i", np.int32), "row": ("i", np.int32), "base": ("i", np.int32)}
+
+    def __init__(self):
+        self.cols = {name: array(code) for name, (code, _) in self.TYPES.items()}
+
+    def __len__(self) -> int:
+        return len(self.cols["row"])
+
+    def add(self, blake2b: str | None, phash: int | None, shard: int, row: int, base: int) -> int:
+        """Append one sample; returns its flags (bit 0: has a digest, bit 1: has a pHash)."""
+        flags = (blake2b is not None) | (phash is not None) << 1
+        # A fixed-size digest of the stored digest string: any string works, equal strings stay equal.
+        d = hashlib.blake2b(blake2b.encode(), digest_size=16).digest() if blake2b is not None else bytes(16)
+        c = self.cols
+        c["b2_hi"].append(int.from_bytes(d[:8], "little"))
+        c["b2_lo"].append(int.from_bytes(d[8:], "little"))
+        c["ph"].append(phash or 0)
+        c["flags"].append(flags)
+        c["shard"].append(shard)
+        c["row"].append(row)
+        c["base"].append(base)
+        return flags
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The columns as numpy arrays (views, no copy)."""
+        return {name: np.frombuffer(self.cols[name], dtype=dt) if len(self) else np.zeros(0, dt)
+                for name, (_, dt) in self.TYPES.items()}
+
+
 def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_near_max_distance,
                     progress_every_s: float = 10.0) -> dict:
     """Scan the cache; returns {"samples": {shard path: [rows]}, "counts": Counter, "examples": [...]}.
-
-    The scan keeps ~34 bytes per sample in flat arrays (digest, pHash, flags, place); key names are read
-    back only for the report's examples."""
+    The scan keeps only `HashColumns`; key names are read back for the report's examples alone."""
     reader = CacheReader(root, verify="none")
     shards = reader.shards()
-    cols = {name: array(code) for name, code in (("b2_hi", "Q"), ("b2_lo", "Q"), ("ph", "Q"), ("flags", "B"),
-                                                 ("shard", "i"), ("row", "i"), ("base", "i"))}
+    cols = HashColumns()
     counts: Counter = Counter()
     t0 = last = time.time()
     for k, info in enumerate(shards):
@@ -61,26 +92,15 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
             continue
         for row, meta_json in enumerate(metas):
             meta = json.loads(meta_json or "{}")
-            b2, ph = meta.get("blake2b"), meta.get("phash")
-            flags = (b2 is not None) | (ph is not None) << 1
-            if not flags:
+            ph = meta.get("phash")
+            if not cols.add(meta.get("blake2b"), int(ph, 16) if ph is not None else None, k, row,
+                            info.base_resolution):
                 counts["unhashed"] += 1
-            # A fixed-size digest of the stored digest string: any string works, equal strings stay equal.
-            d = hashlib.blake2b(b2.encode(), digest_size=16).digest() if b2 is not None else bytes(16)
-            cols["b2_hi"].append(int.from_bytes(d[:8], "little"))
-            cols["b2_lo"].append(int.from_bytes(d[8:], "little"))
-            cols["ph"].append(int(ph, 16) if ph is not None else 0)
-            cols["flags"].append(flags)
-            cols["shard"].append(k)
-            cols["row"].append(row)
-            cols["base"].append(info.base_resolution)
         if time.time() - last >= progress_every_s:
             last = time.time()
             log.info("dedup: %d/%d shards, %d samples read (%.0f samples/s)", k + 1, len(shards),
-                     len(cols["row"]), len(cols["row"]) / max(1e-9, last - t0))
-    dtypes = {"Q": np.uint64, "B": np.uint8, "i": np.int32}
-    a = {name: np.frombuffer(col, dtype=dtypes[col.typecode]) if len(col) else np.zeros(0, dtypes[col.typecode])
-         for name, col in cols.items()}
+                     len(cols), len(cols) / max(1e-9, last - t0))
+    a = cols.arrays()
     counts["scanned"] = len(a["row"])
     counts["shards"] = len(shards)
     dup_of = np.full(len(a["row"]), -1, np.int64)

@@ -25,6 +25,7 @@ from typing import Iterator
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTS = (".parquet",)
+FOLDER_SIZE_SAMPLES = 8  # images stat'ed to estimate a folder slice's bytes (ShardSpec.input_bytes)
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,6 @@ class ShardSpec:
         step = max(1, len(self.files) // FOLDER_SIZE_SAMPLES)
         sampled = self.files[::step][:FOLDER_SIZE_SAMPLES]
         return round(len(self.files) * sum(_size_or_zero(os.path.join(self.path, f)) for f in sampled) / len(sampled))
-
-
-FOLDER_SIZE_SAMPLES = 8
 
 
 def _size_or_zero(path: str) -> int:

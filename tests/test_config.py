@@ -64,7 +64,7 @@ def test_layout_checks_at_start_of_training():
         validate(load_config(SMOKE, ["bf16=true"]), cuda_available=False)
     with pytest.raises(ConfigError, match="'cache_dir': is required with data=cache"):
         validate(load_config(SMOKE, ["data=cache"]), world_size=2)
-    with pytest.raises(ConfigError, match=r"is not a latent cache \(no CACHE.json\): fill it with `python -m producer`$"):
+    with pytest.raises(ConfigError, match=r"is not a latent cache: /nonexistent/CACHE.json is missing; fill it with `python -m producer`$"):
         validate(load_config(SMOKE, ["data=cache", "cache_dir=/nonexistent"]), world_size=2)
     with pytest.raises(ConfigError, match="create it first with `python -m megatron_qwen_image.cache init DIR`"):
         validate(load_config(SMOKE, ["data=cache", "cache_dir=/nonexistent", "cache_streaming=true"]), world_size=2)
