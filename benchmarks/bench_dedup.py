@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
     for n in args.samples:
         digests, hashes = synthetic(n)
         # Timing under tracemalloc slows Python code more than numpy: time a second, untraced run too.
-        base, vec = measure(baseline, digests, hashes, args.max_distance), measure(vectorised, digests, hashes, args.max_distance)
+        base = measure(baseline, digests, hashes, args.max_distance)
+        vec = measure(vectorised, digests, hashes, args.max_distance)
         for r, fn in ((base, baseline), (vec, vectorised)):
             t0 = time.perf_counter()
             fn(digests, hashes, args.max_distance)

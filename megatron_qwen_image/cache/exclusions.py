@@ -20,7 +20,7 @@ import numpy as np
 
 from megatron_qwen_image.fsutil import create_exclusive
 
-from .format import BUCKET_PREFIX, EXCLUSIONS_DIR, FORMAT_NAME, TMP_DIR, CacheFormatError, check_version
+from .format import BUCKET_PREFIX, EXCLUSIONS_DIR, FORMAT_NAME, FORMAT_VERSION, TMP_DIR, CacheFormatError, check_version
 
 _NAME = re.compile(r"^(\d{6})\.json$")
 
@@ -86,7 +86,7 @@ def write_exclusions(root: str, samples: dict[str, list[int]], info: dict) -> in
     """Publish a new complete list (shard path -> rows); returns its number. Safe against a concurrent
     writer: each number is created exclusively, the later one simply gets the next number."""
     os.makedirs(os.path.join(root, EXCLUSIONS_DIR), exist_ok=True)
-    doc = {"format": FORMAT_NAME, "format_version": 1, "created_unix": time.time(), "info": info,
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_unix": time.time(), "info": info,
            "samples": {p: sorted(int(r) for r in rows) for p, rows in sorted(samples.items()) if rows}}
     data = json.dumps(doc, indent=None, separators=(",", ":")).encode()
     number = latest_number(root) + 1
