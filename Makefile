@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-stress bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The suite beside BUSY busy-loop processes, RUNS times: no outcome may depend on the machine's speed.
+BUSY ?= 2
+RUNS ?= 1
+test-stress: install
+	$(PY) -m tests.stress --busy $(BUSY) --runs $(RUNS) -- -q tests
 
 bench: install
 	$(PY) -m benchmarks.run_all
