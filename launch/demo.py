@@ -44,7 +44,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from megatron_qwen_image.netutil import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = "configs/smoke_tp2.yaml"
@@ -268,8 +267,7 @@ def stage_producer(L: Layout, args, log: str) -> dict:
 
 def stage_train(L: Layout, args, log: str) -> dict:
     save_interval = max(1, args.steps // 2)  # a checkpoint half-way and one at the end (saved at the last step)
-    cmd = py("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-             "--master-port", str(free_port()),
+    cmd = py("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
              "-m", "consumer.train", "--config", TRAIN_CONFIG, "--data", "cache", "--cache-dir", L.cache,
              "--log-jsonl", L.stats, "--tensorboard-dir", L.tensorboard)
     if checkpointing_available():

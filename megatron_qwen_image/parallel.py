@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_emulation
-from .netutil import free_port
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,10 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        init_method = "env://"
-    else:  # launched without torchrun: a world of one process
+        store = None  # env://: torchrun's rendezvous store
+    else:  # launched without torchrun: a world of one process, whose store needs no port
         rank, world, local_rank = 0, 1, 0
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        store = dist.HashStore()
     if world % tensor_model_parallel_size:
         from .config import ConfigError
 
@@ -60,7 +59,7 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)

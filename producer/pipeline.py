@@ -26,6 +26,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from producer.autoscale import OpenShard, PoolState, plan_scaling
 from producer.config import PoolSize, ProducerConfig
 from producer.report import ProgressReporter, RunStats
 from producer.sources import ShardSpec, discover_shards
@@ -139,12 +140,16 @@ class ActorPool:
     def least_loaded(self):
         return min(self.ready, key=lambda a: self.load[self.aid(a)]) if self.ready else None
 
-    def retire(self, actor) -> None:
+    def state(self) -> PoolState:
+        return PoolState(tuple(self.aid(a) for a in self.ready), len(self.starting), len(self.probing), self.size)
+
+    def retire(self, actor_ids) -> None:
+        """Stop the ready actors with these ids (autoscaling down)."""
         import ray
 
-        if actor in self.ready:
+        for actor in [a for a in self.ready if self.aid(a) in set(actor_ids)]:
             self.ready.remove(actor)
-        ray.kill(actor, no_restart=True)
+            ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
         import ray
@@ -170,7 +175,8 @@ class ProducerRun:
         self.failed: list[dict] = []
         self.retries = 0
         self.skipped: list[str] = []
-        self._last_scale = 0.0
+        self._last_scale = float("-inf")
+        self.clock = time.monotonic  # autoscaling's interval; replaceable (tests)
         self.peak = {"cpu": 0, "encoder": 0}  # most actors each pool had (autoscaling shows here)
 
     # ------------------------------------------------------------------ actors
@@ -191,38 +197,24 @@ class ProducerRun:
         self.enc_pool = ActorPool("encoder", lambda: enc_cls.remote(cfg, cache_dir), p.encoder_actors)
 
     def _autoscale(self, queue: deque, active: dict) -> None:
-        """Grow the pool that is the bottleneck; retire idle actors above `min` once the queue is empty.
-
-        CPU-bound: shards wait, every CPU actor is busy, and some encoder has no chunk to work on.
-        Encoder-bound: every open shard has its full `max_chunks_in_flight` waiting at its encoder, and
-        there are more shards (queued or open) than encoders to spread them over.
-        """
-        now = time.time()
+        """Carry out `plan_scaling` on a snapshot of the queue, the open shards and the pools, at most
+        every `pools.scale_interval_s` seconds."""
+        now = self.clock()
         if now - self._last_scale < self.cfg.pools.scale_interval_s:
             return
         self._last_scale = now
-        cp, ep, limit = self.cpu_pool, self.enc_pool, self.cfg.pools.max_chunks_in_flight
-        busy_cpu = {ActorPool.aid(j.cpu) for j in active.values()}
-        free_cpu = [a for a in cp.ready if ActorPool.aid(a) not in busy_cpu]
-        fed = {ActorPool.aid(j.enc) for j in active.values() if j.pending}
-        idle_enc = [a for a in ep.ready if ActorPool.aid(a) not in fed]
-        saturated = bool(active) and all(len(j.pending) >= limit or j.gen_done for j in active.values())
-        if queue and not free_cpu and idle_enc and not cp.starting and cp.total() < cp.size.max:
-            log.info("autoscale: cpu pool %d -> %d (%d shards queued, %d encoders idle)", cp.total(), cp.total() + 1,
-                     len(queue), len(idle_enc))
-            cp.spawn()
-        if saturated and (queue or len(active) > len(ep.ready)) and not ep.starting and ep.total() < ep.size.max:
-            log.info("autoscale: encoder pool %d -> %d (every open shard is waiting on its encoder)", ep.total(),
-                     ep.total() + 1)
-            ep.spawn()
-        if not queue:
-            for a in free_cpu[: max(0, len(cp.ready) - cp.size.min)]:
-                log.info("autoscale: retiring an idle cpu actor")
-                cp.retire(a)
-            unused = [a for a in ep.ready if ep.load[ActorPool.aid(a)] == 0]
-            for a in unused[: max(0, len(ep.ready) - ep.size.min)]:
-                log.info("autoscale: retiring an idle encoder actor")
-                ep.retire(a)
+        shards = [OpenShard(ActorPool.aid(j.cpu), ActorPool.aid(j.enc), len(j.pending), j.gen_done)
+                  for j in active.values()]
+        plan = plan_scaling(len(queue), shards, self.cpu_pool.state(), self.enc_pool.state(),
+                            self.cfg.pools.max_chunks_in_flight)
+        for reason in plan.reasons:
+            log.info("%s", reason)
+        if plan.grow_cpu:
+            self.cpu_pool.spawn()
+        if plan.grow_encoder:
+            self.enc_pool.spawn()
+        self.cpu_pool.retire(plan.retire_cpu)
+        self.enc_pool.retire(plan.retire_encoder)
 
     # ------------------------------------------------------------------ shard jobs
     def _start(self, spec: ShardSpec, attempt: int, cpu, enc) -> _Job:

@@ -14,11 +14,9 @@ import ...`).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from megatron_qwen_image.netutil import free_port
 
 TINY_DIFFUSERS_CONFIG = dict(
     patch_size=2,
@@ -104,7 +102,7 @@ def single_process_model_parallel(tp: int = 1):
     assert tp == 1, "a single process can only hold TP=1; use tests/torchrun.py for TP>1"
     created_pg = not dist.is_initialized()
     if created_pg:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)  # no port to race for
     elif dist.get_world_size() != 1:
         raise RuntimeError("a multi-process torch.distributed world is already initialised in this process")
     created_mp = not parallel_state.model_parallel_is_initialized()

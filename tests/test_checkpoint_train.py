@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from megatron_qwen_image.convert import layout
-from megatron_qwen_image.netutil import free_port
 from tests.torchrun import REPO, torchrun
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -136,25 +135,29 @@ def test_kill_during_save_resumes_from_previous_checkpoint(run):
 def test_sigterm_saves_a_checkpoint_and_exits(run):
     """SLURM preemption: SIGTERM to every process of the job step (torchrun and its workers)."""
     root, jsonl = run["tmp"] / "preempted", run["tmp"] / "preempted.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "consumer.train", "--config", "configs/smoke_tp2.yaml",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "consumer.train", "--config", "configs/smoke_tp2.yaml",
            *[c for c in run["common"] if not c.startswith("train_iters")], "train_iters=1000",
            "--save", str(root), "--log-jsonl", str(jsonl)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = run["tmp"] / "preempted.log"
+    with open(log, "w") as log_file:  # a file, not a pipe: readable while it runs, and nothing blocks on it
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def trained_three_steps():
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before 3 steps:\n{log.read_text()[-5000:]}"
+        return jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3
+
     try:
-        deadline = time.time() + 240
-        while not (jsonl.exists() and len(open(jsonl).read().splitlines()) >= 3):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for(trained_three_steps, 240, "3 logged training steps", lambda: log.read_text()[-5000:])
         os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    out = log.read_text()
     steps = sorted(_losses(jsonl))
     assert "SIGTERM received" in out and "stopping after step" in out, out[-5000:]
     saved = layout.resolve(str(root))

@@ -1,5 +1,4 @@
 """The CPU emulation layer: pinned, narrow, and megatron's code paths behave like their torch references on CPU."""
-import socket
 import subprocess
 import sys
 
@@ -19,10 +18,7 @@ def world_of_one():
     from megatron.core import parallel_state
 
     cpu_emulation.apply()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port to race for
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
     parallel_state.destroy_model_parallel()

@@ -12,13 +12,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
 from launch import demo
 from launch.plot import StatsError, moving_average, plot_loss, read_stats, summarize
+from tests.waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAMPLES = 6, 32
@@ -125,16 +125,15 @@ def test_hanging_stage_times_out_and_is_killed(tmp_path):
     with pytest.raises(demo.DemoError, match="stage 'sleepy' timed out after 6 s"):
         demo.run_command("sleepy", [sys.executable, "-c", code], str(tmp_path / "s.log"), quiet=True, timeout_s=6)
     pid = int(pid_file.read_text())
-    for _ in range(50):
+
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # killed, not yet reaped by init
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"grandchild {pid} survived its stage")
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"  # killed, not yet reaped by init
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+
+    wait_for(gone, 60, f"grandchild {pid} of the timed-out stage to die")
 
 
 def test_demo_argument_checks(capsys):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 
@@ -17,6 +16,7 @@ import pytest
 
 from launch.ray.submit_producer import SubmitError, load_runtime_env, producer_entrypoint
 from megatron_qwen_image.netutil import free_port
+from tests.waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -40,17 +40,20 @@ def ray_head():
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
-        while True:
+        def head_log() -> str:
+            return open(os.path.join(tmp, "head.log")).read()[-4000:]
+
+        def answers() -> bool:
+            assert proc.poll() is None, f"ray start exited ({proc.returncode}):\n{head_log()}"
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
             except urllib.error.HTTPError:  # it answers (401 without the token): up
-                break
+                return True
             except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ray head did not come up: {open(os.path.join(tmp, 'head.log')).read()[-4000:]}")
-                time.sleep(1)
+                return False
+            return True
+
+        wait_for(answers, 120, "the Ray head's dashboard to answer", head_log, interval=1)
         yield {"address": address, "token": token, "env": env}
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its head processes on SIGTERM

@@ -15,12 +15,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
 
 from launch.local_slurm import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, install_system_packages
 from launch.slurm.torchrun_slurm import SlurmEnvError, slurm_rendezvous, torchrun_argv
+from tests.waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(os.path.join(REPO, ".venv", "bin", "python")) \
@@ -57,16 +57,12 @@ def _runs(log: str, job: str) -> list[str]:
     return re.split(rf"\[train\.sbatch\] job {job} run \d+ on", log)[1:]
 
 
-def _wait_for(pred, timeout: float, what: str, log_path=None, job_record=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    record = f"\njob record: {job_record()}" if job_record else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{record}\n"
-                         f"{_read(log_path)[-6000:] if log_path else ''}")
+def _context(log_path, cluster=None, job=None):
+    """What a timed-out wait prints: the job's record and the daemons' logs (if given), the job's output."""
+    def context() -> str:
+        record = f"job record: {_job_and_daemon_logs(cluster, job)}\n" if cluster else ""
+        return record + _read(log_path)[-6000:]
+    return context
 
 
 def _kicking(cluster, job) -> bool:
@@ -117,8 +113,8 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
                          env=_train_env(CKPT_DIR=str(ckpt)), cwd=REPO)
 
     # Run 1: preempted by a job in the higher-priority partition that needs the first node.
-    _wait_for(lambda: len(_runs(_read(out), job)) == 1 and max(_steps(_runs(_read(out), job)[0]) or [0]) >= 3,
-              240, "run 1 to train 3 steps", out)
+    wait_for(lambda: len(_runs(_read(out), job)) == 1 and max(_steps(_runs(_read(out), job)[0]) or [0]) >= 3,
+             240, "run 1 to train 3 steps", _context(out, cluster, job), interval=0.5)
     first_node = subprocess.run(["scontrol", "show", "hostnames", cluster.job(job)["NodeList"]], env=cluster.env,
                                 capture_output=True, text=True, check=True).stdout.split()[0]
     urgent = cluster.sbatch(["-p", "urgent", "-N1", "-w", first_node, "-o", str(tmp_path / "urgent.out"),
@@ -129,16 +125,16 @@ def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_comple
     cluster.release_requeue_hold(job)
 
     # Run 2: the time-limit warning (what --signal=B:USR1@300 delivers before the limit).
-    _wait_for(lambda: _kicking(cluster, job) and len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1]),
-              240, "run 2 to train a step", out, lambda: _job_and_daemon_logs(cluster, job))
+    wait_for(lambda: _kicking(cluster, job) and len(_runs(_read(out), job)) == 2 and _steps(_runs(_read(out), job)[1]),
+             240, "run 2 to train a step", _context(out, cluster, job), interval=0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=10)
     rec = cluster.wait(job, 120, states={"PENDING"})
     assert rec["Restarts"] == "2", rec
     cluster.release_requeue_hold(job)
 
     # Run 3: to the end.
-    _wait_for(lambda: _kicking(cluster, job) and cluster.job(job).get("JobState") in TERMINAL_STATES, 300,
-              "run 3 to finish", out, lambda: _job_and_daemon_logs(cluster, job))
+    wait_for(lambda: _kicking(cluster, job) and cluster.job(job).get("JobState") in TERMINAL_STATES, 300,
+             "run 3 to finish", _context(out, cluster, job), interval=0.5)
     rec = cluster.job(job)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, log[-6000:])

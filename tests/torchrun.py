@@ -4,8 +4,6 @@ import signal
 import subprocess
 import sys
 
-from megatron_qwen_image.netutil import free_port
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,8 +16,8 @@ def torchrun(nproc: int, target: list[str], timeout: float = 600, env: dict | No
     """
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        # --standalone: the rendezvous store binds port 0 itself, so no port is picked here and lost to a race
+        "--standalone", "--nproc-per-node", str(nproc),
         *target,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
