@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 
-.PHONY: install demo test test-fast test-stress bench clean
+.PHONY: install demo test test-fast test-stress bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ BUSY ?= 2
 RUNS ?= 1
 test-stress: install
 	$(PY) -m tests.stress --busy $(BUSY) --runs $(RUNS) -- -q tests
+
+# docs/configuration.md and the README's section table, from the config dataclasses
+docs: install
+	$(PY) -m megatron_qwen_image.config docs
 
 bench: install
 	$(PY) -m benchmarks.run_all

@@ -13,6 +13,7 @@ CORE = [
     "zlib-ng==1.1.0",  # SIMD CRC-32 for the latent cache (same values as zlib.crc32, which is the fallback)
     "safetensors==0.8.0",
     "pyyaml==6.0.3",
+    "omegaconf==2.4.0",  # the config layer (structured configs; megatron_qwen_image/config.py)
     "tensorboard==2.21.0",
 ]
 ENCODERS = [

@@ -296,16 +296,17 @@ def _child_pids(parent: int) -> list:
 
 # ---------------------------------------------------------------------------------------------- the seam
 class Checkpointer:
-    """Save/resume for consumer.train (see module docstring). cfg keys: save, save_interval, keep_last,
-    load, pretrained."""
+    """Save/resume for consumer.train (see module docstring), configured by the `checkpoint` section
+    (save, save_interval, keep_last, load, pretrained); with neither save nor load set it does nothing."""
 
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
-        self.save_root: Optional[str] = cfg.save
-        self.save_interval: Optional[int] = cfg.save_interval
-        self.keep_last: Optional[int] = getattr(cfg, "keep_last", None)
-        self.load_path: Optional[str] = cfg.load
-        self.pretrained: Optional[str] = getattr(cfg, "pretrained", None)
+        ck = cfg.checkpoint
+        self.save_root: Optional[str] = ck.save
+        self.save_interval: Optional[int] = ck.save_interval
+        self.keep_last: Optional[int] = ck.keep_last
+        self.load_path: Optional[str] = ck.load
+        self.pretrained: Optional[str] = ck.pretrained
         self._sigterm = False
         self._old_handler: Any = None
         self._last_saved_step: Optional[int] = None
@@ -342,7 +343,7 @@ class Checkpointer:
         if self.pretrained:
             path = layout.resolve(self.pretrained)
             if path is None:
-                raise ConfigError("pretrained", f"no checkpoint found at {self.pretrained}")
+                raise ConfigError("checkpoint.pretrained", f"no checkpoint found at {self.pretrained}")
             t0 = time.perf_counter()
             load_model_weights(state.model, path, state.optimizer)
             _log(f"loaded model weights from {path} (optimizer, LR schedule and step start fresh) "
@@ -368,14 +369,14 @@ class Checkpointer:
         metadata = sharded_metadata()
         model_sd = model_sharded_state_dict(state.model, metadata)
         request = {"model": model_sd}
-        load_optimizer = (saved["use_distributed_optimizer"] == self.cfg.use_distributed_optimizer
+        load_optimizer = (saved["use_distributed_optimizer"] == self.cfg.optimizer.use_distributed_optimizer
                           and saved.get("optimizer_sharding") == OPTIMIZER_SHARDING)
         if load_optimizer:
             _materialize_adam_state(state.optimizer)
             request["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
         else:
             _log(f"optimizer state NOT loaded: saved with use_distributed_optimizer="
-                 f"{saved['use_distributed_optimizer']}, now {self.cfg.use_distributed_optimizer}")
+                 f"{saved['use_distributed_optimizer']}, now {self.cfg.optimizer.use_distributed_optimizer}")
         if same_layout:
             request["rng_state"] = _rng_sharded_object(ctx, None)
         loaded = dist_checkpointing.load(request, path)
@@ -388,8 +389,8 @@ class Checkpointer:
         try:
             state.scheduler.load_state_dict(common["scheduler"])
         except AssertionError as e:  # megatron's _check_and_set: the schedule changed since the save
-            raise ConfigError("lr", f"the LR schedule differs from the checkpoint's ({e}); resume with the same "
-                                    f"lr/min_lr/warmup/decay/train_iters settings") from None
+            raise ConfigError("schedule", f"the LR schedule differs from the checkpoint's ({e}); resume with the "
+                                          f"same optimizer.lr/min_lr, schedule.* and train.train_iters") from None
         state.step = int(common["train"]["step"])
         state.consumed_samples = int(common["train"]["consumed_samples"])
         state.extra.update(common["train"].get("extra") or {})
@@ -428,7 +429,7 @@ class Checkpointer:
             return False
         stop = self._stop_agreed()
         due = bool(self.save_interval) and state.step % self.save_interval == 0
-        final = state.step >= self.cfg.train_iters
+        final = state.step >= self.cfg.train.train_iters
         if (due or final or stop) and self._last_saved_step != state.step:
             self.save(state)
         if stop:
@@ -457,7 +458,7 @@ class Checkpointer:
             "train": {"step": state.step, "consumed_samples": state.consumed_samples, "extra": dict(state.extra)},
             "data_iterator": {"states": _gather_over_dp(data_state)},
             "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": ctx.world_size,
-                       "use_distributed_optimizer": cfg.use_distributed_optimizer,
+                       "use_distributed_optimizer": cfg.optimizer.use_distributed_optimizer,
                        "optimizer_sharding": OPTIMIZER_SHARDING},
             "diffusers_config": diffusers_config,
             "config": cfg.to_dict(),

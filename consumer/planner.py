@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_qwen_image.config import TrainConfig
+from consumer.config import TrainConfig
+from megatron_qwen_image.model import QwenImageMMDiT
+from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,7 @@ class Plan:
 
 def tensor_plans(cfg: TrainConfig) -> list[TensorPlan]:
     """Every parameter's full shape (meta-device build at TP=1) with its TP split axis."""
-    from consumer.builders import build_model_config
-    from megatron_qwen_image.model import QwenImageMMDiT
-    from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
-
-    model_config = build_model_config(cfg, bf16=False, use_cpu_initialization=True, tp_size=1,
-                                      perform_initialization=False)
+    model_config = cfg.model_config(bf16=False, use_cpu_initialization=True, tp_size=1, perform_initialization=False)
     with torch.device("meta"):
         model = QwenImageMMDiT(model_config)
     axes = {mp.megatron: mp.tp_axis for mp in tensor_mappings_for(model_config)}
@@ -94,7 +91,7 @@ def tensor_plans(cfg: TrainConfig) -> list[TensorPlan]:
 
 def plan(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = None) -> Plan:
     """The per-rank plan. bf16 defaults to the config's value, or True (a GPU run) when it is automatic."""
-    tp = tp or cfg.tensor_model_parallel_size
+    tp = tp or cfg.parallelism.tensor_model_parallel_size
     sharded = replicated = total = 0
     for t in tensor_plans(cfg):
         total += t.numel
@@ -104,9 +101,9 @@ def plan(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = N
             if t.shape[t.tp_axis] % tp:
                 raise ValueError(f"{t.name}: dim {t.tp_axis} of {t.shape} is not divisible by TP={tp}")
             sharded += t.numel // tp
-    return Plan(tp=tp, dp=dp, bf16=True if (bf16 is None and cfg.bf16 is None) else bool(bf16 if bf16 is not None
-                                                                                             else cfg.bf16),
-                distributed_optimizer=cfg.use_distributed_optimizer, total_params=total,
+    if bf16 is None:  # the config's value, or a GPU run (bf16) when it is automatic
+        bf16 = True if cfg.precision.bf16 is None else cfg.precision.bf16
+    return Plan(tp=tp, dp=dp, bf16=bf16, distributed_optimizer=cfg.optimizer.use_distributed_optimizer, total_params=total,
                 sharded_params_per_rank=sharded, replicated_params_per_rank=replicated)
 
 

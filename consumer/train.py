@@ -1,6 +1,6 @@
 """Train the Qwen-Image MMDiT with flow matching on megatron-core (TP x DP, distributed optimizer, recompute).
 
-    torchrun --nproc-per-node 2 -m consumer.train --config configs/smoke_tp2.yaml [key=value ...]
+    torchrun --standalone --nproc-per-node 2 -m consumer.train --config configs/smoke_tp2.yaml [key=value ...]
         [--data synthetic | --data cache --cache-dir DIR] [--tensorboard-dir DIR] [--log-jsonl FILE]
     python -m consumer.train --config configs/model/qwen_image_20b.yaml --dry-run --dp 8   # memory plan
 
@@ -11,9 +11,9 @@ then megatron's finalize_model_grads (reduce-scatter / all-reduce over DP), opti
 all-gather of the updated shards), LR scheduler step. Works the same on GPUs (bf16) and CPU (fp32, gloo,
 megatron_qwen_image.cpu_emulation).
 
-Checkpoint seam: everything a checkpoint needs lives in one `TrainState`; the loop calls
-`checkpointer.load(state)` once and `checkpointer.maybe_save(state)` after every step. The default
-`NullCheckpointer` does nothing; `consumer.checkpointing.Checkpointer(cfg, ctx)` is used when that module exists.
+Checkpoints: everything a checkpoint needs lives in one `TrainState`; the loop calls
+`checkpointer.load(state)` once and `checkpointer.maybe_save(state)` after every step. The checkpointer
+(consumer.checkpointing) is always built; the `checkpoint` config section turns saving and loading on.
 """
 from __future__ import annotations
 
@@ -25,27 +25,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-import warnings
-
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
 
-# Known, harmless warnings from megatron-core 0.16.1 / torch 2.13 that would otherwise flood every rank's log
-# (the start-up banner states the facts that matter instead).
-for _pattern, _category in (
-    ("Transformer Engine and Apex are not installed", UserWarning),      # -> torch AdamW, local multi-tensor ops
-    ("full scope is deprecated", UserWarning),                           # TransformerConfig's own default
-    ("The .grad attribute of a Tensor that is not a leaf", UserWarning),  # DistributedOptimizer's zero_grad on views
-    (r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
-):
-    warnings.filterwarnings("ignore", message=_pattern, category=_category)
-if not torch.cuda.is_available():  # only meaningful for CUDA streams
-    warnings.filterwarnings("ignore", message="When using async grad allreduce", category=UserWarning)
-
+from consumer import builders
+from consumer.checkpointing import Checkpointer
+from consumer.config import TrainConfig, load_config, resolve_precision, validate
+from consumer.metrics import MetricsLogger
+from consumer.planner import format_plan, plan
 from megatron_qwen_image.cache import CacheFormatError
-from megatron_qwen_image.config import ConfigError, TrainConfig, load_config, resolve_precision, validate
+from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
                                                noisy_latents, velocity_target)
+from megatron_qwen_image.model import pack_latents
+from megatron_qwen_image.parallel import destroy_parallel, init_parallel
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,45 +62,17 @@ class TrainState:
     extra: dict = field(default_factory=dict)  # room for other components' state
 
 
-class NullCheckpointer:
-    """No checkpoints (used until consumer/checkpointing.py exists, or when neither save nor load is set)."""
-
-    def load(self, state: TrainState) -> bool:
-        return False
-
-    def maybe_save(self, state: TrainState) -> bool:
-        """Save if due; return True when training must stop now (e.g. saved on SIGTERM)."""
-        return False
-
-    def close(self) -> None:
-        pass
-
-
-def build_checkpointer(cfg: TrainConfig, ctx):
-    try:
-        from consumer.checkpointing import Checkpointer
-    except ModuleNotFoundError as e:
-        if e.name != "consumer.checkpointing":
-            raise
-        if cfg.save or cfg.load:
-            raise ConfigError("save" if cfg.save else "load",
-                              "checkpointing is not available in this build (consumer/checkpointing.py missing)")
-        return NullCheckpointer()
-    return Checkpointer(cfg, ctx)
-
-
 # --------------------------------------------------------------------------------------------------
 # One iteration
 # --------------------------------------------------------------------------------------------------
 def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, spec: SigmaSampling,
                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    from megatron_qwen_image.model import pack_latents
-
     p = cfg.model.patch_size
     z = batch["latents"][sl].to(device=device, dtype=torch.float32)
     b, c, h, w = z.shape
     x0 = pack_latents(z, p)
-    noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.seed, (c, h, w), x0.shape[1], spec, device)
+    noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.train.seed, (c, h, w), x0.shape[1], spec,
+                                         device)
     noise = pack_latents(noise, p)
     x_t = noisy_latents(x0, noise, sigma)
     target = velocity_target(x0, noise)
@@ -116,15 +84,11 @@ def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, 
 
 
 def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: torch.dtype) -> dict:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-
     cfg, model, optimizer = state.cfg, state.model, state.optimizer
-    mb = cfg.micro_batch_size
+    mb, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
     local = batch["latents"].shape[0]
-    if local != cfg.global_batch_size // ctx.dp_size:
-        raise ValueError(f"data iterator gave {local} samples; expected global_batch_size / dp = "
-                         f"{cfg.global_batch_size} / {ctx.dp_size}")
+    if local != gbs // ctx.dp_size:
+        raise ValueError(f"data iterator gave {local} samples; expected global_batch_size / dp = {gbs} / {ctx.dp_size}")
     num_micro = local // mb
     lr = optimizer.param_groups[0]["lr"]
 
@@ -145,7 +109,7 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
     loss = torch.stack(losses).mean()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     loss = loss.item() / ctx.dp_size
-    if cfg.clip_grad <= 0:  # megatron computes the norm only when clipping (else it returns 0.0 or None)
+    if cfg.optimizer.clip_grad <= 0:  # megatron computes the norm only when clipping (else it returns 0.0 or None)
         grad_norm = None
     return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "skipped": not ok,
             "latent_hw": list(batch["latents"].shape[-2:])}
@@ -156,14 +120,11 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
 # --------------------------------------------------------------------------------------------------
 def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
     """Process groups, model, DDP, optimizer, scheduler, data -> (TrainState, ParallelContext, dtype)."""
-    from consumer import builders
-    from megatron_qwen_image.parallel import init_parallel
-
     cuda = torch.cuda.is_available()
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)), cuda_available=cuda)
-    ctx = init_parallel(cfg.tensor_model_parallel_size, cfg.seed)
+    ctx = init_parallel(cfg.parallelism.tensor_model_parallel_size, cfg.train.seed)
     bf16, cpu_init = resolve_precision(cfg, cuda)
-    model_config = builders.build_model_config(cfg, bf16, cpu_init)
+    model_config = cfg.model_config(bf16, cpu_init)
     model = builders.build_model(model_config, ctx.device)
     ddp_model = builders.wrap_ddp(model, model_config, cfg)
     optimizer = builders.build_optimizer(ddp_model, cfg, bf16)
@@ -171,45 +132,43 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
     data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
     state = TrainState(cfg=cfg, model=ddp_model, optimizer=optimizer, scheduler=scheduler, data_iterator=data)
     if ctx.is_main:
-        from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
-
+        t = cfg.train
         n_local = sum(p.numel() for p in model.parameters())
         print(f"megatron-qwen-image: world {ctx.world_size} = TP {ctx.tp_size} x DP {ctx.dp_size} | "
               f"{'bf16' if bf16 else 'fp32'} on {ctx.device}"
               f"{' (CPU emulation of megatron-core CUDA placements)' if ctx.cpu_emulation else ''} | "
-              f"{n_local:,} params on rank 0 | distributed optimizer {cfg.use_distributed_optimizer} | "
-              f"recompute {cfg.recompute_granularity or 'off'} | "
-              f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch {cfg.global_batch_size} = "
-              f"micro {cfg.micro_batch_size} x DP {ctx.dp_size} x {cfg.num_microbatches(ctx.world_size)} accumulation",
-              flush=True)
+              f"{n_local:,} params on rank 0 | distributed optimizer {cfg.optimizer.use_distributed_optimizer} | "
+              f"recompute {cfg.recompute.recompute_granularity or 'off'} | "
+              f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch "
+              f"{t.global_batch_size} = micro {t.micro_batch_size} x DP {ctx.dp_size} x "
+              f"{cfg.num_microbatches(ctx.world_size)} accumulation", flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
 
-def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, checkpointer=None) -> list[dict]:
-    """Run training to cfg.train_iters; return the per-step records (every rank gets the same losses)."""
-    from consumer.metrics import MetricsLogger
-
+def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make_checkpointer=Checkpointer) -> list[dict]:
+    """Run training to train.train_iters; return the per-step records (every rank gets the same losses).
+    `data_iterator` replaces the configured data; `make_checkpointer(cfg, ctx)` builds the checkpointer."""
     state, ctx, dtype = setup(cfg, data_iterator)
-    checkpointer = checkpointer or build_checkpointer(cfg, ctx)
+    checkpointer = make_checkpointer(cfg, ctx)
     checkpointer.load(state)
-    spec = SigmaSampling.from_config(cfg)
-    jsonl = cfg.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
-    logger = MetricsLogger(ctx.is_main, cfg.train_iters, cfg.log_interval, cfg.tensorboard_dir, jsonl)
+    log, iters, gbs = cfg.logging, cfg.train.train_iters, cfg.train.global_batch_size
+    jsonl = log.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
+    logger = MetricsLogger(ctx.is_main, iters, log.log_interval, log.tensorboard_dir, jsonl)
     if ctx.is_main:
-        print(f"stats -> {jsonl}" + (f" | tensorboard -> {cfg.tensorboard_dir}" if cfg.tensorboard_dir else ""),
+        print(f"stats -> {jsonl}" + (f" | tensorboard -> {log.tensorboard_dir}" if log.tensorboard_dir else ""),
               flush=True)
     records = []
     try:
-        while state.step < cfg.train_iters:
+        while state.step < iters:
             t0 = time.perf_counter()
             batch = next(state.data_iterator)
-            stats = train_step(state, batch, ctx, spec, dtype)
+            stats = train_step(state, batch, ctx, cfg.flow_matching, dtype)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             state.step += 1
-            state.consumed_samples += cfg.global_batch_size
-            record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": cfg.global_batch_size / dt,
+            state.consumed_samples += gbs
+            record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": gbs / dt,
                       "consumed_samples": state.consumed_samples}
             records.append(record)
             logger.log(record)
@@ -221,34 +180,38 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, chec
     return records
 
 
+# Command-line flags: shorthands for config keys (any key can also be set as key=value).
+FLAGS = {"data": "data.source", "cache_dir": "data.cache_dir", "tensorboard_dir": "logging.tensorboard_dir",
+         "log_jsonl": "logging.log_jsonl", "save": "checkpoint.save", "save_interval": "checkpoint.save_interval",
+         "keep_last": "checkpoint.keep_last", "load": "checkpoint.load", "pretrained": "checkpoint.pretrained"}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m consumer.train", description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides, rest = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m consumer.train", description=__doc__.split("\n")[0],
+                                epilog="Any config key can be set as key=value anywhere on the command line, e.g. "
+                                       "optimizer.lr=3e-4 model.num_layers=4 (docs/configuration.md lists them).")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 model.num_layers=4")
-    p.add_argument("--data", choices=["synthetic", "cache"], help="batch source (config key 'data')")
-    p.add_argument("--cache-dir", help="latent cache directory for --data cache (config key 'cache_dir')")
-    p.add_argument("--tensorboard-dir", help="TensorBoard log dir (config key 'tensorboard_dir')")
-    p.add_argument("--log-jsonl", help="per-step stats JSONL file (config key 'log_jsonl')")
-    p.add_argument("--save", help="checkpoint root to save to (config key 'save'; see docs/checkpoints.md)")
-    p.add_argument("--save-interval", type=int, help="save every K steps (config key 'save_interval')")
-    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints (config key 'keep_last')")
-    p.add_argument("--load", help="resume from this checkpoint root/dir if it holds one (config key 'load')")
+    p.add_argument("--data", choices=["synthetic", "cache"], help="batch source (data.source)")
+    p.add_argument("--cache-dir", help="latent cache directory for --data cache (data.cache_dir)")
+    p.add_argument("--tensorboard-dir", help="TensorBoard log dir (logging.tensorboard_dir)")
+    p.add_argument("--log-jsonl", help="per-step stats JSONL file (logging.log_jsonl)")
+    p.add_argument("--save", help="checkpoint root to save to (checkpoint.save; see docs/checkpoints.md)")
+    p.add_argument("--save-interval", type=int, help="save every K steps (checkpoint.save_interval)")
+    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints (checkpoint.keep_last)")
+    p.add_argument("--load", help="resume from this checkpoint root/dir if it holds one (checkpoint.load)")
     p.add_argument("--pretrained", help="start from these model weights only, e.g. imported diffusers weights "
-                                        "(config key 'pretrained')")
+                                        "(checkpoint.pretrained)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
     p.add_argument("--dp", type=int, help="data-parallel size for --dry-run (default: WORLD_SIZE / TP)")
-    return p.parse_args(argv)
+    args = p.parse_args(rest)
+    args.overrides = overrides
+    return args
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = load_config(args.config, args.overrides)
-    for flag, key in (("data", "data"), ("cache_dir", "cache_dir"), ("tensorboard_dir", "tensorboard_dir"),
-                      ("log_jsonl", "log_jsonl"), ("save", "save"), ("save_interval", "save_interval"),
-                      ("keep_last", "keep_last"), ("load", "load"), ("pretrained", "pretrained")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, key, getattr(args, flag))
-    validate(cfg)
-    return cfg
+    return load_config(args.config, args.overrides, {key: getattr(args, flag) for flag, key in FLAGS.items()})
 
 
 def main(argv=None) -> int:
@@ -256,18 +219,14 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         if args.dry_run:
-            from consumer.planner import format_plan, plan
-
-            dp = args.dp or max(int(os.environ.get("WORLD_SIZE", 1)) // cfg.tensor_model_parallel_size, 1)
-            note = ("(bf16=null: planned as a GPU run in bf16; pass bf16=false for an fp32 plan)"
-                    if cfg.bf16 is None else "")
+            dp = args.dp or max(int(os.environ.get("WORLD_SIZE", 1)) // cfg.parallelism.tensor_model_parallel_size, 1)
+            note = ("(precision.bf16=null: planned as a GPU run in bf16; pass precision.bf16=false for an fp32 plan)"
+                    if cfg.precision.bf16 is None else "")
             print(format_plan(plan(cfg, dp=dp), note))
             return 0
         try:
             train(cfg)
         finally:
-            from megatron_qwen_image.parallel import destroy_parallel
-
             destroy_parallel()
     except (ConfigError, CacheFormatError) as e:  # a bad config, or --cache-dir is not a cache
         print(f"error: {e}", file=sys.stderr)

@@ -218,7 +218,7 @@ def global_batch_size() -> int:
     import yaml
 
     with open(os.path.join(REPO, TRAIN_CONFIG)) as f:
-        return int(yaml.safe_load(f)["global_batch_size"])
+        return int(yaml.safe_load(f)["train"]["global_batch_size"])
 
 
 def stage_encoders(L: Layout, args, log: str) -> dict:
@@ -243,7 +243,7 @@ def stage_producer(L: Layout, args, log: str) -> dict:
     # 2 + 1 actors would not all fit, and idle actors holding CPUs starve the others.
     run_command("producer", py("-m", "producer", "--input", L.shards, "--cache-dir", L.cache,
                                "--encoders", L.encoders, "--config", "configs/producer/default.yaml",
-                               "--set", "pools.cpu_actors=1", "--set", "pools.encoder_actors=1",
+                               "pools.cpu_actors=1", "pools.encoder_actors=1",
                                "--num-cpus", "2", "--report", L.report),
                 log, args.quiet, STAGE_TIMEOUT_S["producer"])
     run_command("producer", py("-m", "megatron_qwen_image.cache", "seal", L.cache), log, args.quiet, 120)
@@ -274,7 +274,7 @@ def stage_train(L: Layout, args, log: str) -> dict:
         cmd += ["--save", L.checkpoints, "--save-interval", str(save_interval)]
     else:
         print("  ! this build has no consumer/checkpointing.py: training runs without checkpoints", flush=True)
-    cmd += [f"train_iters={args.steps}", "log_interval=5"]
+    cmd += [f"train.train_iters={args.steps}", "logging.log_interval=5"]
     run_command("train", cmd, log, args.quiet, STAGE_TIMEOUT_S["train"])
     with open(L.stats) as f:
         steps = sum(1 for line in f if line.strip())

@@ -1,397 +1,460 @@
-"""Training configuration: YAML files with Megatron's names, `key=value` overrides, early validation.
+"""The configuration layer both programs use: typed, nested sections (dataclasses), YAML files with
+`base:` chaining, one override syntax (`key=value`), and one error that names the full key.
 
-A config file is a flat mapping of training keys (Megatron-LM's argument names where one exists:
-``tensor_model_parallel_size``, ``use_distributed_optimizer``, ``recompute_granularity``, ``lr``, ...) plus
-a ``model:`` mapping with the MMDiT's shape. A file may start from other files with ``base:`` (a path or
-a list of paths, relative to the file; later files and the file itself win, mappings merge key by key):
+A program declares its schema as a dataclass of sections. A section is either a plain dataclass whose
+fields carry their help text (`option(...)`), or `section(...)`: the named fields of another class or
+function (megatron's `OptimizerConfig`, the model's `QwenImageConfig`, `BucketedLoader`), with their
+types and defaults taken from there, so each key is declared once, where it is used.
 
-    base: model/tiny.yaml
-    tensor_model_parallel_size: 2
-    model: {num_layers: 2}
+    cfg = load(TrainConfig, "configs/smoke_tp2.yaml", ["optimizer.lr=3e-4", "model.num_layers=4"])
 
-Command-line overrides are ``key=value`` (``model.num_layers=4``, ``lr=3e-4``, ``recompute_granularity=null``);
-values are parsed as YAML scalars/lists.
+Loading: each YAML file of the `base:` chain (a path or a list of paths, relative to the file; later
+files win, mappings merge key by key), then the overrides, then values set from command-line flags,
+are applied key by key to an OmegaConf structured config of the schema; `${...}` interpolations are
+resolved at the end. Every unknown key (with a "did you mean"), wrong type, or value outside a field's
+`choices` raises `ConfigError` naming the full key and where it was set; range and cross-field checks
+are each program's `validate`.
 
-Every bad value is refused at start-up by ``ConfigError`` whose message begins with the offending key
-(unknown keys get a "did you mean" hint), never deep in a traceback.
+YAML is read as YAML 1.2 reads numbers: `3e-4` is a float and `1:8` stays the string "1:8" (PyYAML's
+YAML 1.1 rules make them a string and the base-60 integer 68).
 """
 from __future__ import annotations
 
+import collections.abc
+import importlib
 import dataclasses
 import difflib
+import inspect
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, Iterator, Literal, Union, get_args, get_origin
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid. The message starts with the key it is about."""
+    """A configuration value is invalid. `key` is the full dotted key; the message starts with it."""
 
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config key '{key}': {message}")
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key, self.message, self.source = key, message, source
+        super().__init__(f"config key '{key}'{f' (set {source})' if source else ''}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Schema
+# Declaring sections
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    """Shape of the Qwen-Image MMDiT (diffusers' QwenImageTransformer2DModel defaults = released 20B)."""
-
-    num_layers: int = 60
-    hidden_size: int = 3072
-    num_attention_heads: int = 24
-    ffn_hidden_size: int = 12288
-    joint_attention_dim: int = 3584
-    in_channels: int = 64
-    out_channels: int = 16
-    patch_size: int = 2
-    axes_dims_rope: list = field(default_factory=lambda: [16, 56, 56])
-    layernorm_epsilon: float = 1e-6
+def option(default: Any, help: str, choices: tuple | None = None):
+    """A field of a config section: its default, one line of help, and optionally the allowed values."""
+    meta = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: yaml_load(yaml.safe_dump(default)), metadata=meta)  # a deep copy
+    return field(default=default, metadata=meta)
 
 
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    # parallelism (data-parallel size = world size / tensor_model_parallel_size)
-    tensor_model_parallel_size: int = 1
-    use_distributed_optimizer: bool = True
-    # activation recompute, as Megatron: granularity full|selective|null, method uniform|block
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
-    recompute_num_layers: Optional[int] = None
-    recompute_modules: Optional[list] = None  # selective only; null = megatron's default ['core_attn']
-    # precision: null = automatic (bf16 on a GPU, fp32 on CPU)
-    bf16: Optional[bool] = None
-    # null = automatic (True on CPU). True initialises each full weight on CPU from the default
-    # generator and slices the TP shard, so the initial model does not depend on the TP layout.
-    use_cpu_initialization: Optional[bool] = None
-
-    # batch: global = micro x data-parallel x accumulation steps
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
-    train_iters: int = 100
-
-    # optimizer (megatron OptimizerConfig) and LR schedule (megatron OptimizerParamScheduler)
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    lr_warmup_init: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None  # null = train_iters
-    lr_decay_style: str = "constant"
-    lr_wsd_decay_iters: Optional[int] = None
-    lr_wsd_decay_style: str = "linear"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-
-    seed: int = 1234
-
-    # flow matching: sigma = sigmoid(N(logit_mean, logit_std)), then an optional shift as diffusers'
-    # FlowMatchEulerDiscreteScheduler: static (`shift`) or resolution-dependent (`dynamic`, mu from
-    # calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)).
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    timestep_shift: str = "none"
-    shift: float = 1.0
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    time_shift_type: str = "exponential"
-
-    # data: `synthetic` is the flagged stand-in source; `cache` reads the latent cache
-    data: str = "synthetic"
-    cache_dir: Optional[str] = None
-    cache_streaming: bool = False
-    cache_prefetch: int = 2
-    synthetic_resolutions: list = field(default_factory=lambda: [[64, 64]])  # pixel [height, width]
-    synthetic_text_len: list = field(default_factory=lambda: [4, 16])  # [min, max] tokens
-    synthetic_num_classes: int = 4
-
-    # logging
-    log_interval: int = 1
-    tensorboard_dir: Optional[str] = None
-    log_jsonl: Optional[str] = None
-
-    # checkpoints (consumer/checkpointing.py)
-    save: Optional[str] = None
-    save_interval: Optional[int] = None
-    keep_last: Optional[int] = None     # keep only the newest k checkpoints (null = keep all)
-    load: Optional[str] = None          # resume everything from this directory's latest complete checkpoint
-    pretrained: Optional[str] = None    # start from these model weights only (e.g. imported diffusers weights)
-    keep_last: Optional[int] = None   # keep only the newest k checkpoints under `save` (null = keep all)
-    pretrained: Optional[str] = None  # model weights only (e.g. imported diffusers weights) when `load` holds none
-
-    # ---- derived -------------------------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.model.hidden_size // self.model.num_attention_heads
-
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // self.tensor_model_parallel_size
-
-    def num_microbatches(self, world_size: int) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size(world_size))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def section(name: str, source, keys: dict[str, str], defaults: dict | None = None, choices: dict | None = None,
+            doc: str = ""):
+    """A config section whose keys are fields of the dataclass `source`, or keyword arguments of the
+    callable `source`, with their types and defaults from there (`defaults` replaces some); `keys` maps
+    each name to its help text. A `Literal[...]` type becomes `str` with those choices (`choices` adds
+    some for plain types); a tuple or sequence type becomes a list. `build_kwargs()` on the section gives
+    its values as keyword arguments for `source`."""
+    defaults, choices = defaults or {}, choices or {}
+    if is_dataclass(source):
+        hints = typing.get_type_hints(source)
+        declared = {f.name: f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING) for f in fields(source)}
+        origin = source.__name__
+    else:
+        hints = typing.get_type_hints(source)
+        declared = {p.name: p.default if p.default is not inspect.Parameter.empty else MISSING
+                    for p in inspect.signature(source).parameters.values()}
+        origin = getattr(source, "__qualname__", str(source)).replace(".__init__", "")
+    spec = []
+    for key, help_text in keys.items():
+        if key not in declared:
+            raise TypeError(f"section {name}: {origin} has no field or argument {key!r}")
+        typ, allowed = _config_type(hints.get(key, Any))
+        allowed = tuple(choices[key]) if key in choices else allowed
+        meta = {"help": help_text, "from": origin, **({"choices": allowed} if allowed else {})}
+        default = defaults.get(key, declared[key])
+        if default is MISSING:
+            raise TypeError(f"section {name}: {origin}.{key} has no default; give one in `defaults`")
+        if isinstance(default, (list, tuple, dict)):
+            plain = yaml_load(yaml.safe_dump(_plain(default)))  # tuples -> lists, and a copy per instance
+            spec.append((key, typ, field(default_factory=lambda d=plain: yaml_load(yaml.safe_dump(d)), metadata=meta)))
+        else:
+            spec.append((key, typ, field(default=default, metadata=meta)))
+    cls = make_dataclass(name, spec, namespace={"build_kwargs": lambda self: dataclasses.asdict(self)})
+    cls.__doc__ = doc or f"Keys of {origin}."
+    return cls
 
 
-_CHOICES = {
-    "recompute_granularity": (None, "full", "selective"),
-    "recompute_method": (None, "uniform", "block"),
-    "optimizer": ("adam", "sgd"),
-    "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-    "lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
-    "timestep_shift": ("none", "static", "dynamic"),
-    "time_shift_type": ("exponential", "linear"),
-    "data": ("synthetic", "cache"),
+def _config_type(t):
+    """The type OmegaConf checks for `t`, and the choices of a Literal (or None)."""
+    origin, args = get_origin(t), get_args(t)
+    if origin is Literal:
+        return type(args[0]), args
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            typ, choices = _config_type(inner[0])
+            return typing.Optional[typ], (choices + (None,) if choices else None)
+        return t, None
+    if origin in (tuple, list, collections.abc.Sequence):
+        item = _config_type(args[0])[0] if args else Any
+        return list[item], None
+    return t, None
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML
+# --------------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: no base-60 integers (`1:8` stays a string), and `3e-4` is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
-def _read_yaml(path: str, seen: tuple = ()) -> dict:
+def yaml_load(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: str, _seen: tuple = ()) -> list[tuple[str, dict]]:
+    """The file and its `base:` chain as [(path, mapping)], bases first."""
     path = os.path.abspath(path)
-    if path in seen:
-        raise ConfigError("base", f"{path} includes itself")
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    if path in _seen:
+        raise ConfigError("base", f"{shown} includes itself", f"in {_seen[-1]}")
     if not os.path.isfile(path):
-        raise ConfigError("config", f"file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError("config", f"file not found: {shown}", f"as a base in {_seen[-1]}" if _seen else None)
+    try:
+        with open(path) as f:
+            data = yaml_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("config", f"YAML syntax error at {where}: {problem}") from None
+    data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError("config", f"{path} must hold a mapping, not {type(data).__name__}")
+        raise ConfigError("config", f"{shown} must hold a mapping, not {type(data).__name__}")
     bases = data.pop("base", None) or []
-    merged: dict = {}
+    layers = []
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)))
-    return _merge(merged, data)
+        layers += read_yaml(os.path.join(os.path.dirname(path), str(base)), _seen + (shown,))
+    return layers + [(f"in {shown}", data)]
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+# --------------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------------
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `key=value` overrides (a dotted name, '=', anything) from the other arguments, wherever
+    they stand on the command line: (overrides, rest). Paths and flags never match (`/a=b`, `--x=y`)."""
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    return overrides, [a for a in argv if not _OVERRIDE.match(a)]
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["lr=3e-4", "model.num_layers=4"]` -> nested dict; values parsed as YAML."""
+    """`["optimizer.lr=3e-4", "model.num_layers=4"]` -> nested dict; values parsed as YAML."""
     out: dict = {}
     for item in overrides:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(item, "command-line overrides must look like key=value")
-        key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml_load(raw) if raw.strip() != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(key, f"cannot parse value {raw!r}: {str(e).splitlines()[0]}", "on the command line") from None
         node = out
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"'{p}' was given a value on the command line and cannot also have keys")
+        node[leaf] = value
+    return out
+
+
+def nest(flat: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}; None values are left out (flags that were not given)."""
+    out: dict = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    origin = get_origin(typ)
-    if origin is Union:  # Optional[X]
-        (inner,) = [a for a in get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(key, value, inner)
-    if value is None:
-        raise ConfigError(key, "must not be null")
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 (no dot) as a string
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+T = typing.TypeVar("T")
+
+
+def load(schema: type[T], path: str | None = None, overrides: list[str] | None = None,
+         flags: dict | None = None) -> T:
+    """The schema's dataclass with the values of `path` (and its bases), `overrides` (`key=value`) and
+    `flags` ({dotted key: value}, values taken as given; None = not given) applied in that order."""
+    layers = read_yaml(path) if path else []
+    layers.append(("on the command line", parse_overrides(overrides or [])))
+    layers.append(("by a command-line flag", nest(flags or {})))
+    conf = OmegaConf.structured(schema)
+    for source, data in layers:
+        for key, value, typ in _leaves(schema, data, "", source):
             try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
-    if typ is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"must be a list, got {value!r}")
-        return list(value)
-    return value
+                OmegaConf.update(conf, key, value, merge=True)
+            except OmegaConfBaseException as e:
+                raise ConfigError(_error_key(key, e), _type_message(typ, value, e), source) from None
+    try:
+        obj = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ConfigError(getattr(e, "full_key", None) or "config", _first_line(e)) from None
+    check_choices(obj)
+    return obj
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = prefix + key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix + close[0]}'?" if close else ""
-            raise ConfigError(full, f"unknown key{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(full, f"must be a mapping, got {value!r}")
-            kwargs[key] = _build(hints[key], value, full + ".")
-        else:
-            kwargs[key] = _coerce(full, value, hints[key])
-    return cls(**kwargs)
+def _leaves(schema, data: dict, prefix: str, source: str) -> Iterator[tuple[str, Any, Any]]:
+    """(full key, value, field type) for every value in `data`, descending into sections; refuses keys
+    the schema does not have. A section given a scalar is converted by its `from_config_value`."""
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; {prefix.rstrip('.') or 'the top level'} " \
+                   f"has {', '.join(names)}"
+            raise ConfigError(key, f"unknown key{hint}", source)
+        typ = hints[k]
+        convert = getattr(typ, "from_config_value", None)  # a section that also takes a shorthand
+        if convert is not None:
+            try:
+                v = convert(v)
+            except ValueError as e:
+                raise ConfigError(key, str(e), source) from None
+        elif is_dataclass(typ):
+            if not isinstance(v, dict):
+                raise ConfigError(key, f"must be a mapping (a section with keys {', '.join(f.name for f in fields(typ))}), "
+                                       f"got {v!r}", source)
+            yield from _leaves(typ, v, key + ".", source)
+            continue
+        yield key, v, typ
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Read a YAML config (with its `base:` chain), apply `key=value` overrides, validate."""
-    data = _read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
-    cfg = _build(TrainConfig, data)
-    validate(cfg)
-    return cfg
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-def _require(ok: bool, key: str, message: str) -> None:
+def _type_message(typ, value, error) -> str:
+    optional = get_origin(typ) in (Union, types.UnionType) and type(None) in get_args(typ)
+    inner = [a for a in get_args(typ) if a is not type(None)] if optional else [typ]
+    if len(inner) == 1 and inner[0] in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[inner[0]]}{' or null' if optional else ''}, got {value!r}"
+    if len(inner) == 1 and (get_origin(inner[0]) or inner[0]) is list and not isinstance(value, (list, tuple)):
+        return f"must be a list, got {value!r}"
+    return _first_line(error)
+
+
+def _error_key(key: str, error) -> str:
+    full = getattr(error, "full_key", None)
+    return full if full and str(full).startswith(key) else key
+
+
+def _first_line(error) -> str:
+    return str(getattr(error, "msg", None) or error).strip().splitlines()[0]
+
+
+def check_choices(obj, prefix: str = "") -> None:
+    """Every field with `choices` metadata holds one of them (recursively, through sections)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}", f"must be one of {list(f.metadata['choices'])}, got {value!r}")
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """For `validate` functions: raise ConfigError(key, message) unless `ok`."""
     if not ok:
         raise ConfigError(key, message)
 
 
-def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
-    """Check every value and the relations between them. `world_size` adds the parallel-layout checks."""
-    m = cfg.model
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "joint_attention_dim",
-                "in_channels", "out_channels", "patch_size"):
-        _require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-    _require(m.layernorm_epsilon > 0, "model.layernorm_epsilon", "must be > 0")
-    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
-             f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
-    _require(len(m.axes_dims_rope) == 3 and all(isinstance(a, int) and a > 0 and a % 2 == 0
-                                                 for a in m.axes_dims_rope),
-             "model.axes_dims_rope", f"must be three positive even integers (frame, height, width), "
-             f"got {m.axes_dims_rope}")
-    _require(sum(m.axes_dims_rope) == cfg.head_dim, "model.axes_dims_rope",
-             f"must sum to the head dim hidden_size/num_attention_heads = {cfg.head_dim}, "
-             f"got {sum(m.axes_dims_rope)}")
-    _require(m.in_channels == m.out_channels * m.patch_size ** 2, "model.in_channels",
-             f"must equal out_channels*patch_size^2 = {m.out_channels * m.patch_size ** 2} (2x2-packed latents)")
-
-    tp = cfg.tensor_model_parallel_size
-    _require(tp >= 1, "tensor_model_parallel_size", f"must be >= 1, got {tp}")
-    _require(m.num_attention_heads % tp == 0, "tensor_model_parallel_size",
-             f"{tp} does not divide model.num_attention_heads={m.num_attention_heads} (heads are split across TP ranks)")
-    _require(m.ffn_hidden_size % tp == 0, "tensor_model_parallel_size",
-             f"{tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-
-    for key, choices in _CHOICES.items():
-        _require(getattr(cfg, key) in choices, key, f"must be one of {list(choices)}, got {getattr(cfg, key)!r}")
-
-    g, meth, n = cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers
-    if g == "full":
-        _require(meth is not None, "recompute_method", "must be 'uniform' or 'block' when recompute_granularity=full")
-        _require(n is not None and 1 <= n <= m.num_layers, "recompute_num_layers",
-                 f"must be in [1, model.num_layers={m.num_layers}] when recompute_granularity=full, got {n}")
-    else:
-        _require(meth is None, "recompute_method", f"only applies to recompute_granularity=full (it is {g!r})")
-        _require(n is None, "recompute_num_layers", f"only applies to recompute_granularity=full (it is {g!r})")
-    if cfg.recompute_modules is not None:
-        from megatron_qwen_image.model.config import SUPPORTED_RECOMPUTE_MODULES
-
-        _require(g == "selective", "recompute_modules", f"only applies to recompute_granularity=selective (it is {g!r})")
-        bad = [x for x in cfg.recompute_modules if x not in SUPPORTED_RECOMPUTE_MODULES]
-        _require(not bad and len(cfg.recompute_modules) > 0, "recompute_modules",
-                 f"{bad or 'empty list'}: choose from {list(SUPPORTED_RECOMPUTE_MODULES)}")
-
-    _require(cfg.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {cfg.micro_batch_size}")
-    _require(cfg.global_batch_size % cfg.micro_batch_size == 0, "global_batch_size",
-             f"{cfg.global_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}")
-    _require(cfg.train_iters >= 1, "train_iters", f"must be >= 1, got {cfg.train_iters}")
-
-    _require(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
-    _require(0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
-    _require(0 <= cfg.lr_warmup_init <= cfg.lr, "lr_warmup_init", f"must be in [0, lr={cfg.lr}]")
-    decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.train_iters
-    _require(decay >= 1, "lr_decay_iters", f"must be >= 1, got {decay}")
-    _require(0 <= cfg.lr_warmup_iters < decay, "lr_warmup_iters",
-             f"must be in [0, lr_decay_iters={decay}) (megatron's OptimizerParamScheduler), got {cfg.lr_warmup_iters}")
-    if cfg.lr_decay_style == "WSD":
-        _require(cfg.lr_wsd_decay_iters is not None and 1 <= cfg.lr_wsd_decay_iters <= decay,
-                 "lr_wsd_decay_iters", f"must be in [1, {decay}] with lr_decay_style=WSD")
-    _require(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    for key in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(cfg, key) < 1, key, f"must be in [0, 1), got {getattr(cfg, key)}")
-    _require(cfg.adam_eps > 0, "adam_eps", "must be > 0")
-    _require(cfg.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables clipping)")
-    _require(cfg.seed >= 0, "seed", "must be >= 0")
-
-    _require(cfg.logit_std > 0, "logit_std", f"must be > 0, got {cfg.logit_std}")
-    _require(cfg.shift > 0, "shift", f"must be > 0, got {cfg.shift}")
-    _require(cfg.max_image_seq_len > cfg.base_image_seq_len >= 1, "max_image_seq_len",
-             f"must be > base_image_seq_len={cfg.base_image_seq_len}")
-
-    _require(cfg.cache_prefetch >= 0, "cache_prefetch", "must be >= 0")
-    res = cfg.synthetic_resolutions
-    factor = 8 * m.patch_size  # VAE factor x patch size
-    _require(len(res) >= 1 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x > 0
-                                                                               and x % factor == 0 for x in r)
-                                   for r in res),
-             "synthetic_resolutions", f"must be a list of [height, width] pixel sizes divisible by {factor}, got {res}")
-    tl = cfg.synthetic_text_len
-    _require(len(tl) == 2 and all(isinstance(x, int) for x in tl) and 1 <= tl[0] <= tl[1], "synthetic_text_len",
-             f"must be [min, max] with 1 <= min <= max, got {tl}")
-    _require(cfg.synthetic_num_classes >= 1, "synthetic_num_classes", "must be >= 1")
-
-    _require(cfg.log_interval >= 1, "log_interval", "must be >= 1")
-    if cfg.keep_last is not None:
-        _require(cfg.keep_last >= 1, "keep_last", f"must be >= 1, got {cfg.keep_last}")
-    if cfg.save_interval is not None:
-        _require(cfg.save_interval >= 1, "save_interval", "must be >= 1")
-        _require(cfg.save is not None, "save_interval", "needs save=DIR")
-    if cfg.keep_last is not None:
-        _require(cfg.keep_last >= 1, "keep_last", f"must be >= 1, got {cfg.keep_last}")
-
-    if cuda_available is not None:
-        _require(not (cfg.bf16 and not cuda_available), "bf16",
-                 "bf16=true needs a GPU; CPU runs are fp32 (set bf16=null for automatic)")
-
-    if world_size is not None:  # checks that only matter when training starts
-        if cfg.data == "cache":
-            _require(bool(cfg.cache_dir), "cache_dir", "is required with data=cache (--cache-dir DIR)")
-            from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
-
-            try:  # the cache's own check (marker present, format version readable), before any rank starts
-                read_cache_file(cfg.cache_dir)
-            except CacheFormatError as e:
-                raise ConfigError("cache_dir", f"{e}; fill it with `python -m producer`" + (
-                    ", or, to stream while producers start, create it first with "
-                    "`python -m megatron_qwen_image.cache init DIR`" if cfg.cache_streaming else "")) from None
-        _require(world_size % tp == 0, "tensor_model_parallel_size",
-                 f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}")
-        dp = world_size // tp
-        _require(cfg.global_batch_size % (cfg.micro_batch_size * dp) == 0, "global_batch_size",
-                 f"{cfg.global_batch_size} is not a multiple of micro_batch_size x data-parallel size "
-                 f"= {cfg.micro_batch_size} x {dp}")
+def to_yaml(obj) -> str:
+    """The resolved configuration as YAML (what a run records and `show` prints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
 
-def resolve_precision(cfg: TrainConfig, cuda_available: bool) -> tuple[bool, bool]:
-    """(bf16, use_cpu_initialization) with the automatic (null) values filled in."""
-    bf16 = cuda_available if cfg.bf16 is None else cfg.bf16
-    cpu_init = (not cuda_available) if cfg.use_cpu_initialization is None else cfg.use_cpu_initialization
-    return bf16, cpu_init
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# The key table (docs are generated from the schema, so the list cannot drift)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str
+    type: str
+    default: str
+    help: str
+
+
+def describe(schema, prefix: str = "", instance=None) -> list[KeyDoc]:
+    """Every key of `schema` (through its sections) with type, default and help."""
+    out = []
+    hints = typing.get_type_hints(schema)
+    instance = schema() if instance is None else instance
+    for f in fields(schema):
+        typ = hints[f.name]
+        if is_dataclass(typ):
+            out += describe(typ, f"{prefix}{f.name}.", getattr(instance, f.name))
+            continue
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "")
+        if choices:
+            help_text += f"; one of: {', '.join('null' if c is None else str(c) for c in choices)}"
+        if f.metadata.get("from"):
+            help_text += f" ({f.metadata['from']}.{f.name})"
+        out.append(KeyDoc(prefix + f.name, _type_name(typ), _yaml_value(getattr(instance, f.name)), help_text.strip()))
+    return out
+
+
+def _type_name(t) -> str:
+    if t in _TYPE_WORDS:
+        return t.__name__
+    origin, args = get_origin(t), get_args(t)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def _yaml_value(v) -> str:
+    if is_dataclass(v):
+        v = dataclasses.asdict(v)
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def markdown_table(schema) -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for d in describe(schema):
+        rows.append(f"| `{d.key}` | {d.type} | `{d.default}` | {d.help.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m megatron_qwen_image.config: print a resolved config; (re)generate the key docs
+# --------------------------------------------------------------------------------------------------
+# The documented programs' schemas, by import path (this package does not import the programs).
+# name: (title in the docs, the module with its `load_config`, the schema)
+PROGRAMS = {"train": ("trainer (`python -m consumer.train`)", "consumer.config", "TrainConfig"),
+            "producer": ("producer (`python -m producer`)", "producer.config", "ProducerConfig")}
+DOCS_FILE = "docs/configuration.md"
+README_BEGIN, README_END = "<!-- config-sections: generated by `make docs` -->", "<!-- end config-sections -->"
+
+
+def sections_table(schemas: dict) -> str:
+    rows = ["| program | section | keys | what |", "|---|---|---|---|"]
+    for program, schema in schemas.items():
+        hints = typing.get_type_hints(schema)
+        top = [f.name for f in fields(schema) if not is_dataclass(hints[f.name])]
+        if top:
+            rows.append(f"| {program} | (top level) | {', '.join(f'`{k}`' for k in top)} | |")
+        for f in fields(schema):
+            typ = hints[f.name]
+            if is_dataclass(typ):
+                doc = " ".join((typ.__doc__ or "").split())
+                rows.append(f"| {program} | `{f.name}` | {len(describe(typ))} | {doc} |")
+    return "\n".join(rows)
+
+
+def docs_text(schemas: dict) -> str:
+    parts = ["# Configuration keys", "",
+             "Generated from the config dataclasses by `make docs` (a test checks that this file is current).",
+             "Both programs read YAML files with `base:` chaining and take `key=value` overrides anywhere on the",
+             "command line; see the README's Configuration section.", ""]
+    for program, schema in schemas.items():
+        parts += [f"## The {program}", "", markdown_table(schema), ""]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m megatron_qwen_image.config")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    show = sub.add_parser("show", help="print a program's resolved configuration as YAML")
+    show.add_argument("program", choices=sorted(PROGRAMS))
+    show.add_argument("--config", help="YAML file")
+    docs = sub.add_parser("docs", help=f"write {DOCS_FILE} and the README's section table")
+    docs.add_argument("--check", action="store_true", help="only check that they are current (exit 1 if not)")
+    argv = sys.argv[1:] if argv is None else argv
+    overrides, rest = split_overrides(argv)
+    args = ap.parse_args(rest)
+    if args.cmd == "show":
+        module = importlib.import_module(PROGRAMS[args.program][1])
+        try:
+            cfg = module.load_config(args.config, overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(to_yaml(cfg), end="")
+        return 0
+    schemas = {title: getattr(importlib.import_module(module), name) for title, module, name in PROGRAMS.values()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    docs_path, readme_path = os.path.join(root, DOCS_FILE), os.path.join(root, "README.md")
+    with open(readme_path) as f:
+        readme = f.read()
+    begin, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
+    new_readme = readme[:begin] + "\n" + sections_table(schemas) + "\n" + readme[end:]
+    new_docs = docs_text(schemas)
+    current = open(docs_path).read() if os.path.exists(docs_path) else ""
+    if args.check:
+        stale = [p for p, old, new in ((DOCS_FILE, current, new_docs), ("README.md", readme, new_readme)) if old != new]
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run `make docs`", file=sys.stderr)
+            return 1
+        return 0
+    with open(docs_path, "w") as f:
+        f.write(new_docs)
+    with open(readme_path, "w") as f:
+        f.write(new_readme)
+    print(f"wrote {DOCS_FILE} and README.md's section table")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,22 +30,25 @@ from typing import Sequence
 
 import torch
 
+from megatron_qwen_image.config import option
 
-@dataclass(frozen=True)
+
+@dataclass
 class SigmaSampling:
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    timestep_shift: str = "none"  # none | static | dynamic
-    shift: float = 1.0
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    time_shift_type: str = "exponential"  # exponential | linear
+    """How training draws sigma (logit-normal, optionally shifted as diffusers' scheduler shifts)."""
 
-    @classmethod
-    def from_config(cls, cfg) -> "SigmaSampling":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+    logit_mean: float = option(0.0, "mean of the logit-normal sigma distribution")
+    logit_std: float = option(1.0, "standard deviation of the logit-normal sigma distribution (> 0)")
+    timestep_shift: str = option("none", "shift of the drawn sigmas: none, static (`shift`), or dynamic "
+                                 "(resolution-dependent, QwenImagePipeline's calculate_shift)",
+                                 choices=("none", "static", "dynamic"))
+    shift: float = option(1.0, "static shift s: sigma' = s*sigma / (1 + (s-1)*sigma)")
+    base_image_seq_len: int = option(256, "dynamic shift: image tokens at which mu = base_shift")
+    max_image_seq_len: int = option(4096, "dynamic shift: image tokens at which mu = max_shift")
+    base_shift: float = option(0.5, "dynamic shift: mu at base_image_seq_len")
+    max_shift: float = option(1.15, "dynamic shift: mu at max_image_seq_len")
+    time_shift_type: str = option("exponential", "dynamic shift: the scheduler's time_shift_type",
+                                  choices=("exponential", "linear"))
 
 
 def calculate_shift(image_seq_len: float, base_seq_len: int = 256, max_seq_len: int = 4096,

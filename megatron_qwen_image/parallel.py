@@ -53,7 +53,7 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
     if world % tensor_model_parallel_size:
         from .config import ConfigError
 
-        raise ConfigError("tensor_model_parallel_size",
+        raise ConfigError("parallelism.tensor_model_parallel_size",
                           f"world size {world} is not divisible by tensor_model_parallel_size={tensor_model_parallel_size}")
     if cuda:
         torch.cuda.set_device(local_rank)

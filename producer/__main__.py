@@ -1,4 +1,4 @@
-"""python -m producer --input SHARDS... --cache-dir DIR [--config configs/producer/default.yaml] [options]
+"""python -m producer --input SHARDS... --cache-dir DIR [--config configs/producer/default.yaml] [key=value ...]
 
 Reads image-caption shards (WebDataset tars, Parquet, image folders), filters, encodes with the
 Qwen-Image VAE and Qwen2.5-VL, and writes the bucketed latent cache. Starts a local Ray unless
@@ -12,10 +12,25 @@ import os
 import sys
 import time
 
+from megatron_qwen_image.config import ConfigError, split_overrides
+from producer.config import load_config
+from producer.pipeline import run_producer
+from producer.report import format_table
+from producer.sources import InputError
+
+
+# Command-line flags: shorthands for config keys (any key can also be set as key=value).
+FLAGS = {"encoders": "encoders.dir", "cpu_actors": "pools.cpu_actors", "encoder_actors": "pools.encoder_actors",
+         "base_resolution": "base_resolution"}
+
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides, rest = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m producer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config key can be set as key=value anywhere on the command line, e.g. "
+                                       "filters.min_side=384 (docs/configuration.md lists them).")
     p.add_argument("--input", nargs="+", required=True, action="extend",
                    help="tar/parquet files, directories of them, image folders, or globs (repeatable)")
     p.add_argument("--cache-dir", required=True, help="latent cache directory (created if missing)")
@@ -28,34 +43,25 @@ def parse_args(argv=None):
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--report", default=None,
                    help="report JSON path (default: CACHE_DIR/reports/producer-<UTC time>.json, plus .txt)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set filters.min_side=384 (repeatable)")
-    return p.parse_args(argv)
+    args = p.parse_args(rest)
+    args.overrides = overrides
+    return args
 
 
 def main(argv=None) -> int:
-    from producer.config import ConfigError, load_config
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     try:
-        cfg = load_config(args.config, args.overrides, extra={
-            "encoders.dir": args.encoders, "pools.cpu_actors": args.cpu_actors,
-            "pools.encoder_actors": args.encoder_actors, "base_resolution": args.base_resolution,
-        })
+        cfg = load_config(args.config, args.overrides, {key: getattr(args, flag) for flag, key in FLAGS.items()})
         if not cfg.encoders.dir:
-            raise ConfigError("encoders.dir: required (a local Qwen-Image repo, or "
+            raise ConfigError("encoders.dir", "required (a local Qwen-Image repo, or "
                               "`python -m megatron_qwen_image.encoders.make_tiny DIR`); set it or pass --encoders")
         if not os.path.isdir(cfg.encoders.dir):
-            raise ConfigError(f"encoders.dir: {cfg.encoders.dir!r} is not a directory")
+            raise ConfigError("encoders.dir", f"{cfg.encoders.dir!r} is not a directory")
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    from producer.pipeline import run_producer
-    from producer.report import format_table
-    from producer.sources import InputError
-
     report_path = args.report or os.path.join(
         args.cache_dir, "reports", time.strftime("producer-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     try:

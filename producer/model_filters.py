@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from producer.config import ConfigError, ModelFilterSpec
+from megatron_qwen_image.config import ConfigError
+from producer.config import ModelFilterSpec
 
 
 class ModelFilter:
@@ -33,7 +34,8 @@ class ModelFilter:
 
     def __init__(self, min_score: float | None = None, max_score: float | None = None, reason: str | None = None):
         if min_score is None and max_score is None:
-            raise ConfigError(f"{type(self).__name__}: set min_score and/or max_score, else it filters nothing")
+            raise ConfigError("model_filters", f"{type(self).__name__}: set min_score and/or max_score, else it filters "
+                              "nothing")
         self.min_score, self.max_score = min_score, max_score
         if reason:
             self.reason = reason
@@ -69,9 +71,9 @@ class ClipScoreFilter(ModelFilter):
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model_filters clip_score: cannot load a CLIP-family model from {model_dir!r}: {e}") from e
+            raise ConfigError("model_filters", f"clip_score: cannot load a CLIP-family model from {model_dir!r}: {e}") from e
         if not hasattr(self.model, "get_image_features") or not hasattr(self.model, "get_text_features"):
-            raise ConfigError(f"model_filters clip_score: {type(self.model).__name__} in {model_dir!r} is not a "
+            raise ConfigError("model_filters", f"clip_score: {type(self.model).__name__} in {model_dir!r} is not a "
                               "CLIP-family model (needs get_image_features/get_text_features)")
         self.device = device
         self.batch_size = batch_size
@@ -112,11 +114,11 @@ def build_model_filter(spec: ModelFilterSpec, device: str = "cpu") -> ModelFilte
         try:
             cls = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError) as e:
-            raise ConfigError(f"model_filters type {spec.type!r}: cannot import ({e})") from e
+            raise ConfigError("model_filters", f"type {spec.type!r}: cannot import ({e})") from e
         if not (isinstance(cls, type) and issubclass(cls, ModelFilter)):
-            raise ConfigError(f"model_filters type {spec.type!r} is not a producer.model_filters.ModelFilter subclass")
+            raise ConfigError("model_filters", f"type {spec.type!r} is not a producer.model_filters.ModelFilter subclass")
     else:
-        raise ConfigError(f"model_filters type {spec.type!r}: unknown (registered: {sorted(MODEL_FILTERS)}; "
+        raise ConfigError("model_filters", f"type {spec.type!r}: unknown (registered: {sorted(MODEL_FILTERS)}; "
                           "or give 'module:Class')")
     options = dict(spec.options)
     if "device" not in options and "device" in inspect.signature(cls).parameters:
@@ -124,4 +126,4 @@ def build_model_filter(spec: ModelFilterSpec, device: str = "cpu") -> ModelFilte
     try:
         return cls(**options)
     except TypeError as e:
-        raise ConfigError(f"model_filters {spec.type!r} options {sorted(options)}: {e}") from e
+        raise ConfigError("model_filters", f"{spec.type!r} options {sorted(options)}: {e}") from e

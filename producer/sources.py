@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from megatron_qwen_image.config import option
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTS = (".parquet",)
@@ -78,14 +80,14 @@ class BadRecord:
 
 @dataclass
 class SourceOptions:
-    """Reader settings (config section `sources`)."""
+    """How input shards are read (tar members, Parquet columns, image-folder slices)."""
 
-    parquet_image_column: str = "image"
-    parquet_caption_column: str = "caption"
-    parquet_key_column: str | None = None
-    parquet_batch_rows: int = 256
-    folder_shard_size: int = 1000
-    max_member_bytes: int = 64 * 1024 * 1024
+    parquet_image_column: str = option("image", "Parquet column of the image bytes")
+    parquet_caption_column: str = option("caption", "Parquet column of the caption")
+    parquet_key_column: str | None = option(None, "Parquet column of the sample key (null: file stem + row number)")
+    parquet_batch_rows: int = option(256, "Parquet rows read at once")
+    folder_shard_size: int = option(1000, "images of an image folder per work unit")
+    max_member_bytes: int = option(64 * 1024 * 1024, "largest tar member read (bigger ones are dropped)")
 
 
 def work_unit_name(rel: str) -> str:

@@ -65,7 +65,7 @@ def run(tmp_path_factory):
     """The uninterrupted reference: TP=2 (2 processes), 8 steps, saves every 2 steps, keeps the last 3."""
     tmp = tmp_path_factory.mktemp("ckpt_train")
     cache = _cache(tmp / "cache")
-    common = [f"train_iters={STEPS}", "data=cache", f"cache_dir={cache}", "seed=21"]
+    common = [f"train.train_iters={STEPS}", "data.source=cache", f"data.cache_dir={cache}", "train.seed=21"]
     root, jsonl = tmp / "ref", tmp / "ref.jsonl"
     out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", *common, "--save", str(root),
                        "--save-interval", "2", "--keep-last", "3", "--log-jsonl", str(jsonl)], timeout=300)
@@ -76,7 +76,7 @@ def _worker(run, name, nproc, *args, stop_at=None):
     prefix = str(run["tmp"] / name)
     extra = ["--stop-at", str(stop_at)] if stop_at else []
     torchrun(nproc, ["tests/dist/ckpt_worker.py", "--out", prefix, *extra, *run["common"],
-                     f"log_jsonl={run['tmp'] / (name + '.jsonl')}", *args], timeout=400)
+                     f"logging.log_jsonl={run['tmp'] / (name + '.jsonl')}", *args], timeout=400)
     return _worker_results(prefix)
 
 
@@ -94,7 +94,7 @@ def test_save_layout_keep_last_and_latest(run):
 def exact(run):
     """Resume the reference's step-4 checkpoint at the same layout (TP=2) through the worker, which also
     records the model's output on fixed inputs right after the load (the reference for the other layouts)."""
-    ranks, probes = _worker(run, "exact", 2, f"load={run['root'] / 'iter_0000004'}")
+    ranks, probes = _worker(run, "exact", 2, f"checkpoint.load={run['root'] / 'iter_0000004'}")
     return {"ranks": ranks, "probe_step4": probes["load"]}
 
 
@@ -136,7 +136,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
     """SLURM preemption: SIGTERM to every process of the job step (torchrun and its workers)."""
     root, jsonl = run["tmp"] / "preempted", run["tmp"] / "preempted.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "consumer.train", "--config", "configs/smoke_tp2.yaml",
-           *[c for c in run["common"] if not c.startswith("train_iters")], "train_iters=1000",
+           *[c for c in run["common"] if not c.startswith("train.train_iters")], "train.train_iters=1000",
            "--save", str(root), "--log-jsonl", str(jsonl)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     log = run["tmp"] / "preempted.log"
@@ -170,15 +170,15 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
 def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
     """TP=2 step-4 checkpoint -> TP=1 (1 process): same outputs, steps 5-6, save at 6 -> TP=2: steps 7-8."""
     tp1_root = run["tmp"] / "tp1"
-    (r,), probes = _worker(run, "tp1", 1, "tensor_model_parallel_size=1", f"load={run['root'] / 'iter_0000004'}",
-                           f"save={tp1_root}", "save_interval=2", stop_at=6)
+    (r,), probes = _worker(run, "tp1", 1, "parallelism.tensor_model_parallel_size=1", f"checkpoint.load={run['root'] / 'iter_0000004'}",
+                           f"checkpoint.save={tp1_root}", "checkpoint.save_interval=2", stop_at=6)
     assert r["loaded_step"] == 4 and (r["tp"], r["dp"]) == (1, 1)
     assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in r["losses"].items():
         assert abs(loss - run["losses"][int(step)]) <= 1e-5 * abs(run["losses"][int(step)]), step
     assert sorted(int(s) for s in r["losses"]) == [5, 6]
 
-    (r0, _), probes2 = _worker(run, "tp1to2", 2, f"load={tp1_root}")
+    (r0, _), probes2 = _worker(run, "tp1to2", 2, f"checkpoint.load={tp1_root}")
     assert r0["loaded_step"] == 6 and (r0["tp"], r0["dp"]) == (2, 1)
     assert _rel(probes2["load"], probes["save@6"]) <= 1e-5
     assert sorted(int(s) for s in r0["losses"]) == [7, 8]
@@ -187,7 +187,7 @@ def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
 
 
 def test_reshard_tp2dp1_to_tp2dp2_with_distributed_optimizer(run, exact):
-    ranks, probes = _worker(run, "dp2", 4, f"load={run['root'] / 'iter_0000004'}", stop_at=6)
+    ranks, probes = _worker(run, "dp2", 4, f"checkpoint.load={run['root'] / 'iter_0000004'}", stop_at=6)
     assert len(ranks) == 4 and all((r["tp"], r["dp"]) == (2, 2) and r["loaded_step"] == 4 for r in ranks)
     assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in ranks[0]["losses"].items():

@@ -3,17 +3,18 @@ import os
 
 import pytest
 
-from megatron_qwen_image.config import ConfigError, load_config, validate
+from consumer.config import load_config, validate
+from megatron_qwen_image.config import ConfigError
 from tests.torchrun import REPO
 
 SMOKE = os.path.join(REPO, "configs", "smoke_tp2.yaml")
 
 
 def test_smoke_config_inherits_the_tiny_model_and_overrides_apply():
-    cfg = load_config(SMOKE, ["lr=3e-3", "model.num_layers=3", "recompute_num_layers=2"])
+    cfg = load_config(SMOKE, ["optimizer.lr=3e-3", "model.num_layers=3", "recompute.recompute_num_layers=2"])
     assert cfg.model.hidden_size == 64 and cfg.model.axes_dims_rope == [4, 6, 6]  # from model/tiny.yaml
-    assert cfg.tensor_model_parallel_size == 2  # the smoke file overrides tiny.yaml's TP=1
-    assert cfg.lr == 3e-3 and cfg.model.num_layers == 3 and cfg.recompute_num_layers == 2
+    assert cfg.parallelism.tensor_model_parallel_size == 2  # the smoke file overrides tiny.yaml's TP=1
+    assert cfg.optimizer.lr == 3e-3 and cfg.model.num_layers == 3 and cfg.recompute.recompute_num_layers == 2
 
 
 def test_all_shipped_configs_load():
@@ -23,27 +24,33 @@ def test_all_shipped_configs_load():
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["lerning_rate=1e-3"], "lerning_rate", "unknown key"),
+    (["optimizer.lerning_rate=1e-3"], "optimizer.lerning_rate", "unknown key"),
     (["model.num_layer=3"], "model.num_layer", "did you mean 'model.num_layers'"),
-    (["tensor_model_parallel_size=3"], "tensor_model_parallel_size", "does not divide model.num_attention_heads=4"),
-    (["recompute_granularity=partial"], "recompute_granularity", "must be one of"),
-    (["recompute_method=null"], "recompute_method", "must be 'uniform' or 'block'"),
-    (["recompute_num_layers=5"], "recompute_num_layers", "must be in [1, model.num_layers=2]"),
-    (["recompute_granularity=selective"], "recompute_method", "only applies to recompute_granularity=full"),
-    (["global_batch_size=5"], "global_batch_size", "not a multiple of micro_batch_size=2"),
-    (["lr=fast"], "lr", "must be a number"),
-    (["train_iters=1.5"], "train_iters", "must be an integer"),
-    (["use_distributed_optimizer=maybe"], "use_distributed_optimizer", "must be true or false"),
-    (["min_lr=1.0"], "min_lr", "must be in [0, lr="),
-    (["lr_warmup_iters=20"], "lr_warmup_iters", "must be in [0, lr_decay_iters=20)"),
+    (["parallelism.tensor_model_parallel_size=3"], "parallelism.tensor_model_parallel_size",
+     "does not divide num_attention_heads=4"),
+    (["recompute.recompute_granularity=partial"], "recompute.recompute_granularity", "must be one of"),
+    (["recompute.recompute_method=null"], "recompute.recompute_method", "must be 'uniform' or 'block'"),
+    (["recompute.recompute_num_layers=5"], "recompute.recompute_num_layers", "must be in [1, num_layers=2]"),
+    (["recompute.recompute_granularity=selective"], "recompute.recompute_method",
+     "only applies to recompute_granularity=full"),
+    (["train.global_batch_size=5"], "train.global_batch_size", "not a multiple of train.micro_batch_size=2"),
+    (["optimizer.lr=fast"], "optimizer.lr", "must be a number"),
+    (["train.train_iters=1.5"], "train.train_iters", "must be an integer"),
+    (["optimizer.use_distributed_optimizer=maybe"], "optimizer.use_distributed_optimizer", "must be true or false"),
+    (["optimizer.min_lr=1.0"], "optimizer.min_lr", "must be in [0, optimizer.lr="),
+    (["schedule.lr_warmup_iters=20"], "schedule.lr_warmup_iters", "must be in [0, lr_decay_iters=20)"),
     (["model.axes_dims_rope=[4, 4, 4]"], "model.axes_dims_rope", "must sum to the head dim"),
-    (["model.hidden_size=66"], "model.hidden_size", "not divisible by model.num_attention_heads"),
-    (["recompute_granularity=selective", "recompute_method=null", "recompute_num_layers=null",
-      "recompute_modules=[moe]"], "recompute_modules", "choose from"),
-    (["recompute_modules=[mlp]"], "recompute_modules", "only applies to recompute_granularity=selective"),
-    (["timestep_shift=dynamo"], "timestep_shift", "must be one of"),
-    (["synthetic_resolutions=[[64, 60]]"], "synthetic_resolutions", "divisible by 16"),
+    (["model.hidden_size=66"], "model.hidden_size", "not divisible by num_attention_heads"),
+    (["recompute.recompute_granularity=selective", "recompute.recompute_method=null",
+      "recompute.recompute_num_layers=null", "recompute.recompute_modules=[moe]"], "recompute.recompute_modules",
+     "choose from"),
+    (["recompute.recompute_modules=[mlp]"], "recompute.recompute_modules",
+     "only applies to recompute_granularity=selective"),
+    (["flow_matching.timestep_shift=dynamo"], "flow_matching.timestep_shift", "must be one of"),
+    (["data.synthetic.resolutions=[[64, 60]]"], "data.synthetic.resolutions", "divisible by 16"),
+    (["data.cache.verify=sometimes"], "data.cache.verify", "must be one of"),
     (["model=3"], "model", "must be a mapping"),
-    (["lr"], "lr", "key=value"),
+    (["optimizer.lr"], "optimizer.lr", "key=value"),
 ])
 def test_bad_values_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as err:
@@ -61,13 +68,14 @@ def test_layout_checks_at_start_of_training():
     with pytest.raises(ConfigError, match=r"global_batch_size.*micro_batch_size x data-parallel size = 2 x 4"):
         validate(cfg, world_size=8)
     with pytest.raises(ConfigError, match="bf16=true needs a GPU"):
-        validate(load_config(SMOKE, ["bf16=true"]), cuda_available=False)
-    with pytest.raises(ConfigError, match="'cache_dir': is required with data=cache"):
-        validate(load_config(SMOKE, ["data=cache"]), world_size=2)
+        validate(load_config(SMOKE, ["precision.bf16=true"]), cuda_available=False)
+    with pytest.raises(ConfigError, match="'data.cache_dir': is required with data.source=cache"):
+        validate(load_config(SMOKE, ["data.source=cache"]), world_size=2)
     with pytest.raises(ConfigError, match=r"is not a latent cache: /nonexistent/CACHE.json is missing; fill it with `python -m producer`$"):
-        validate(load_config(SMOKE, ["data=cache", "cache_dir=/nonexistent"]), world_size=2)
+        validate(load_config(SMOKE, ["data.source=cache", "data.cache_dir=/nonexistent"]), world_size=2)
     with pytest.raises(ConfigError, match="create it first with `python -m megatron_qwen_image.cache init DIR`"):
-        validate(load_config(SMOKE, ["data=cache", "cache_dir=/nonexistent", "cache_streaming=true"]), world_size=2)
+        validate(load_config(SMOKE, ["data.source=cache", "data.cache_dir=/nonexistent", "data.cache.streaming=true"]),
+                 world_size=2)
 
 
 def test_base_chain_errors():
@@ -82,10 +90,79 @@ def test_cli_refuses_with_exit_code_2_and_names_the_key(monkeypatch, capsys):
     for var, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(var, value)
     for args, message in (
-        (["tensor_model_parallel_size=3"], "error: config key 'tensor_model_parallel_size'"),
-        ([], "error: config key 'tensor_model_parallel_size': world size 3 is not divisible by "
+        (["parallelism.tensor_model_parallel_size=3"], "error: config key 'parallelism.tensor_model_parallel_size'"),
+        ([], "error: config key 'parallelism.tensor_model_parallel_size': world size 3 is not divisible by "
              "tensor_model_parallel_size=2"),
     ):
         assert main(["--config", SMOKE, *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+# ---- the shared layer (megatron_qwen_image.config), as both programs use it ----------------------
+def test_base_chain_merges_key_by_key_and_names_the_file_that_set_a_bad_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: " + SMOKE + "\noptimizer: {lr: 2.0e-3}\n")
+    (tmp_path / "b.yaml").write_text("base: [a.yaml]\noptimizer: {min_lr: 1.0e-4}\n")
+    cfg = load_config(str(tmp_path / "b.yaml"))
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.adam_beta2) == (2e-3, 1e-4, 0.95)  # a, b, smoke
+    (tmp_path / "c.yaml").write_text("base: a.yaml\noptimizer: {weight_decy: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "c.yaml"))
+    assert e.value.key == "optimizer.weight_decy" and "c.yaml" in e.value.source and "did you mean" in str(e.value)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "missing_base.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="file not found: .*nowhere.yaml") as e:
+        load_config(str(tmp_path / "missing_base.yaml"))
+    assert "missing_base.yaml" in str(e.value)
+
+
+def test_yaml_syntax_error_is_one_line_with_file_and_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer:\n  lr: [1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    msg = str(e.value)
+    assert msg.startswith("config key 'config': YAML syntax error at ") and "bad.yaml:3:1" in msg and "\n" not in msg
+
+
+def test_values_are_yaml_1_2_numbers_and_interpolations_resolve(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text(f"base: {SMOKE}\noptimizer: {{lr: 3e-4, min_lr: 3e-5}}\n"
+                 "checkpoint: {save: /ckpt/run1, load: '${checkpoint.save}'}\n")
+    cfg = load_config(str(f))
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.min_lr == 3e-5  # YAML 1.1 would read strings here
+    assert cfg.checkpoint.load == "/ckpt/run1"
+
+
+def test_flags_win_over_overrides_and_take_values_literally():
+    cfg = load_config(SMOKE, ["checkpoint.save=/a"], {"checkpoint.save": "/b: c", "checkpoint.load": None})
+    assert cfg.checkpoint.save == "/b: c" and cfg.checkpoint.load is None
+
+
+def test_overrides_are_found_anywhere_on_a_command_line():
+    from megatron_qwen_image.config import split_overrides
+
+    argv = ["--input", "/d/a.tar", "filters.min_side=384", "/d/b=1.tar", "--cache-dir", "/c", "x=1", "--k=v"]
+    assert split_overrides(argv) == (["filters.min_side=384", "x=1"],
+                                     ["--input", "/d/a.tar", "/d/b=1.tar", "--cache-dir", "/c", "--k=v"])
+
+
+def test_sections_of_megatron_objects_build_them():
+    """The optimizer/ddp/model sections are megatron's own fields: the objects come from them unchanged."""
+    cfg = load_config(SMOKE, ["optimizer.adam_eps=1e-6", "ddp.bucket_size=1000"])
+    opt = cfg.optimizer_config(bf16=False)
+    assert (opt.lr, opt.adam_beta2, opt.adam_eps, opt.use_distributed_optimizer) == (5e-3, 0.95, 1e-6, True)
+    ddp = cfg.ddp_config()
+    assert ddp.bucket_size == 1000 and ddp.use_distributed_optimizer and ddp.grad_reduce_in_fp32
+    model = cfg.model_config(bf16=False, use_cpu_initialization=True)
+    assert (model.num_layers, model.hidden_size, model.axes_dims_rope, model.tensor_model_parallel_size,
+            model.recompute_granularity) == (2, 64, (4, 6, 6), 2, "full")
+
+
+def test_generated_key_docs_are_current():
+    """docs/configuration.md and the README's section table are what `make docs` writes from the dataclasses."""
+    from megatron_qwen_image.config import main
+
+    assert main(["docs", "--check"]) == 0, "run `make docs`"

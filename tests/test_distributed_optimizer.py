@@ -7,13 +7,13 @@ import json
 import pytest
 
 from consumer.planner import plan
-from megatron_qwen_image.config import load_config
+from consumer.config import load_config
 from tests.torchrun import torchrun
 
 STEPS = 5
-COMMON = ["micro_batch_size=1", "global_batch_size=4", f"train_iters={STEPS}", "lr=3e-3", "lr_warmup_iters=1",
-          "lr_decay_style=cosine", "min_lr=3e-4", "clip_grad=0.5", "weight_decay=0.01", "seed=7",
-          "synthetic_resolutions=[[32, 48]]", "synthetic_text_len=[3, 9]", "log_interval=5"]
+COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", f"train.train_iters={STEPS}", "optimizer.lr=3e-3", "schedule.lr_warmup_iters=1",
+          "schedule.lr_decay_style=cosine", "optimizer.min_lr=3e-4", "optimizer.clip_grad=0.5", "optimizer.weight_decay=0.01", "train.seed=7",
+          "data.synthetic.resolutions=[[32, 48]]", "data.synthetic.text_len=[3, 9]", "logging.log_interval=5"]
 
 
 def _results(prefix):
@@ -25,12 +25,12 @@ def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp
     init = str(tmp_path / "init.safetensors")
     ref_out, par_out = str(tmp_path / "ref"), str(tmp_path / "par")
     torchrun(1, ["tests/dist/train_parity.py", "--out", ref_out, "--save-init", init, *COMMON,
-                 "tensor_model_parallel_size=1", "use_distributed_optimizer=false",
-                 f"log_jsonl={tmp_path / 'ref.jsonl'}"], timeout=300)
-    par = ["tensor_model_parallel_size=2", "use_distributed_optimizer=true", "recompute_granularity=full",
-           "recompute_method=uniform", "recompute_num_layers=1"]
+                 "parallelism.tensor_model_parallel_size=1", "optimizer.use_distributed_optimizer=false",
+                 f"logging.log_jsonl={tmp_path / 'ref.jsonl'}"], timeout=300)
+    par = ["parallelism.tensor_model_parallel_size=2", "optimizer.use_distributed_optimizer=true", "recompute.recompute_granularity=full",
+           "recompute.recompute_method=uniform", "recompute.recompute_num_layers=1"]
     torchrun(4, ["tests/dist/train_parity.py", "--out", par_out, "--load-init", init, *COMMON, *par,
-                 f"log_jsonl={tmp_path / 'par.jsonl'}"], timeout=600)
+                 f"logging.log_jsonl={tmp_path / 'par.jsonl'}"], timeout=600)
     (ref,), ranks = _results(ref_out), _results(par_out)
     assert len(ranks) == 4
 
@@ -53,7 +53,7 @@ def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp
     print(f"reference losses {ref['losses']}; max |TP2xDP2 - reference| = {worst:.2e}")
 
     # parameters per rank are exactly the dry-run planner's TP split
-    cfg = load_config("configs/model/tiny.yaml", COMMON + ["tensor_model_parallel_size=2"])
+    cfg = load_config("configs/model/tiny.yaml", COMMON + ["parallelism.tensor_model_parallel_size=2"])
     p = plan(cfg, dp=2, bf16=False)
     assert ref["local_params"] == p.total_params
     assert all(r["local_params"] == p.params_per_rank for r in ranks)

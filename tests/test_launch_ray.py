@@ -86,12 +86,12 @@ def test_producer_ray_job_writes_the_cache(ray_head, tmp_path):
            "--timeout", "240", "--",
            "--input", str(raw), "--cache-dir", str(cache), "--encoders", ensure_tiny(),
            "--config", "configs/producer/default.yaml",  # relative: resolved in the uploaded working dir
-           "--set", "pools.cpu_actor_num_cpus=0.5", "--set", "pools.encoder_num_cpus=0.5", "--set", "pools.chunk_size=4"]
+           "pools.cpu_actor_num_cpus=0.5", "pools.encoder_num_cpus=0.5", "pools.chunk_size=4"]
     r = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     assert "Ray job mqi-producer-test: SUCCEEDED" in out
-    assert "--set 'pools.cpu_actors={min: 1, max: 1}'" in out  # the pool sizes reached the producer
+    assert "'pools.cpu_actors={min: 1, max: 1}'" in out  # the pool sizes reached the producer
 
     # Ask the cluster itself (in a child process: Ray's client caches the auth token process-wide).
     r = subprocess.run([sys.executable, "-c", "import json; from ray.job_submission import JobSubmissionClient as C; "
@@ -112,7 +112,7 @@ def test_submitter_refuses_bad_arguments_before_submitting():
     ok = producer_entrypoint(["--input", "/data/a.tar", "/data/b.tar", "--cache-dir", "/data/cache"],
                              python="/opt/venv/bin/python", cpu_actors="2:16", encoder_actors="4")
     assert ok.startswith("/opt/venv/bin/python -m producer --address auto "
-                         "--set 'pools.cpu_actors={min: 2, max: 16}' --set 'pools.encoder_actors={min: 4, max: 4}'")
+                         "'pools.cpu_actors={min: 2, max: 16}' 'pools.encoder_actors={min: 4, max: 4}'")
     with pytest.raises(SubmitError, match="--input 'shards'"):
         producer_entrypoint(["--input", "/data/a.tar", "shards", "--cache-dir", "/c"])
     with pytest.raises(SubmitError, match="--cache-dir 'cache'"):

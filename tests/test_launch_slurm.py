@@ -108,7 +108,7 @@ def test_rendezvous_is_derived_from_the_slurm_environment(cluster, monkeypatch):
 def test_train_sbatch_preempted_then_time_limited_requeues_and_resumes_to_completion(cluster, tmp_path):
     ckpt, out = tmp_path / "ckpt", str(tmp_path / "train.out")
     iters = 40
-    job = cluster.sbatch(["-N2", "-o", out, "launch/slurm/train.sbatch", f"train_iters={iters}",
+    job = cluster.sbatch(["-N2", "-o", out, "launch/slurm/train.sbatch", f"train.train_iters={iters}",
                           "--log-jsonl", str(tmp_path / "stats.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")],
                          env=_train_env(CKPT_DIR=str(ckpt)), cwd=REPO)
 
@@ -176,16 +176,16 @@ def test_producer_and_streaming_consumer_jobs_share_one_cache(cluster, tmp_path)
     try:
         # Consumer pool: one node, 2 processes (TP=2), streaming from the cache while it is written.
         train = cluster.sbatch(["-N1", "-o", tout, "launch/slurm/train.sbatch", "--data", "cache", "--cache-dir",
-                                str(cache), "cache_streaming=true", "global_batch_size=2", "train_iters=6",
+                                str(cache), "data.cache.streaming=true", "train.global_batch_size=2", "train.train_iters=6",
                                 "--log-jsonl", str(tmp_path / "stats.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")],
                                env=_train_env(NPROC_PER_NODE="2", CKPT_DIR=str(tmp_path / "ckpt")), cwd=REPO)
         # Producer pool: a 2-node Ray cluster (head + worker) inside its own allocation.
         producer = cluster.sbatch(["-N2", "-o", pout, "launch/slurm/producer.sbatch", "--input", str(raw),
                                    "--cache-dir", str(cache), "--encoders", tiny,
                                    "--config", "configs/producer/default.yaml",
-                                   "--set", "pools.cpu_actors=1", "--set", "pools.encoder_actors=1",
-                                   "--set", "pools.cpu_actor_num_cpus=0.25", "--set", "pools.encoder_num_cpus=0.25",
-                                   "--set", "pools.chunk_size=4", "--set", "progress_interval_s=5"],
+                                   "pools.cpu_actors=1", "pools.encoder_actors=1",
+                                   "pools.cpu_actor_num_cpus=0.25", "pools.encoder_num_cpus=0.25",
+                                   "pools.chunk_size=4", "progress_interval_s=5"],
                                   env={"RAY_TMP_ROOT": ray_tmp, "PYTHON": PYTHON, "OMP_NUM_THREADS": "1"}, cwd=REPO)
         # When the producer has succeeded, seal the cache: streaming consumers then finish the stream.
         seal = cluster.sbatch(["-N1", f"--dependency=afterok:{producer}", "-o", sout, "--wrap",

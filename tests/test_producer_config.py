@@ -1,7 +1,8 @@
 """Producer config: YAML -> validated dataclasses; every bad value refused with the key in the message."""
 import pytest
 
-from producer.config import ConfigError, PoolSize, load_config, yaml_load
+from megatron_qwen_image.config import ConfigError, yaml_load
+from producer.config import PoolSize, load_config
 
 
 def test_default_yaml_loads_and_matches_dataclass_defaults():
@@ -53,7 +54,7 @@ def test_yaml_has_no_base60_numbers():
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    assert str(e.value).startswith(key), str(e.value)
+    assert e.value.key == key and str(e.value).startswith(f"config key '{key}'"), str(e.value)
 
 
 def test_null_disables_a_filter():
@@ -65,12 +66,12 @@ def test_cli_refuses_bad_config_before_starting_ray(tmp_path, capsys):
     from producer.__main__ import main
 
     args = ["--input", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
-    assert main(args + ["--encoders", str(tmp_path), "--set", "filters.min_sid=3"]) == 2
-    assert "filters.min_sid: unknown key" in capsys.readouterr().err
+    assert main(args + ["--encoders", str(tmp_path), "filters.min_sid=3"]) == 2
+    assert "config key 'filters.min_sid' (set on the command line): unknown key" in capsys.readouterr().err
     assert main(args + ["--encoders", str(tmp_path), "--cpu-actors", "0"]) == 2
     assert "pools.cpu_actors" in capsys.readouterr().err
     assert main(args) == 2
-    assert "encoders.dir: required" in capsys.readouterr().err
+    assert "config key 'encoders.dir': required" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 

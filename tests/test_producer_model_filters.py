@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
-from producer.config import ConfigError, ModelFilterSpec
+from producer.config import ModelFilterSpec
 from producer.model_filters import ClipScoreFilter, ModelFilter, build_model_filter
 
 

@@ -4,7 +4,7 @@ import glob
 import json
 import math
 
-from megatron_qwen_image.config import load_config
+from consumer.config import load_config
 from tests.torchrun import torchrun
 
 
@@ -26,8 +26,8 @@ def test_smoke_tp2_trains_20_steps_with_falling_loss(tmp_path):
     # LR follows megatron's schedule: linear warmup from 0 over 2 iterations, cosine to min_lr at 20
     cfg = load_config("configs/smoke_tp2.yaml")
     lrs = [r["lr"] for r in records]
-    assert lrs[0] == 0.0 and lrs[1] == cfg.lr / 2 and lrs[2] == cfg.lr
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > cfg.min_lr
+    assert lrs[0] == 0.0 and lrs[1] == cfg.optimizer.lr / 2 and lrs[2] == cfg.optimizer.lr
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > cfg.optimizer.min_lr
     assert glob.glob(str(tb / "events.out.tfevents.*"))
 
 
@@ -45,7 +45,7 @@ def test_cache_loader_plugs_into_the_train_loop(tmp_path):
                 writer.add(key, latent, text[mask], caption="synthetic", source="test")
             writer.commit()
     jsonl = tmp_path / "stats.jsonl"
-    out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", "train_iters=4",
+    out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", "train.train_iters=4",
                        "--data", "cache", "--cache-dir", str(cache), "--log-jsonl", str(jsonl)], timeout=300)
     assert "SYNTHETIC" not in out and "step      4/4" in out
     records = [json.loads(line) for line in open(jsonl)]
@@ -57,8 +57,8 @@ def test_recompute_variants_give_the_same_training_run(tmp_path):
     """Activation recompute only trades compute for memory: selective (all modules), full/uniform and
     full/block runs reproduce the no-recompute run's losses (TP=1, same seed and weights, 3 steps)."""
     out = tmp_path / "losses.json"
-    torchrun(1, ["tests/dist/train_recompute.py", str(out), "micro_batch_size=1", "global_batch_size=2",
-                 "train_iters=3", "lr=3e-3", "seed=5", "synthetic_resolutions=[[32, 48]]"], timeout=300)
+    torchrun(1, ["tests/dist/train_recompute.py", str(out), "train.micro_batch_size=1", "train.global_batch_size=2",
+                 "train.train_iters=3", "optimizer.lr=3e-3", "train.seed=5", "data.synthetic.resolutions=[[32, 48]]"], timeout=300)
     losses = json.load(open(out))
     assert len(losses["none"]) == 3 and losses["none"][0] != losses["none"][-1]
     for name in ("selective", "full_uniform", "full_block"):

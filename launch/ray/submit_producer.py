@@ -29,6 +29,8 @@ import time
 
 import yaml
 
+from megatron_qwen_image.config import split_overrides
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_RUNTIME_ENV = os.path.join(REPO, "launch", "ray", "runtime_env.yaml")
 # Producer options whose values are filesystem paths on the cluster (a relative one would point into the
@@ -66,6 +68,7 @@ def _check_pool(name: str, value: str | None) -> None:
 def check_producer_args(producer_args: list[str]) -> None:
     """Refuse relative cluster paths and a user-given --address (the job always joins its own cluster)."""
     opt = None
+    _, producer_args = split_overrides(producer_args)  # key=value config overrides are not paths
     for a in producer_args:
         if a.startswith("--"):
             key, _, val = a.partition("=")
@@ -96,11 +99,11 @@ def producer_entrypoint(producer_args: list[str], python: str = "python", cpu_ac
     check_producer_args(producer_args)
     cmd = [python, "-m", "producer", "--address", "auto"]
     # Passed as config overrides with an explicit {min, max} mapping: unambiguous for both N and MIN:MAX
-    # (a bare "1:8" in YAML 1.1 is the sexagesimal integer 68).
+    # to any YAML reader (a bare "1:8" in YAML 1.1 is the sexagesimal integer 68).
     for key, value in (("pools.cpu_actors", cpu_actors), ("pools.encoder_actors", encoder_actors)):
         if value:
             lo, _, hi = value.partition(":")
-            cmd += ["--set", f"{key}={{min: {int(lo)}, max: {int(hi or lo)}}}"]
+            cmd.append(f"{key}={{min: {int(lo)}, max: {int(hi or lo)}}}")
     return shlex.join(cmd + list(producer_args))
 
 

@@ -26,8 +26,8 @@ import os
 import sys
 import time
 
-# Tiny sizes shared with the rest of the project (see /work/shared contracts): text features 64 wide,
-# VAE z_dim 16 with spatial factor 8, tiny MMDiT of configs/model/tiny.yaml.
+# Tiny sizes the rest of the project builds on: text features 64 wide (configs/model/tiny.yaml's
+# joint_attention_dim), VAE z_dim 16 with spatial factor 8.
 TEXT_HIDDEN = 64
 Z_DIM = 16
 

@@ -20,6 +20,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 SUPPORTED_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
+class ModelConfigError(ValueError):
+    """A QwenImageConfig field holds a value this model cannot take; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"QwenImageConfig.{field}: {message}")
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, as diffusers' FeedForward(activation_fn="gelu-approximate")."""
     return F.gelu(x, approximate="tanh")
@@ -64,47 +72,65 @@ class QwenImageConfig(TransformerConfig):
     def __post_init__(self):
         if self.use_cpu_initialization is None:
             self.use_cpu_initialization = not torch.cuda.is_available()
-        self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
+        self.axes_dims_rope = tuple(self.axes_dims_rope)
+        self._validate_shape()  # before megatron's own checks, which would fail on the same values less clearly
         super().__post_init__()
-        self._validate()
 
-    def _validate(self):
-        def bad(key, msg):
-            raise ValueError(f"QwenImageConfig.{key}={getattr(self, key)!r}: {msg}")
+    def _validate_shape(self):
+        """The architecture, its tensor-parallel split and the recompute settings, each error naming its field."""
+        def require(ok, key, msg):
+            if not ok:
+                raise ModelConfigError(key, msg)
 
         for key in ("num_layers", "hidden_size", "num_attention_heads", "in_channels", "out_channels",
-                    "patch_size", "joint_attention_dim"):
-            if int(getattr(self, key)) <= 0:
-                bad(key, "must be a positive integer")
-        if self.kv_channels * self.num_attention_heads != self.hidden_size:
-            bad("kv_channels", f"head dim x num_attention_heads ({self.num_attention_heads}) must equal "
-                               f"hidden_size ({self.hidden_size})")
-        if len(self.axes_dims_rope) != 3 or any(a <= 0 or a % 2 for a in self.axes_dims_rope):
-            bad("axes_dims_rope", "must be three positive even numbers (frame, height, width)")
-        if sum(self.axes_dims_rope) != self.kv_channels:
-            bad("axes_dims_rope", f"must sum to the head dim kv_channels={self.kv_channels}")
-        if self.num_query_groups != self.num_attention_heads:
-            bad("num_query_groups", "Qwen-Image uses full multi-head attention: must equal num_attention_heads")
-        if self.gated_linear_unit:
-            bad("gated_linear_unit", "Qwen-Image's MLP is GELU(tanh), not gated")
-        if not self.add_bias_linear:
-            bad("add_bias_linear", "every Qwen-Image linear has a bias")
-        if self.sequence_parallel:
-            bad("sequence_parallel", "not supported by this model (activations are replicated across TP)")
-        if self.context_parallel_size != 1:
-            bad("context_parallel_size", "not supported by this model; use 1")
-        if self.pipeline_model_parallel_size != 1:
-            bad("pipeline_model_parallel_size", "not supported by this model; use 1")
-        if self.hidden_dropout or self.attention_dropout:
-            bad("hidden_dropout" if self.hidden_dropout else "attention_dropout",
-                "Qwen-Image has no dropout; must be 0.0")
-        if self.recompute_granularity == "full" and not 1 <= self.recompute_num_layers <= self.num_layers:
-            bad("recompute_num_layers", f"must be between 1 and num_layers={self.num_layers} for full recompute")
-        if self.recompute_granularity == "selective":
-            unsupported = [m for m in self.recompute_modules if m not in SUPPORTED_RECOMPUTE_MODULES]
-            if unsupported:
-                bad("recompute_modules", f"{unsupported} not implemented by the Qwen-Image MMDiT; "
-                                         f"choose from {list(SUPPORTED_RECOMPUTE_MODULES)}")
+                    "patch_size", "joint_attention_dim", "tensor_model_parallel_size"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value >= 1, key, f"must be a positive integer, got {value!r}")
+        require(self.layernorm_epsilon > 0, "layernorm_epsilon", f"must be > 0, got {self.layernorm_epsilon}")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        require(head_dim * self.num_attention_heads == self.hidden_size, "kv_channels",
+                f"head dim x num_attention_heads ({self.num_attention_heads}) must equal hidden_size ({self.hidden_size})")
+        require(len(self.axes_dims_rope) == 3 and all(isinstance(a, int) and a > 0 and a % 2 == 0
+                                                     for a in self.axes_dims_rope),
+                "axes_dims_rope", f"must be three positive even integers (frame, height, width), got "
+                                  f"{list(self.axes_dims_rope)}")
+        require(sum(self.axes_dims_rope) == head_dim, "axes_dims_rope",
+                f"must sum to the head dim hidden_size/num_attention_heads = {head_dim}, got {sum(self.axes_dims_rope)}")
+        require(self.in_channels == self.out_channels * self.patch_size ** 2, "in_channels",
+                f"must equal out_channels*patch_size^2 = {self.out_channels * self.patch_size ** 2} (2x2-packed latents)")
+        tp = self.tensor_model_parallel_size
+        require(self.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+                f"{tp} does not divide num_attention_heads={self.num_attention_heads} (heads are split across TP ranks)")
+        ffn = self.ffn_hidden_size or 4 * self.hidden_size
+        require(ffn % tp == 0, "tensor_model_parallel_size", f"{tp} does not divide ffn_hidden_size={ffn}")
+        require(self.num_query_groups in (None, self.num_attention_heads), "num_query_groups",
+                "Qwen-Image uses full multi-head attention: must equal num_attention_heads")
+        require(not self.gated_linear_unit, "gated_linear_unit", "Qwen-Image's MLP is GELU(tanh), not gated")
+        require(self.add_bias_linear, "add_bias_linear", "every Qwen-Image linear has a bias")
+        require(not self.sequence_parallel, "sequence_parallel",
+                "not supported by this model (activations are replicated across TP)")
+        require(self.context_parallel_size == 1, "context_parallel_size", "not supported by this model; use 1")
+        require(self.pipeline_model_parallel_size == 1, "pipeline_model_parallel_size",
+                "not supported by this model; use 1")
+        require(not self.hidden_dropout, "hidden_dropout", "Qwen-Image has no dropout; must be 0.0")
+        require(not self.attention_dropout, "attention_dropout", "Qwen-Image has no dropout; must be 0.0")
+        g, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g == "full":
+            require(method in ("uniform", "block"), "recompute_method",
+                    "must be 'uniform' or 'block' when recompute_granularity=full")
+            require(n is not None and 1 <= n <= self.num_layers, "recompute_num_layers",
+                    f"must be in [1, num_layers={self.num_layers}] when recompute_granularity=full, got {n}")
+        else:
+            require(method is None, "recompute_method", f"only applies to recompute_granularity=full (it is {g!r})")
+            require(n is None, "recompute_num_layers", f"only applies to recompute_granularity=full (it is {g!r})")
+        if self.recompute_modules is not None:
+            require(g == "selective", "recompute_modules",
+                    f"only applies to recompute_granularity=selective (it is {g!r})")
+            bad = [m for m in self.recompute_modules if m not in SUPPORTED_RECOMPUTE_MODULES]
+            require(self.recompute_modules and not bad, "recompute_modules",
+                    f"{bad or 'empty list'}: choose from {list(SUPPORTED_RECOMPUTE_MODULES)}")
 
     @property
     def head_dim(self) -> int:

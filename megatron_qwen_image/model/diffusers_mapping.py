@@ -248,21 +248,25 @@ def config_from_diffusers(config_dict: Mapping, **overrides) -> QwenImageConfig:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown keys in the diffusers config: {unknown}")
-    heads = int(cfg.get("num_attention_heads", 24))
-    head_dim = int(cfg.get("attention_head_dim", 128))
-    in_channels = int(cfg.get("in_channels", 64))
+    # A key the diffusers config leaves out has diffusers' default, which is the released model's and
+    # QwenImageConfig's default too: take it from there instead of restating it.
+    q = QwenImageConfig
+    heads = int(cfg.get("num_attention_heads", q.num_attention_heads))
+    head_dim = int(cfg.get("attention_head_dim", q.hidden_size // q.num_attention_heads))
+    in_channels = int(cfg.get("in_channels", q.in_channels))
     hidden = heads * head_dim
     kwargs = dict(
-        num_layers=int(cfg.get("num_layers", 60)),
+        num_layers=int(cfg.get("num_layers", q.num_layers)),
         hidden_size=hidden,
         num_attention_heads=heads,
         kv_channels=head_dim,
         ffn_hidden_size=4 * hidden,  # diffusers' FeedForward default mult=4
         in_channels=in_channels,
-        out_channels=int(cfg.get("out_channels") or in_channels),
-        patch_size=int(cfg.get("patch_size", 2)),
-        joint_attention_dim=int(cfg.get("joint_attention_dim", 3584)),
-        axes_dims_rope=tuple(int(a) for a in cfg.get("axes_dims_rope", (16, 56, 56))),
+        # diffusers: out_channels=None means in_channels (which this model refuses: it predicts the packed input)
+        out_channels=int(cfg.get("out_channels", q.out_channels) or in_channels),
+        patch_size=int(cfg.get("patch_size", q.patch_size)),
+        joint_attention_dim=int(cfg.get("joint_attention_dim", q.joint_attention_dim)),
+        axes_dims_rope=tuple(int(a) for a in cfg.get("axes_dims_rope", q.axes_dims_rope)),
     )
     kwargs.update(overrides)
     return QwenImageConfig(**kwargs)

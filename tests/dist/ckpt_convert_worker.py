@@ -20,11 +20,11 @@ def main():
 
     from consumer.checkpointing import Checkpointer, unwrap_model
     from consumer.train import setup
-    from megatron_qwen_image.config import load_config
+    from consumer.config import load_config
     from megatron_qwen_image.parallel import destroy_parallel
     from tests.reference_models import PARITY_SHAPES, diffusers_forward, make_inputs, rel_max_err
 
-    cfg = load_config("configs/smoke_tp2.yaml", [f"pretrained={args.ckpt}"])
+    cfg = load_config("configs/smoke_tp2.yaml", [f"checkpoint.pretrained={args.ckpt}"])
     state, ctx, _ = setup(cfg)
     assert Checkpointer(cfg, ctx).load(state)
     model = unwrap_model(state.model)

@@ -37,7 +37,7 @@ def main():
 
     import consumer.train as train_mod
     from consumer.checkpointing import Checkpointer
-    from megatron_qwen_image.config import load_config
+    from consumer.config import load_config
 
     probes = {}
     info = {}
@@ -59,9 +59,8 @@ def main():
             stop = super().maybe_save(state)
             return stop or (args.stop_at is not None and state.step >= args.stop_at)
 
-    train_mod.build_checkpointer = lambda cfg, ctx: ProbingCheckpointer(cfg, ctx)
     cfg = load_config(os.path.join("configs", "smoke_tp2.yaml"), args.overrides)
-    records = train_mod.train(cfg)
+    records = train_mod.train(cfg, make_checkpointer=ProbingCheckpointer)
 
     from megatron.core import parallel_state
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from consumer.synthetic_data import SyntheticLatentBatches
-from consumer.train import NullCheckpointer, train
-from megatron_qwen_image.config import load_config
+from consumer.train import train
+from consumer.config import load_config
 
 
 class RecordingIterator:
@@ -36,8 +36,8 @@ class RecordingIterator:
         return batch
 
 
-class InitAndInspect(NullCheckpointer):
-    """Uses the checkpoint seam: `load` sets the initial weights, `maybe_save` measures optimizer state."""
+class InitAndInspect:
+    """In the checkpointer's place: `load` sets the initial weights, `maybe_save` measures optimizer state."""
 
     def __init__(self, save_init=None, load_init=None):
         self.save_init, self.load_init = save_init, load_init
@@ -75,6 +75,9 @@ class InitAndInspect(NullCheckpointer):
                                              for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         return False
 
+    def close(self):
+        pass
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -86,14 +89,14 @@ def main():
     cfg = load_config(os.path.join("configs", "model", "tiny.yaml"), args.overrides)
 
     world = int(os.environ["WORLD_SIZE"])
-    dp = world // cfg.tensor_model_parallel_size
+    dp = world // cfg.parallelism.tensor_model_parallel_size
     rank = int(os.environ["RANK"])
-    dp_rank = rank // cfg.tensor_model_parallel_size  # megatron's default order: TP ranks are adjacent
+    dp_rank = rank // cfg.parallelism.tensor_model_parallel_size  # megatron's default order: TP ranks are adjacent
     data = RecordingIterator(SyntheticLatentBatches(
-        cfg.global_batch_size, dp_rank, dp, cfg.seed, text_dim=cfg.model.joint_attention_dim,
-        resolutions=cfg.synthetic_resolutions, text_len=cfg.synthetic_text_len))
+        cfg.train.global_batch_size, dp_rank, dp, cfg.train.seed, text_dim=cfg.model.joint_attention_dim,
+        **cfg.data.synthetic.build_kwargs()))
     hook = InitAndInspect(args.save_init, args.load_init)
-    records = train(cfg, data_iterator=data, checkpointer=hook)
+    records = train(cfg, data_iterator=data, make_checkpointer=lambda cfg, ctx: hook)
 
     from megatron.core import parallel_state
 

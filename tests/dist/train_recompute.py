@@ -5,14 +5,14 @@ import os
 import sys
 
 from consumer.train import train
-from megatron_qwen_image.config import load_config
+from consumer.config import load_config
 from megatron_qwen_image.parallel import destroy_parallel
 
 VARIANTS = {
     "none": [],
-    "selective": ["recompute_granularity=selective", "recompute_modules=[core_attn, layernorm, mlp]"],
-    "full_uniform": ["recompute_granularity=full", "recompute_method=uniform", "recompute_num_layers=2"],
-    "full_block": ["recompute_granularity=full", "recompute_method=block", "recompute_num_layers=1"],
+    "selective": ["recompute.recompute_granularity=selective", "recompute.recompute_modules=[core_attn, layernorm, mlp]"],
+    "full_uniform": ["recompute.recompute_granularity=full", "recompute.recompute_method=uniform", "recompute.recompute_num_layers=2"],
+    "full_block": ["recompute.recompute_granularity=full", "recompute.recompute_method=block", "recompute.recompute_num_layers=1"],
 }
 
 
@@ -21,7 +21,7 @@ def main():
     losses = {}
     for name, extra in VARIANTS.items():
         cfg = load_config(os.path.join("configs", "model", "tiny.yaml"),
-                          [*common, *extra, f"log_jsonl={out}.{name}.jsonl"])
+                          [*common, *extra, f"logging.log_jsonl={out}.{name}.jsonl"])
         losses[name] = [r["loss"] for r in train(cfg)]
     with open(out, "w") as f:
         json.dump(losses, f)

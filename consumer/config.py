@@ -1,0 +1,319 @@
+"""The trainer's configuration: sections per concern, with Megatron's names, on the shared config layer
+(megatron_qwen_image.config: YAML with `base:`, `key=value` overrides, errors naming the full key).
+
+    base: model/tiny.yaml
+    parallelism: {tensor_model_parallel_size: 2}
+    optimizer: {lr: 5.0e-3, use_distributed_optimizer: true}
+    recompute: {recompute_granularity: full, recompute_method: uniform, recompute_num_layers: 1}
+
+Sections that configure a megatron-core object take their keys, types and defaults from it: `model`,
+`parallelism` and `recompute` are fields of QwenImageConfig (megatron's TransformerConfig), `optimizer`
+of OptimizerConfig, `ddp` of DistributedDataParallelConfig, `data.cache` the arguments of the cache's
+BucketedLoader; those objects are built from the sections (`model_config`, `optimizer_config`,
+`ddp_config`), not copied field by field. docs/configuration.md lists every key (generated).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+
+from consumer.synthetic_data import SyntheticLatentBatches
+from megatron_qwen_image import config as layer
+from megatron_qwen_image.cache import BucketedLoader
+from megatron_qwen_image.cache.shard import VERIFY_MODES
+from megatron_qwen_image.config import ConfigError, option, require, section
+from megatron_qwen_image.flow_matching import SigmaSampling
+from megatron_qwen_image.model.config import ModelConfigError, QwenImageConfig
+
+ModelSection = section("ModelSection", QwenImageConfig, {
+    "num_layers": "dual-stream MMDiT blocks",
+    "hidden_size": "width of both streams (num_attention_heads x head dim)",
+    "num_attention_heads": "attention heads (split across TP ranks)",
+    "ffn_hidden_size": "MLP width (null: 4 x hidden_size, as diffusers)",
+    "joint_attention_dim": "text feature width (Qwen2.5-VL hidden size)",
+    "in_channels": "packed latent channels (out_channels x patch_size^2)",
+    "out_channels": "VAE latent channels",
+    "patch_size": "latent patch size (2: 2x2 packing)",
+    "axes_dims_rope": "MSRoPE frame/height/width dims, summing to the head dim",
+    "layernorm_epsilon": "epsilon of every norm",
+    "rope_theta": "RoPE base",
+}, doc="The MMDiT's architecture: fields of QwenImageConfig (released model's defaults).")
+
+ParallelismSection = section("ParallelismSection", QwenImageConfig, {
+    "tensor_model_parallel_size": "TP size; data-parallel size = world size / TP",
+    "use_cpu_initialization": "initialise each full weight on CPU from the seed and slice this rank's shard, so "
+                              "the initial model does not depend on the TP layout (null: true on CPU, false on GPU)",
+}, doc="How the model is split: fields of QwenImageConfig (megatron's ModelParallelConfig).")
+
+RecomputeSection = section("RecomputeSection", QwenImageConfig, {
+    "recompute_granularity": "activation recompute: full (whole blocks), selective (parts), or null (off)",
+    "recompute_method": "full recompute: uniform or block",
+    "recompute_num_layers": "full recompute: blocks per unit (uniform) or recomputed blocks (block)",
+    "recompute_modules": "selective recompute: of core_attn, layernorm, mlp (null: megatron's [core_attn])",
+}, doc="Activation checkpointing: fields of QwenImageConfig (megatron's TransformerConfig).")
+
+OptimizerSection = section("OptimizerSection", OptimizerConfig, {
+    "optimizer": "adam (AdamW) or sgd",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the decay",
+    "weight_decay": "decoupled weight decay",
+    "adam_beta1": "Adam beta1",
+    "adam_beta2": "Adam beta2",
+    "adam_eps": "Adam epsilon",
+    "clip_grad": "global gradient-norm clip (0 disables it)",
+    "use_distributed_optimizer": "shard fp32 main params and Adam states over data-parallel ranks",
+}, defaults={"lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0, "use_distributed_optimizer": True},
+    choices={"optimizer": ("adam", "sgd")}, doc="megatron's OptimizerConfig.")
+
+DDPSection = section("DDPSection", DistributedDataParallelConfig, {
+    "grad_reduce_in_fp32": "keep the gradient buffer and its reductions in fp32",
+    "check_for_nan_in_grad": "stop on a NaN or Inf gradient",
+    "bucket_size": "elements per gradient bucket (null: megatron's default)",
+}, defaults={"grad_reduce_in_fp32": True, "check_for_nan_in_grad": True},
+    doc="megatron's DistributedDataParallelConfig.")
+
+LoaderSection = section("LoaderSection", BucketedLoader, {
+    "streaming": "follow the manifest while producers write; epoch mode once the cache is sealed",
+    "prefetch": "batches built ahead in the background (0: synchronously)",
+    "num_workers": "reader threads building batches",
+    "base_resolution": "use only buckets of this base resolution (256, 640, 1328; null: all)",
+    "buckets": "use only these buckets, e.g. [640x480, 480x640] (null: all)",
+    "verify": "checksums: sample (each sample on first read), full (whole shard on open), none",
+    "stream_round_samples": "streaming: new samples per round (null: 8 x global batch)",
+    "poll_interval_s": "streaming: seconds between looks at the manifest",
+    "stream_timeout_s": "streaming: give up after waiting this long for producers (null: wait)",
+    "max_open_shards": "memory-mapped shards kept open",
+    "pin_memory": "build batches in pinned host memory (faster host-to-GPU copies)",
+}, choices={"verify": VERIFY_MODES}, doc="The latent cache's BucketedLoader (megatron_qwen_image.cache).")
+
+SyntheticSection = section("SyntheticSection", SyntheticLatentBatches, {
+    "resolutions": "pixel [height, width] of each bucket, multiples of 16",
+    "text_len": "[min, max] caption tokens",
+    "num_classes": "distinct learnable patterns",
+}, defaults={"resolutions": [[64, 64]], "text_len": [4, 16]},
+    doc="The flagged SYNTHETIC stand-in data (consumer.synthetic_data).")
+
+
+@dataclass
+class PrecisionSection:
+    """Number formats."""
+
+    bf16: Optional[bool] = option(None, "bf16 parameters and activations (null: bf16 on a GPU, fp32 on CPU)")
+
+
+@dataclass
+class TrainSection:
+    """Batch sizes, length and seed of the run."""
+
+    micro_batch_size: int = option(1, "samples per forward/backward on one rank")
+    global_batch_size: int = option(1, "samples per step over all DP ranks = micro x DP x accumulation steps")
+    train_iters: int = option(100, "training steps")
+    seed: int = option(1234, "seed of the weights' initialisation and of every sample's noise and sigma")
+
+
+@dataclass
+class ScheduleSection:
+    """megatron's OptimizerParamScheduler, with Megatron-LM's argument names; stepped once per iteration."""
+
+    lr_warmup_init: float = option(0.0, "learning rate at step 0 of the warm-up")
+    lr_warmup_iters: int = option(0, "warm-up steps (linear, to optimizer.lr)")
+    lr_decay_iters: Optional[int] = option(None, "steps over which the learning rate decays (null: train.train_iters)")
+    lr_decay_style: str = option("constant", "decay shape",
+                                 choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+    lr_wsd_decay_iters: Optional[int] = option(None, "WSD: steps of the final decay")
+    lr_wsd_decay_style: str = option("linear", "WSD: shape of the final decay",
+                                     choices=("linear", "cosine", "exponential", "minus_sqrt"))
+
+
+@dataclass
+class DataSection:
+    """Where batches come from: the latent cache (its loader's options under `cache`), or synthetic data."""
+
+    source: str = option("synthetic", "batches from the latent cache, or the flagged synthetic stand-in",
+                         choices=("synthetic", "cache"))
+    cache_dir: Optional[str] = option(None, "the latent cache (with source=cache; --cache-dir)")
+    cache: LoaderSection = field(default_factory=LoaderSection)
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+
+@dataclass
+class CheckpointSection:
+    """Saving and resuming (docs/checkpoints.md); with neither save nor load set, no checkpoints."""
+
+    save: Optional[str] = option(None, "checkpoint root to save to (--save)")
+    save_interval: Optional[int] = option(None, "save every K steps (and at the end, and on SIGTERM)")
+    keep_last: Optional[int] = option(None, "keep only the newest K checkpoints under save (null: all)")
+    load: Optional[str] = option(None, "resume everything from this root's latest complete checkpoint (--load)")
+    pretrained: Optional[str] = option(None, "start from these model weights only, e.g. imported diffusers "
+                                       "weights, when load holds no checkpoint (--pretrained)")
+
+
+@dataclass
+class LoggingSection:
+    """Console, JSONL and TensorBoard output."""
+
+    log_interval: int = option(1, "print a console line every K steps (JSONL and TensorBoard get every step)")
+    tensorboard_dir: Optional[str] = option(None, "TensorBoard event directory (--tensorboard-dir)")
+    log_jsonl: Optional[str] = option(None, "per-step stats file (--log-jsonl; null: runs/TIME/stats.jsonl)")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is configured by; `load_config` builds it, `validate` checks it."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    ddp: DDPSection = field(default_factory=DDPSection)
+    flow_matching: SigmaSampling = field(default_factory=SigmaSampling)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    # ---- derived -------------------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.parallelism.tensor_model_parallel_size
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+
+    @property
+    def lr_decay_iters(self) -> int:
+        return self.schedule.lr_decay_iters if self.schedule.lr_decay_iters is not None else self.train.train_iters
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- megatron-core's own config objects, built from the sections ----------------------------
+    def model_config(self, bf16: bool, use_cpu_initialization: bool | None = None, tp_size: int | None = None,
+                     perform_initialization: bool = True) -> QwenImageConfig:
+        parallel = self.parallelism.build_kwargs()
+        parallel["use_cpu_initialization"] = use_cpu_initialization
+        if tp_size is not None:
+            parallel["tensor_model_parallel_size"] = tp_size
+        return QwenImageConfig(**self.model.build_kwargs(), **parallel, **self.recompute.build_kwargs(), bf16=bf16,
+                               params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                               perform_initialization=perform_initialization)
+
+    def optimizer_config(self, bf16: bool) -> OptimizerConfig:
+        return OptimizerConfig(**self.optimizer.build_kwargs(), bf16=bf16, fp16=False,
+                               params_dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    def ddp_config(self) -> DistributedDataParallelConfig:
+        return DistributedDataParallelConfig(**self.ddp.build_kwargs(),
+                                             use_distributed_optimizer=self.optimizer.use_distributed_optimizer)
+
+
+# Where each QwenImageConfig field lives in this config (for naming the key of a model error).
+_MODEL_FIELD_SECTION = {name: sec for sec, cls in (("model", ModelSection), ("parallelism", ParallelismSection),
+                                                   ("recompute", RecomputeSection))
+                        for name in (f.name for f in dataclasses.fields(cls))}
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                flags: Optional[dict] = None) -> TrainConfig:
+    """Read a YAML config (with its `base:` chain), apply `key=value` overrides and flag values, validate."""
+    cfg = layer.load(TrainConfig, path, overrides, flags)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
+    """Check every value and the relations between them. `world_size` adds the parallel-layout checks,
+    `cuda_available` the precision check."""
+    try:  # the model's own checks: architecture, its TP split, recompute
+        cfg.model_config(bf16=False, use_cpu_initialization=True, perform_initialization=False)
+    except ModelConfigError as e:
+        raise ConfigError(f"{_MODEL_FIELD_SECTION.get(e.field, 'model')}.{e.field}", e.message) from None
+
+    t, o, s = cfg.train, cfg.optimizer, cfg.schedule
+    require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    require(t.train_iters >= 1, "train.train_iters", f"must be >= 1, got {t.train_iters}")
+    require(t.seed >= 0, "train.seed", "must be >= 0")
+
+    require(o.lr is not None and o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    require(o.min_lr is not None and 0 <= o.min_lr <= o.lr, "optimizer.min_lr",
+            f"must be in [0, optimizer.lr={o.lr}], got {o.min_lr}")
+    require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(o, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+    require(o.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
+    require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+
+    require(0 <= s.lr_warmup_init <= o.lr, "schedule.lr_warmup_init", f"must be in [0, optimizer.lr={o.lr}]")
+    decay = cfg.lr_decay_iters
+    require(decay >= 1, "schedule.lr_decay_iters", f"must be >= 1, got {decay}")
+    require(0 <= s.lr_warmup_iters < decay, "schedule.lr_warmup_iters",
+            f"must be in [0, lr_decay_iters={decay}) (megatron's OptimizerParamScheduler), got {s.lr_warmup_iters}")
+    if s.lr_decay_style == "WSD":
+        require(s.lr_wsd_decay_iters is not None and 1 <= s.lr_wsd_decay_iters <= decay,
+                "schedule.lr_wsd_decay_iters", f"must be in [1, {decay}] with lr_decay_style=WSD")
+
+    fm = cfg.flow_matching
+    require(fm.logit_std > 0, "flow_matching.logit_std", f"must be > 0, got {fm.logit_std}")
+    require(fm.shift > 0, "flow_matching.shift", f"must be > 0, got {fm.shift}")
+    require(fm.max_image_seq_len > fm.base_image_seq_len >= 1, "flow_matching.max_image_seq_len",
+            f"must be > base_image_seq_len={fm.base_image_seq_len}")
+
+    d, c = cfg.data, cfg.data.cache
+    for key, lo in (("prefetch", 0), ("num_workers", 1), ("max_open_shards", 1)):
+        require(getattr(c, key) >= lo, f"data.cache.{key}", f"must be >= {lo}, got {getattr(c, key)}")
+    require(c.poll_interval_s > 0, "data.cache.poll_interval_s", "must be > 0")
+    res, factor = d.synthetic.resolutions, 8 * cfg.model.patch_size  # VAE factor x patch size
+    require(len(res) >= 1 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x > 0
+                                                                             and x % factor == 0 for x in r)
+                                  for r in res),
+            "data.synthetic.resolutions", f"must be a list of [height, width] pixel sizes divisible by {factor}, got {res}")
+    tl = d.synthetic.text_len
+    require(len(tl) == 2 and all(isinstance(x, int) for x in tl) and 1 <= tl[0] <= tl[1], "data.synthetic.text_len",
+            f"must be [min, max] with 1 <= min <= max, got {tl}")
+    require(d.synthetic.num_classes >= 1, "data.synthetic.num_classes", "must be >= 1")
+
+    require(cfg.logging.log_interval >= 1, "logging.log_interval", "must be >= 1")
+    ck = cfg.checkpoint
+    if ck.keep_last is not None:
+        require(ck.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {ck.keep_last}")
+    if ck.save_interval is not None:
+        require(ck.save_interval >= 1, "checkpoint.save_interval", "must be >= 1")
+        require(ck.save is not None, "checkpoint.save_interval", "needs checkpoint.save=DIR (--save)")
+
+    if cuda_available is not None:
+        require(not (cfg.precision.bf16 and not cuda_available), "precision.bf16",
+                "bf16=true needs a GPU; CPU runs are fp32 (set precision.bf16=null for automatic)")
+
+    if world_size is not None:  # checks that only matter when training starts
+        if d.source == "cache":
+            require(bool(d.cache_dir), "data.cache_dir", "is required with data.source=cache (--cache-dir DIR)")
+            from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
+
+            try:  # the cache's own check (marker present, format version readable), before any rank starts
+                read_cache_file(d.cache_dir)
+            except CacheFormatError as e:
+                raise ConfigError("data.cache_dir", f"{e}; fill it with `python -m producer`" + (
+                    ", or, to stream while producers start, create it first with "
+                    "`python -m megatron_qwen_image.cache init DIR`" if c.streaming else "")) from None
+        tp = cfg.parallelism.tensor_model_parallel_size
+        require(world_size % tp == 0, "parallelism.tensor_model_parallel_size",
+                f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}")
+        dp = world_size // tp
+        require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+                f"{t.global_batch_size} is not a multiple of micro_batch_size x data-parallel size "
+                f"= {t.micro_batch_size} x {dp}")
+
+
+def resolve_precision(cfg: TrainConfig, cuda_available: bool) -> tuple[bool, bool]:
+    """(bf16, use_cpu_initialization) with the automatic (null) values filled in."""
+    bf16 = cuda_available if cfg.precision.bf16 is None else cfg.precision.bf16
+    cpu_init = cfg.parallelism.use_cpu_initialization
+    return bf16, (not cuda_available) if cpu_init is None else cpu_init
