@@ -17,41 +17,44 @@ every step, `close()`). What a checkpoint holds (docs/checkpoints.md has the ful
   (other layouts have other streams; the objective does not depend on them: see consumer.train).
 
 Saving is synchronous; `latest` moves only after the checkpoint is complete (see
-megatron_qwen_image.convert.layout). SIGTERM (SLURM preemption) is answered by a save at the end of the
+megatron_qwen_image.checkpoint_format). SIGTERM (SLURM preemption) is answered by a save at the end of the
 current step, agreed by all ranks, after which `maybe_save` tells the loop to stop.
 
 Loading: `--load DIR` resumes everything from DIR's latest complete checkpoint (DIR may also be one
 checkpoint directory); if DIR holds none yet, training starts fresh, or from `--pretrained CKPT` (model
 weights only, e.g. imported diffusers weights: optimizer, schedule and step start fresh).
 
-Testing hook: MQI_CKPT_FAULT="<phase>@<step>" SIGKILLs every rank at that point of the save at that step;
-phases: 'shards-written' (this rank's data files written, checkpoint metadata not yet), 'before-complete'
-(everything written except the completion marker and `latest`).
+Observer hook: every save calls `Checkpointer.on_save_phase(phase, step)` at two points (SAVE_PHASES); it
+does nothing, and a subclass may watch there (the tests' fault injector, tests/dist/ckpt_fault_worker.py,
+kills the rank there to check that a save interrupted at either point leaves the previous checkpoint).
+
+The megatron-core 0.16.1 workarounds this needs (replica ids, torch Adam's 'step' state) live in
+megatron_qwen_image.megatron_compat; the generators' states in consumer.rng_state.
 """
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import sys
 import time
-import warnings
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+from consumer.rng_state import get_rng_state, rng_sharded_object, set_rng_state
+from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.config import ConfigError
-from megatron_qwen_image.convert import layout
-
-# megatron-core 0.16.1's torch_dist loader calls torch's deprecated checkpoint.load_state_dict on every load
-warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+from megatron_qwen_image.megatron_compat import apply_tp_replica_rule, load_optimizer_state, materialize_adam_state
+from megatron_qwen_image.model.diffusers_mapping import diffusers_config_from
 
 OPTIMIZER_SHARDING = "fully_reshardable"
-FAULT_ENV = "MQI_CKPT_FAULT"
-FAULT_PHASES = ("shards-written", "before-complete")
+# The points of a save at which Checkpointer.on_save_phase is called, in order:
+# 'shards-written': this rank's data files are written, the checkpoint metadata not yet;
+# 'before-complete': everything is written except the completion marker and `latest`.
+SAVE_PHASES = ("shards-written", "before-complete")
 
 
 def _log(msg: str) -> None:
@@ -68,8 +71,6 @@ def unwrap_model(model):
 
 def sharded_metadata() -> dict:
     """Metadata for the model's and optimizer's sharded_state_dict calls (save and load alike)."""
-    from megatron.core import parallel_state
-
     return {
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
         "distrib_optim_sharding_type": OPTIMIZER_SHARDING,
@@ -79,32 +80,16 @@ def sharded_metadata() -> dict:
 
 
 def model_sharded_state_dict(model, metadata: Optional[dict] = None) -> dict:
-    """The model's sharded state dict, with replica ids of TP-replicated tensors made per TP rank.
-
-    megatron-core 0.16.1's `sharded_state_dict_default` (used for plain torch modules such as our RMSNorms
-    and replicated nn.Linears) gives replica_id (0, 0, dp_rank) on EVERY TP rank when `metadata` carries
-    dp_cp_group but no tp_group is passed (utils.make_sharded_tensor_for_checkpoint falls back to rank 0 of
-    a None group), so all TP ranks would claim the main replica and the save is refused ("Invalid access
-    pattern"). Megatron's rule for a tensor not split over TP is replica_id = (pp, tp_rank, dp): apply it.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
+    """The model's sharded state dict, with replica ids of TP-replicated tensors made per TP rank
+    (megatron_compat.apply_tp_replica_rule: megatron-core 0.16.1 makes every TP rank their main replica)."""
     sd = unwrap_model(model).sharded_state_dict(metadata=metadata or sharded_metadata())
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    for sh in nested_values(sd):
-        if (isinstance(sh, ShardedTensor) and all(f == 1 for f in sh.axis_fragmentations)
-                and isinstance(sh.replica_id, tuple) and len(sh.replica_id) == 3):
-            sh.replica_id = (sh.replica_id[0], tp_rank, sh.replica_id[2])
+    apply_tp_replica_rule(sd)
     return sd
 
 
 def load_model_weights(model, ckpt_dir: str, optimizer=None) -> dict:
     """Load only the model tensors of a checkpoint (trained or converted) into `model` at the current
     TP layout; with `optimizer`, refresh its main (fp32) params from the model. Returns the common state."""
-    from megatron.core import dist_checkpointing
-
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     _check_format(common, ckpt_dir)
     module = unwrap_model(model)
@@ -117,18 +102,16 @@ def load_model_weights(model, ckpt_dir: str, optimizer=None) -> dict:
 
 
 def _check_format(common: dict, ckpt_dir: str) -> None:
-    if common.get("format") != layout.FORMAT:
+    if common.get("format") != checkpoint_format.FORMAT:
         raise ValueError(f"{ckpt_dir}: not a megatron-qwen-image checkpoint (common.pt format="
-                         f"{common.get('format')!r}, expected {layout.FORMAT!r})")
-    if common.get("format_version", 0) > layout.FORMAT_VERSION:
+                         f"{common.get('format')!r}, expected {checkpoint_format.FORMAT!r})")
+    if common.get("format_version", 0) > checkpoint_format.FORMAT_VERSION:
         raise ValueError(f"{ckpt_dir}: checkpoint format version {common['format_version']} is newer than this "
-                         f"code's {layout.FORMAT_VERSION}")
+                         f"code's {checkpoint_format.FORMAT_VERSION}")
 
 
 def _check_model_config(common: dict, module, ckpt_dir: str) -> None:
     """Refuse a checkpoint of another model shape with a message naming the differing keys."""
-    from megatron_qwen_image.model.diffusers_mapping import diffusers_config_from
-
     saved = common.get("diffusers_config")
     if not saved:
         return
@@ -147,150 +130,11 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def _materialize_adam_state(optimizer) -> None:
-    """Give every param of a fresh torch Adam its state (step 0, zero moments) before a load.
-
-    megatron-core 0.16.1's DistributedOptimizer.state_dict() (called by sharded_state_dict, also when
-    loading) reads Adam's 'step' from the per-param state, which torch.optim.Adam only creates at its first
-    step: without TE/Apex, loading into a fresh optimizer fails (`assert len(steps) == 1`). The values are
-    placeholders; the load replaces all of them.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _load_optimizer_state(optimizer, loaded: dict) -> None:
-    """optimizer.load_state_dict(loaded), working around megatron-core 0.16.1 with torch's Adam.
-
-    DistributedOptimizer.load_state_dict first restores Adam's 'step' into every per-param state, then
-    `_set_main_param_and_optimizer_states` copies every key of that state from the checkpoint's tensors,
-    which never carry 'step' (skipped on purpose): KeyError('step') without TE/Apex. So the param state is
-    loaded here with the per-param 'step' entries set aside, and put back afterwards. Also, load_state_dict
-    puts ONE step tensor object into every param's state; torch's Adam increments it in place per param, so
-    after one step it would read step + num_params: each param gets its own copy.
-    """
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if len(opts) != 1 or "param_state" not in loaded or \
-            loaded.get("param_state_sharding_type") != OPTIMIZER_SHARDING:
-        optimizer.load_state_dict(loaded)
-    else:
-        (dist_opt,) = opts
-        loaded = dict(loaded)
-        param_state = loaded.pop("param_state")
-        loaded.pop("param_state_sharding_type")
-        dist_opt.load_state_dict(loaded)  # param groups, step, grad scaler
-        inner = dist_opt.optimizer
-        steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
-        try:
-            dist_opt.load_parameter_state_from_fully_reshardable(param_state)
-        finally:
-            for p, step in steps.items():
-                inner.state[p]["step"] = step
-    for opt in opts:  # one 'step' tensor per param (see above)
-        inner = getattr(opt, "optimizer", None)
-        for st in (inner.state.values() if inner is not None else ()):
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
-
-
-# ---------------------------------------------------------------------------------------------- RNG
-def _rng_state() -> dict:
-    """This rank's generator states as plain Python values (bytes, not tensors: they are pickled by
-    all_gather_object and torch_dist's ShardedObject files)."""
-    from megatron.core import tensor_parallel
-
-    def raw(t: torch.Tensor) -> bytes:
-        return t.cpu().contiguous().numpy().tobytes()
-
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].astype(np.uint32).tobytes(), *(v for v in np_state[2:])),
-        "torch": raw(torch.get_rng_state()),
-        "cuda": raw(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
-        "tracker": {k: raw(v) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-
-
-def _set_rng_state(s: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    def tensor(b: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
-
-    random.setstate(s["python"])
-    kind, keys, *rest = s["numpy"]
-    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
-    torch.set_rng_state(tensor(s["torch"]))
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(s["cuda"]))
-    tensor_parallel.get_cuda_rng_tracker().set_states({k: tensor(v) for k, v in s["tracker"].items()})
-
-
-def _rng_sharded_object(ctx, data):
-    """One object per TP rank holding the list of every DP rank's RNG states (Megatron-LM's layout)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("rng_state", data, (ctx.tp_size,), (ctx.tp_rank,), replica_id=ctx.dp_rank)
-
-
 def _gather_over_dp(obj) -> list:
-    from megatron.core import parallel_state
-
+    """`obj` of every DP rank, in DP rank order (this rank's RNG states, its data iterator's position)."""
     group = parallel_state.get_data_parallel_group()
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- faults
-def _fault_point(phase: str, step: int) -> None:
-    """Testing hook: MQI_CKPT_FAULT='<phase>@<step>' kills this process (SIGKILL, no cleanup) right here."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    want_phase, _, want_step = spec.partition("@")
-    if want_phase not in FAULT_PHASES:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: phase must be one of {FAULT_PHASES}")
-    if want_phase == phase and (not want_step or int(want_step) == step):
-        print(f"[checkpoint] {FAULT_ENV}={spec}: rank {dist.get_rank()} killing itself during the save",
-              flush=True)
-        sys.stderr.flush()
-        _kill_process_tree()
-
-
-def _kill_process_tree() -> None:
-    """SIGKILL this process and its children (dist_checkpointing's writer-result manager process and
-    multiprocessing's resource tracker), as a node failure would; orphans would otherwise linger."""
-    me = os.getpid()
-    if os.getpgrp() == me:  # torchrun starts each worker as its own process-group leader
-        os.killpg(me, signal.SIGKILL)
-    for pid in _child_pids(me):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.kill(me, signal.SIGKILL)
-
-
-def _child_pids(parent: int) -> list:
-    out = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                out.append(int(entry))
     return out
 
 
@@ -334,14 +178,14 @@ class Checkpointer:
         """Resume from `load` (full state) if it holds a checkpoint, else start from `pretrained` (model
         weights only) if given. Returns True when something was loaded."""
         if self.load_path:
-            path = layout.resolve(self.load_path)
+            path = checkpoint_format.resolve(self.load_path)
             if path is not None:
                 self._load(state, path)
                 return True
             _log(f"no checkpoint in {self.load_path} yet: starting "
                  f"{'from --pretrained ' + self.pretrained if self.pretrained else 'from scratch'}")
         if self.pretrained:
-            path = layout.resolve(self.pretrained)
+            path = checkpoint_format.resolve(self.pretrained)
             if path is None:
                 raise ConfigError("checkpoint.pretrained", f"no checkpoint found at {self.pretrained}")
             t0 = time.perf_counter()
@@ -352,8 +196,6 @@ class Checkpointer:
         return False
 
     def _load(self, state, path: str) -> None:
-        from megatron.core import dist_checkpointing
-
         t0 = time.perf_counter()
         ctx = self.ctx
         common = dist_checkpointing.load_common_state_dict(path)
@@ -372,18 +214,18 @@ class Checkpointer:
         load_optimizer = (saved["use_distributed_optimizer"] == self.cfg.optimizer.use_distributed_optimizer
                           and saved.get("optimizer_sharding") == OPTIMIZER_SHARDING)
         if load_optimizer:
-            _materialize_adam_state(state.optimizer)
+            materialize_adam_state(state.optimizer)
             request["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
         else:
             _log(f"optimizer state NOT loaded: saved with use_distributed_optimizer="
                  f"{saved['use_distributed_optimizer']}, now {self.cfg.optimizer.use_distributed_optimizer}")
         if same_layout:
-            request["rng_state"] = _rng_sharded_object(ctx, None)
+            request["rng_state"] = rng_sharded_object(ctx, None)
         loaded = dist_checkpointing.load(request, path)
 
         unwrap_model(state.model).load_state_dict(loaded["model"], strict=True)
         if load_optimizer:
-            _load_optimizer_state(state.optimizer, loaded["optimizer"])
+            load_optimizer_state(state.optimizer, loaded["optimizer"])
         else:
             state.optimizer.reload_model_params()
         try:
@@ -396,7 +238,7 @@ class Checkpointer:
         state.extra.update(common["train"].get("extra") or {})
         self._restore_data_position(state, common.get("data_iterator"))
         if same_layout:
-            _set_rng_state(loaded["rng_state"][ctx.dp_rank])
+            set_rng_state(loaded["rng_state"][ctx.dp_rank])
         self._last_saved_step = state.step
         _log(f"resumed from {path} at step {state.step} ({state.consumed_samples} samples) in "
              f"{time.perf_counter() - t0:.1f}s"
@@ -437,8 +279,6 @@ class Checkpointer:
         return stop
 
     def _sharded_state_dict(self, state) -> dict:
-        from megatron_qwen_image.model.diffusers_mapping import diffusers_config_from
-
         ctx, cfg = self.ctx, self.cfg
         metadata = sharded_metadata()
         model_sd = model_sharded_state_dict(state.model, metadata)
@@ -451,9 +291,10 @@ class Checkpointer:
         return {
             "model": model_sd,
             "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
-            "rng_state": _rng_sharded_object(ctx, _gather_over_dp(_rng_state())),
+            "rng_state": rng_sharded_object(ctx, _gather_over_dp(get_rng_state())),
             # everything below is "common": written once by rank 0
-            "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "content": "training",
+            "format": checkpoint_format.FORMAT, "format_version": checkpoint_format.FORMAT_VERSION,
+            "content": "training",
             "scheduler": state.scheduler.state_dict(),
             "train": {"step": state.step, "consumed_samples": state.consumed_samples, "extra": dict(state.extra)},
             "data_iterator": {"states": _gather_over_dp(data_state)},
@@ -466,11 +307,8 @@ class Checkpointer:
 
     def save(self, state) -> str:
         """Write iter_<step>/ under the save root, mark it complete, move `latest`, prune. Collective."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
         t0 = time.perf_counter()
-        name = layout.iteration_dir_name(state.step)
+        name = checkpoint_format.iteration_dir_name(state.step)
         path = os.path.join(self.save_root, name)
         if self.ctx.is_main:
             os.makedirs(self.save_root, exist_ok=True)
@@ -483,24 +321,29 @@ class Checkpointer:
                                           sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
                                           validate_access_integrity=True, async_sharded_save=True)
         # Run megatron's async request synchronously: write this rank's data files, barrier, then the
-        # finalize steps (global .metadata and metadata.json). The fault hook sits between the two.
-        request = request._replace(finalize_fns=[lambda: _fault_point("shards-written", state.step),
+        # finalize steps (global .metadata and metadata.json). The 'shards-written' phase sits between the two.
+        request = request._replace(finalize_fns=[lambda: self.on_save_phase("shards-written", state.step),
                                                  *request.finalize_fns])
         request.execute_sync()
         dist.barrier()
-        _fault_point("before-complete", state.step)
+        self.on_save_phase("before-complete", state.step)
         if self.ctx.is_main:
-            layout.mark_complete(path, {"step": state.step, "consumed_samples": state.consumed_samples,
-                                        "tp": self.ctx.tp_size, "dp": self.ctx.dp_size,
-                                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            layout.write_latest(self.save_root, name)
-            removed = layout.prune(self.save_root, self.keep_last, path)
+            checkpoint_format.mark_complete(path, {"step": state.step, "consumed_samples": state.consumed_samples,
+                                                   "tp": self.ctx.tp_size, "dp": self.ctx.dp_size,
+                                                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            checkpoint_format.write_latest(self.save_root, name)
+            removed = checkpoint_format.prune(self.save_root, self.keep_last, path)
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             _log(f"saved {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s"
                  + (f"; removed {', '.join(os.path.basename(r) for r in removed)}" if removed else ""))
         dist.barrier()
         self._last_saved_step = state.step
         return path
+
+    def on_save_phase(self, phase: str, step: int) -> None:
+        """Called on every rank at each point of a save named in SAVE_PHASES, with the step being saved; does
+        nothing. The place where observers hook in: the tests' fault injector overrides it to kill the rank
+        there (a save interrupted at either point must leave `latest` on the previous checkpoint)."""
 
     def close(self) -> None:
         if self._old_handler is not None:

@@ -6,6 +6,8 @@ import os
 import time
 from typing import Optional
 
+from torch.utils.tensorboard import SummaryWriter
+
 
 class MetricsLogger:
     """Console every `log_interval` steps; TensorBoard (if a dir is given) and JSONL every step.
@@ -25,8 +27,6 @@ class MetricsLogger:
         if not enabled:
             return
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)

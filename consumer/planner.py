@@ -27,7 +27,8 @@ from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class TensorSplit:
+    """One parameter: its full shape and the axis tensor parallelism splits it along (None: replicated)."""
     name: str
     shape: tuple
     tp_axis: int | None
@@ -41,7 +42,8 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
+    """Parameters and bytes per rank of one TP x DP layout (before activations)."""
     tp: int
     dp: int
     bf16: bool
@@ -76,7 +78,7 @@ class Plan:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
-def tensor_plans(cfg: TrainConfig) -> list[TensorPlan]:
+def tensor_splits(cfg: TrainConfig) -> list[TensorSplit]:
     """Every parameter's full shape (meta-device build at TP=1) with its TP split axis."""
     model_config = cfg.model_config(bf16=False, use_cpu_initialization=True, tp_size=1, perform_initialization=False)
     with torch.device("meta"):
@@ -86,14 +88,14 @@ def tensor_plans(cfg: TrainConfig) -> list[TensorPlan]:
     if set(params) != set(axes):
         raise RuntimeError(f"model parameters and weight mapping disagree: only in model "
                            f"{sorted(set(params) - set(axes))[:5]}, only in mapping {sorted(set(axes) - set(params))[:5]}")
-    return [TensorPlan(name, tuple(p.shape), axes[name]) for name, p in params.items()]
+    return [TensorSplit(name, tuple(p.shape), axes[name]) for name, p in params.items()]
 
 
-def plan(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = None) -> Plan:
-    """The per-rank plan. bf16 defaults to the config's value, or True (a GPU run) when it is automatic."""
+def plan_memory(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = None) -> MemoryPlan:
+    """The per-rank memory plan. bf16 defaults to the config's value, or True (a GPU run) when it is automatic."""
     tp = tp or cfg.parallelism.tensor_model_parallel_size
     sharded = replicated = total = 0
-    for t in tensor_plans(cfg):
+    for t in tensor_splits(cfg):
         total += t.numel
         if t.tp_axis is None:
             replicated += t.numel
@@ -103,8 +105,8 @@ def plan(cfg: TrainConfig, dp: int, tp: int | None = None, bf16: bool | None = N
             sharded += t.numel // tp
     if bf16 is None:  # the config's value, or a GPU run (bf16) when it is automatic
         bf16 = True if cfg.precision.bf16 is None else cfg.precision.bf16
-    return Plan(tp=tp, dp=dp, bf16=bf16, distributed_optimizer=cfg.optimizer.use_distributed_optimizer, total_params=total,
-                sharded_params_per_rank=sharded, replicated_params_per_rank=replicated)
+    return MemoryPlan(tp=tp, dp=dp, bf16=bf16, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+                      total_params=total, sharded_params_per_rank=sharded, replicated_params_per_rank=replicated)
 
 
 def _human(b: float) -> str:
@@ -114,7 +116,7 @@ def _human(b: float) -> str:
     return f"{b:,.0f} B"
 
 
-def format_plan(p: Plan, note: str = "") -> str:
+def format_memory_plan(p: MemoryPlan, note: str = "") -> str:
     opt_what = "fp32 main params + Adam m, v" if p.bf16 else "Adam m, v (the fp32 params are the main params)"
     opt_div = f"/ DP {p.dp} (distributed optimizer)" if p.distributed_optimizer else "(not sharded over DP)"
     rows = [

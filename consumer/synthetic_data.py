@@ -19,6 +19,7 @@ parts of the same global batch, and the union over DP ranks does not depend on d
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -35,6 +36,13 @@ def _seed(*parts) -> int:
 
 def _gen(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*parts))
+
+
+@dataclass(frozen=True)
+class _Sample:
+    latent: torch.Tensor  # [16, h, w]
+    text: torch.Tensor    # [L, D], unpadded
+    key: str
 
 
 class SyntheticLatentBatches(Iterator[dict]):
@@ -60,14 +68,14 @@ class SyntheticLatentBatches(Iterator[dict]):
                           for c in range(num_classes)]
         self._text_vectors = [torch.randn(text_dim, generator=_gen(seed, "text", c)) for c in range(num_classes)]
 
-    def _sample(self, j: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _sample(self, j: int, size: tuple[int, int]) -> _Sample:
         g = _gen(self.seed, "sample", j)
         cls = int(torch.randint(self.num_classes, (1,), generator=g))
         pattern = F.interpolate(self._patterns[cls], size=size, mode="bilinear", align_corners=False)[0]
         latent = pattern + self.noise_std * torch.randn(pattern.shape, generator=g)
         length = int(torch.randint(self.text_len[0], self.text_len[1] + 1, (1,), generator=g))
         text = self._text_vectors[cls] + self.noise_std * torch.randn(length, self.text_dim, generator=g)
-        return latent, text, f"synthetic/{j:010d}"
+        return _Sample(latent, text, f"synthetic/{j:010d}")
 
     def __next__(self) -> dict:
         b = self.batch_index
@@ -76,14 +84,14 @@ class SyntheticLatentBatches(Iterator[dict]):
         size = self.latent_sizes[bucket]
         first = b * self.global_batch_size + self.dp_rank * self.local_batch_size
         samples = [self._sample(j, size) for j in range(first, first + self.local_batch_size)]
-        longest = max(t.shape[0] for _, t, _ in samples)
+        longest = max(s.text.shape[0] for s in samples)
         text = torch.zeros(len(samples), longest, self.text_dim)
         mask = torch.zeros(len(samples), longest, dtype=torch.bool)
-        for i, (_, t, _) in enumerate(samples):
-            text[i, : t.shape[0]] = t
-            mask[i, : t.shape[0]] = True
-        return {"latents": torch.stack([s[0] for s in samples]), "text_embeds": text, "text_mask": mask,
-                "keys": [s[2] for s in samples]}
+        for i, s in enumerate(samples):
+            text[i, : s.text.shape[0]] = s.text
+            mask[i, : s.text.shape[0]] = True
+        return {"latents": torch.stack([s.latent for s in samples]), "text_embeds": text, "text_mask": mask,
+                "keys": [s.key for s in samples]}
 
     def state_dict(self) -> dict:
         return {"batch_index": self.batch_index}

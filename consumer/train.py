@@ -35,7 +35,7 @@ from consumer import builders
 from consumer.checkpointing import Checkpointer
 from consumer.config import TrainConfig, load_config, resolve_precision, validate
 from consumer.metrics import MetricsLogger
-from consumer.planner import format_plan, plan
+from consumer.planner import format_memory_plan, plan_memory
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             dp = args.dp or max(int(os.environ.get("WORLD_SIZE", 1)) // cfg.parallelism.tensor_model_parallel_size, 1)
             note = ("(precision.bf16=null: planned as a GPU run in bf16; pass precision.bf16=false for an fp32 plan)"
                     if cfg.precision.bf16 is None else "")
-            print(format_plan(plan(cfg, dp=dp), note))
+            print(format_memory_plan(plan_memory(cfg, dp=dp), note))
             return 0
         try:
             train(cfg)

@@ -4,16 +4,31 @@ release means reading one file.
 
 * `quiet_known_warnings()`: the known, harmless warnings megatron-core 0.16.1 and torch 2.13 print at import
   and on every step (the trainer's start-up banner states the facts that matter instead).
+* `GatherLastDim`: an all-gather over the TP group along the last dim, because megatron's
+  `gather_from_tensor_model_parallel_region` allocates its buffer on the current CUDA device (the model's
+  adaLN modulation uses it).
+* `apply_tp_replica_rule(sharded_state_dict)`: megatron's replica ids for the TP-replicated tensors of plain
+  torch modules, which `sharded_state_dict_default` gets wrong (the checkpoint save would be refused).
+* `materialize_adam_state(optimizer)`: per-param Adam state before a load, which the distributed
+  optimizer's `state_dict()` needs and torch's Adam creates only at its first step.
+* `load_optimizer_state(optimizer, loaded)`: the distributed optimizer's load without its 'step' bugs with
+  torch's Adam (KeyError on load, one step tensor shared by every param).
+
+megatron-core is imported inside the functions, not here: `consumer/__init__.py` imports this module to call
+`quiet_known_warnings()` BEFORE megatron-core is first imported, and importing megatron-core prints some of
+the warnings it filters.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from megatron_qwen_image.cpu_emulation import PINNED_MEGATRON_CORE
 
-__all__ = ["PINNED_MEGATRON_CORE", "quiet_known_warnings"]
+__all__ = ["PINNED_MEGATRON_CORE", "GatherLastDim", "apply_tp_replica_rule", "load_optimizer_state",
+           "materialize_adam_state", "quiet_known_warnings"]
 
 _KNOWN_WARNINGS = (
     ("Transformer Engine and Apex are not installed", UserWarning),      # -> torch AdamW, local multi-tensor ops
@@ -30,3 +45,103 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     if not torch.cuda.is_available():  # only meaningful for CUDA streams
         warnings.filterwarnings("ignore", message="When using async grad allreduce", category=UserWarning)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over the TP group; backward keeps this rank's slice of the gradient.
+
+    The gradient w.r.t. the gathered tensor is identical on every TP rank (it feeds only replicated
+    computations), so the slice is the complete gradient of this rank's piece. Written here, instead of
+    megatron-core's gather_from_tensor_model_parallel_region, because that one allocates its buffer on
+    torch.cuda.current_device() (0.16.1), and this one must run on CPU (gloo) as well.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        pieces = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def apply_tp_replica_rule(sharded_state_dict: dict) -> None:
+    """Give every ShardedTensor not split over TP the replica id (pp, tp_rank, dp), in place.
+
+    megatron-core 0.16.1's `sharded_state_dict_default` (used for plain torch modules such as our RMSNorms
+    and replicated nn.Linears) gives replica_id (0, 0, dp_rank) on EVERY TP rank when `metadata` carries
+    dp_cp_group but no tp_group is passed (utils.make_sharded_tensor_for_checkpoint falls back to rank 0 of
+    a None group), so all TP ranks would claim the main replica and the save is refused ("Invalid access
+    pattern"). Megatron's rule for a tensor not split over TP is replica_id = (pp, tp_rank, dp): apply it.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for sh in nested_values(sharded_state_dict):
+        if (isinstance(sh, ShardedTensor) and all(f == 1 for f in sh.axis_fragmentations)
+                and isinstance(sh.replica_id, tuple) and len(sh.replica_id) == 3):
+            sh.replica_id = (sh.replica_id[0], tp_rank, sh.replica_id[2])
+
+
+def materialize_adam_state(optimizer) -> None:
+    """Give every param of a fresh torch Adam its state (step 0, zero moments) before a load.
+
+    megatron-core 0.16.1's DistributedOptimizer.state_dict() (called by sharded_state_dict, also when
+    loading) reads Adam's 'step' from the per-param state, which torch.optim.Adam only creates at its first
+    step: without TE/Apex, loading into a fresh optimizer fails (`assert len(steps) == 1`). The values are
+    placeholders; the load replaces all of them.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def load_optimizer_state(optimizer, loaded: dict) -> None:
+    """optimizer.load_state_dict(loaded), working around megatron-core 0.16.1 with torch's Adam.
+
+    DistributedOptimizer.load_state_dict first restores Adam's 'step' into every per-param state, then
+    `_set_main_param_and_optimizer_states` copies every key of that state from the checkpoint's tensors,
+    which never carry 'step' (skipped on purpose): KeyError('step') without TE/Apex. So the param state of
+    a 'fully_reshardable' checkpoint is loaded here with the per-param 'step' entries set aside, and put
+    back afterwards. Also, load_state_dict puts ONE step tensor object into every param's state; torch's
+    Adam increments it in place per param, so after one step it would read step + num_params: each param
+    gets its own copy.
+    """
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(opts) != 1 or "param_state" not in loaded or \
+            loaded.get("param_state_sharding_type") != "fully_reshardable":
+        optimizer.load_state_dict(loaded)
+    else:
+        (dist_opt,) = opts
+        loaded = dict(loaded)
+        param_state = loaded.pop("param_state")
+        loaded.pop("param_state_sharding_type")
+        dist_opt.load_state_dict(loaded)  # param groups, step, grad scaler
+        inner = dist_opt.optimizer
+        steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+        try:
+            dist_opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner.state[p]["step"] = step
+    for opt in opts:  # one 'step' tensor per param (see above)
+        inner = getattr(opt, "optimizer", None)
+        for st in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()

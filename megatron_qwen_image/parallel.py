@@ -17,8 +17,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from . import cpu_emulation
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,6 @@ class ParallelContext:
 
 
 def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: int = 30) -> ParallelContext:
-    from megatron.core import parallel_state
-
     cuda = torch.cuda.is_available()
     emulated = cpu_emulation.apply_if_needed()
     if "RANK" in os.environ:
@@ -51,8 +51,6 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
         rank, world, local_rank = 0, 1, 0
         store = dist.HashStore()
     if world % tensor_model_parallel_size:
-        from .config import ConfigError
-
         raise ConfigError("parallelism.tensor_model_parallel_size",
                           f"world size {world} is not divisible by tensor_model_parallel_size={tensor_model_parallel_size}")
     if cuda:
@@ -76,8 +74,6 @@ def init_parallel(tensor_model_parallel_size: int, seed: int, timeout_minutes: i
 
 def set_seeds(seed: int) -> None:
     """Same seed on every rank (so replicated weights start equal); TP-local streams via megatron's tracker."""
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -85,10 +81,7 @@ def set_seeds(seed: int) -> None:
 
 
 def destroy_parallel() -> None:
-    import sys
-
-    parallel_state = sys.modules.get("megatron.core.parallel_state")  # never imported -> nothing to tear down
-    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -29,6 +29,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,6 +39,14 @@ from producer.config import FilterConfig
 
 log = logging.getLogger("producer.dedup")
 
+
+@dataclass(frozen=True)
+class Duplicates:
+    """What `find_duplicates` found: the samples to exclude, counts, and a few examples for the report."""
+    samples: dict[str, list[int]]  # shard path -> rows (the exclusion list's content)
+    counts: Counter                # scanned, shards, exact_duplicate, near_duplicate, unhashed, corrupt_shards
+    examples: list[dict]           # the first (duplicate, kept) pairs in manifest order
+    seconds: float
 
 
 class HashColumns:
@@ -75,9 +84,9 @@ class HashColumns:
 
 
 def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_near_max_distance,
-                    progress_every_s: float = 10.0) -> dict:
-    """Scan the cache; returns {"samples": {shard path: [rows]}, "counts": Counter, "examples": [...]}.
-    The scan keeps only `HashColumns`; key names are read back for the report's examples alone."""
+                    progress_every_s: float = 10.0) -> Duplicates:
+    """Scan the cache for duplicates across work units. The scan keeps only `HashColumns`; key names are
+    read back for the report's examples alone."""
     reader = CacheReader(root, verify="none")
     shards = reader.shards()
     cols = HashColumns()
@@ -128,7 +137,7 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
         examples.append({"key": key_of(i), "reason": ("exact_duplicate", "near_duplicate")[reason[i] - 1],
                          "duplicate_of": key_of(dup_of[i]), "shard": shards[a["shard"][i]].path,
                          "row": int(a["row"][i])})
-    return {"samples": samples, "counts": counts, "examples": examples, "seconds": time.time() - t0}
+    return Duplicates(samples, counts, examples, time.time() - t0)
 
 
 def greedy_duplicates(b2_hi: np.ndarray, b2_lo: np.ndarray, ph: np.ndarray, flags: np.ndarray,
@@ -222,20 +231,20 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
     current one. Returns a report (counts, the list number in force, a few examples)."""
     found = find_duplicates(root, max_distance)
     current = read_exclusions(root)
-    unchanged = current.same_rows(found["samples"])
+    unchanged = current.same_rows(found.samples)
     number = current.number
     if not dry_run and not unchanged:
-        number = write_exclusions(root, found["samples"], {
+        number = write_exclusions(root, found.samples, {
             "tool": "producer.dedup", "max_distance": max_distance,
-            "counts": {k: v for k, v in found["counts"].items() if k in ("exact_duplicate", "near_duplicate")}})
-    c = found["counts"]
+            "counts": {k: v for k, v in found.counts.items() if k in ("exact_duplicate", "near_duplicate")}})
+    c = found.counts
     return {"cache_dir": root, "shards": c["shards"], "samples": c["scanned"],
             "exact_duplicate": c["exact_duplicate"], "near_duplicate": c["near_duplicate"],
             "unhashed": c["unhashed"], "corrupt_shards": c["corrupt_shards"],
-            "excluded": sum(map(len, found["samples"].values())),
+            "excluded": sum(map(len, found.samples.values())),
             "max_distance": max_distance, "exclusion_list": number, "previous_list": current.number,
             "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run,
-            "seconds": round(found["seconds"], 3), "examples": found["examples"]}
+            "seconds": round(found.seconds, 3), "examples": found.examples}
 
 
 def main(argv=None) -> int:

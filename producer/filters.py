@@ -19,9 +19,11 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
+from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
 from producer.config import FilterConfig
 from producer.sources import BadRecord, RawSample
 
@@ -117,8 +119,6 @@ class NearDuplicateIndex:
 
 def phash64(image: Image.Image) -> int:
     """pHash as imagehash computes it (32x32 grey, DCT, 8x8 low frequencies vs. their median), as an int."""
-    import imagehash
-
     bits = imagehash.phash(image).hash.flatten()
     return int("".join("1" if b else "0" for b in bits), 2)
 
@@ -160,13 +160,9 @@ class SampleFilter:
     """The CPU stage for one actor: caption checks, decode, image filters, dedup, bucket resize."""
 
     def __init__(self, cfg: FilterConfig, base_resolution: int, tokenizer=None):
-        from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
-
         self.cfg = cfg
         self.base_resolution = base_resolution
         self.tokenizer = tokenizer
-        self._bucket_for_size = bucket_for_size
-        self._resize_to_bucket = resize_to_bucket
         self._boilerplate = [re.compile(p, re.IGNORECASE) for p in cfg.caption_boilerplate]
         # PIL's own guard (warning above the limit, error above twice it) follows ours in this process.
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels
@@ -246,7 +242,7 @@ class SampleFilter:
                 return None, info, "max_aspect"
             orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
             rotated_wh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            bucket = self._bucket_for_size(rotated_wh[0], rotated_wh[1], self.base_resolution)
+            bucket = bucket_for_size(rotated_wh[0], rotated_wh[1], self.base_resolution)
             if img.format == "JPEG":
                 # Decode at the smallest JPEG scale (1/2, 1/4, 1/8) that still covers the bucket.
                 nw, nh = _needed_size(w, h, bucket if rotated_wh == (w, h) else bucket[::-1])
@@ -278,7 +274,7 @@ class SampleFilter:
             info["phash"] = f"{ph:016x}"
             if self._near.find(ph) is not None:
                 return None, info, "near_duplicate"
-        out = self._resize_to_bucket(img, bucket)
+        out = resize_to_bucket(img, bucket)
         info["bucket"] = [bucket[0], bucket[1]]
         if digest is not None:
             self._exact.add(digest)

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from megatron_qwen_image.config import ConfigError
 from producer.config import ModelFilterSpec
@@ -63,8 +65,6 @@ class ClipScoreFilter(ModelFilter):
 
     def __init__(self, model_dir: str, min_score: float | None = None, max_score: float | None = None,
                  device: str = "cpu", batch_size: int = 32, reason: str | None = None):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
         super().__init__(min_score, max_score, reason)
         try:
             self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
@@ -86,8 +86,6 @@ class ClipScoreFilter(ModelFilter):
 
     @torch.no_grad()
     def score(self, images, captions) -> list[float]:
-        from PIL import Image
-
         scores: list[float] = []
         for i in range(0, len(images), self.batch_size):
             ims = [Image.fromarray(np.asarray(a)) for a in images[i : i + self.batch_size]]

@@ -24,8 +24,11 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import ray
+
+from megatron_qwen_image.cache import CacheWriter
 from producer.autoscale import OpenShard, PoolState, plan_scaling
 from producer.config import PoolSize, ProducerConfig
 from producer.report import ProgressReporter, RunStats
@@ -38,8 +41,6 @@ log = logging.getLogger("producer")
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join `address` (a running cluster; also taken from RAY_ADDRESS, as `ray job submit` sets it) or
     start a local Ray; a session already running in this process is reused."""
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -70,6 +71,13 @@ class _Job:
     commit_ref: object = None
     stats: RunStats = field(default_factory=RunStats)
     started: float = field(default_factory=time.time)
+
+
+@dataclass
+class _PeakActors:
+    """The most actors each pool had at once (autoscaling shows here)."""
+    cpu: int = 0
+    encoder: int = 0
 
 
 def largest_first(specs: list[ShardSpec]) -> list[ShardSpec]:
@@ -115,8 +123,6 @@ class ActorPool:
 
     def on_ready(self, ref) -> bool:
         """Handle a finished ping; returns True if `ref` belonged to this pool."""
-        import ray
-
         actor = self.starting.pop(ref, None) or self.probing.pop(ref, None)
         if actor is None:
             return False
@@ -145,15 +151,11 @@ class ActorPool:
 
     def retire(self, actor_ids) -> None:
         """Stop the ready actors with these ids (autoscaling down)."""
-        import ray
-
         for actor in [a for a in self.ready if self.aid(a) in set(actor_ids)]:
             self.ready.remove(actor)
             ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
-        import ray
-
         for a in self.ready + list(self.starting.values()) + list(self.probing.values()):
             try:
                 ray.kill(a, no_restart=True)
@@ -177,12 +179,10 @@ class ProducerRun:
         self.skipped: list[str] = []
         self._last_scale = float("-inf")
         self.clock = time.monotonic  # autoscaling's interval; replaceable (tests)
-        self.peak = {"cpu": 0, "encoder": 0}  # most actors each pool had (autoscaling shows here)
+        self.peak = _PeakActors()
 
     # ------------------------------------------------------------------ actors
     def _make_pools(self) -> None:
-        import ray
-
         p = self.cfg.pools
         gpus = p.encoder_num_gpus
         if gpus == "auto":
@@ -229,10 +229,6 @@ class ProducerRun:
         self.enc_pool.load[ActorPool.aid(job.enc)] -= 1
 
     def _fail(self, job: _Job, error: BaseException, queue: deque) -> None:
-        import ray
-
-        from megatron_qwen_image.cache import CacheWriter
-
         wu = job.spec.work_unit
         log.warning("shard %s attempt %d failed: %s", wu, job.attempt,
                     f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
@@ -265,10 +261,6 @@ class ProducerRun:
             self.on_event(kind, self, job, payload)
 
     def run(self) -> dict:
-        import ray
-
-        from megatron_qwen_image.cache import CacheWriter
-
         t0 = time.time()
         queue: deque = deque()
         for spec in largest_first(self.specs):
@@ -296,8 +288,8 @@ class ProducerRun:
                     self._handle(ref, owners.get(ref), queue, active)
                 if not self.cfg.pools.cpu_actors.fixed or not self.cfg.pools.encoder_actors.fixed:
                     self._autoscale(queue, active)
-                self.peak["cpu"] = max(self.peak["cpu"], self.cpu_pool.total())
-                self.peak["encoder"] = max(self.peak["encoder"], self.enc_pool.total())
+                self.peak.cpu = max(self.peak.cpu, self.cpu_pool.total())
+                self.peak.encoder = max(self.peak.encoder, self.enc_pool.total())
                 reporter.maybe_print(self._live_stats(active), len(active), len(self.failed), self.retries)
         finally:
             for pool in ("cpu_pool", "enc_pool"):
@@ -310,14 +302,12 @@ class ProducerRun:
         return report
 
     def _run_info(self) -> dict:
-        import ray
-
         p = self.cfg.pools
         return {"inputs": self.inputs, "cache_dir": self.cache_dir, "base_resolution": self.cfg.base_resolution,
                 "latent_dtype": self.cfg.latent_dtype, "ray_address": ray.get_runtime_context().gcs_address,
                 "cpu_actors": [p.cpu_actors.min, p.cpu_actors.max],
                 "encoder_actors": [p.encoder_actors.min, p.encoder_actors.max],
-                "peak_actors": dict(self.peak), "chunk_size": p.chunk_size,
+                "peak_actors": asdict(self.peak), "chunk_size": p.chunk_size,
                 "max_chunks_in_flight": p.max_chunks_in_flight}
 
     def _live_stats(self, active) -> RunStats:
@@ -362,8 +352,6 @@ class ProducerRun:
         return refs, owners
 
     def _handle(self, ref, owner, queue: deque, active: dict) -> None:
-        import ray
-
         if owner is None:
             self.cpu_pool.on_ready(ref) or self.enc_pool.on_ready(ref)
             return

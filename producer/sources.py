@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
 from megatron_qwen_image.config import option
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -271,8 +273,6 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "") -> Iterato
     The image column may be binary or a struct with a `bytes` field (Hugging Face `datasets` Image
     feature); the caption column string or binary.
     """
-    import pyarrow.parquet as pq
-
     stem = os.path.splitext(os.path.basename(path))[0]
     img_col, cap_col, key_col = options.parquet_image_column, options.parquet_caption_column, options.parquet_key_column
     try:

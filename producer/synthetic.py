@@ -26,6 +26,7 @@ import random
 import sys
 import warnings
 
+import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
 LATIN_FONT_CANDIDATES = (
@@ -175,8 +176,6 @@ def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin
 def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed: int = 0,
                     languages=("en", "zh")) -> list[str]:
     """Write `num_shards` img2dataset-layout tars of `per_shard` samples each; returns their paths."""
-    import webdataset as wds
-
     if num_shards < 1 or per_shard < 1:
         raise ValueError(f"need at least one shard and one sample per shard, got {num_shards} x {per_shard}")
     unknown = set(languages) - {"en", "zh"}

@@ -16,6 +16,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
+from megatron_qwen_image.cache import CacheWriter
 from producer.config import ProducerConfig
 from producer.filters import Prepared, SampleFilter
 from producer.sources import ShardSpec, iter_shard
@@ -36,15 +39,18 @@ class Chunk:
     cpu_seconds: float = 0.0
 
 
+@dataclass
+class _OpenWorkUnit:
+    """The writer of one work-unit attempt, and how many of its chunks it holds so far."""
+    attempt: int
+    writer: CacheWriter
+    chunks: int = 0
+
+
 def set_threads(n: int) -> None:
     """Limit intra-op threads: several actors share a node's cores."""
     os.environ["OMP_NUM_THREADS"] = str(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
+    torch.set_num_threads(n)
 
 
 def json_safe(obj):
@@ -69,6 +75,8 @@ class CpuWorker:
         tokenizer = None
         f = cfg.filters
         if f.min_caption_tokens is not None or f.max_caption_tokens is not None:
+            # Imported here: the encoders load transformers and diffusers (~5 s and ~150 MB more per process),
+            # which a CPU actor needs only for this filter's tokenizer.
             from megatron_qwen_image.encoders.text import load_tokenizer
 
             if not cfg.encoders.dir:
@@ -107,8 +115,8 @@ class EncoderWorker:
     """Model filters -> VAE latents + MLLM text features -> CacheWriter, per work unit."""
 
     def __init__(self, cfg: ProducerConfig, cache_dir: str):
-        import torch
-
+        # Imported here, not at the top: the driver and every CPU actor import this module too, and must
+        # not pay for transformers and diffusers (~5 s and ~150 MB more per process) that only encoders run.
         from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
         from producer.model_filters import build_model_filter
 
@@ -127,16 +135,14 @@ class EncoderWorker:
         self.vae = QwenVAEEncoder.from_pretrained(e.dir, device=device, dtype=dtype, sample_mode=e.vae_sample_mode,
                                                   seed=e.seed, batch_size=e.vae_batch_size)
         self.model_filters = [build_model_filter(s, device) for s in cfg.model_filters]
-        self.writers: dict[str, dict] = {}  # work_unit -> {"attempt", "writer", "chunks"}
+        self.writers: dict[str, _OpenWorkUnit] = {}  # by work unit
 
     def ping(self) -> int:
         return os.getpid()
 
-    def _writer(self, work_unit: str, attempt: int, index: int):
-        from megatron_qwen_image.cache import CacheWriter
-
+    def _writer(self, work_unit: str, attempt: int, index: int) -> _OpenWorkUnit:
         w = self.writers.get(work_unit)
-        if w is not None and w["attempt"] != attempt:
+        if w is not None and w.attempt != attempt:
             self.abort(work_unit)  # an older attempt's leftovers (its shard was rescheduled)
             w = None
         if w is None:
@@ -145,17 +151,17 @@ class EncoderWorker:
                                    "writer for it (the actor restarted); the shard must be redone")
             writer = CacheWriter(self.cache_dir, work_unit, latent_dtype=self.cfg.latent_dtype,
                                  base_resolution=self.cfg.base_resolution)
-            w = self.writers[work_unit] = {"attempt": attempt, "writer": writer, "chunks": 0}
-        if w["chunks"] != index:
-            raise StaleAttempt(f"{work_unit!r} attempt {attempt}: expected chunk {w['chunks']}, got {index}")
+            w = self.writers[work_unit] = _OpenWorkUnit(attempt, writer)
+        if w.chunks != index:
+            raise StaleAttempt(f"{work_unit!r} attempt {attempt}: expected chunk {w.chunks}, got {index}")
         return w
 
     def add_chunk(self, work_unit: str, attempt: int, chunk: Chunk) -> dict:
         """Encode and add one chunk; returns its stats (seen, written, drops, transforms, buckets)."""
         t0 = time.perf_counter()
         w = self._writer(work_unit, attempt, chunk.index)
-        w["chunks"] += 1
-        writer = w["writer"]
+        w.chunks += 1
+        writer = w.writer
         stats = {"seen": chunk.seen, "written": 0, "drops": Counter(chunk.drops), "transforms": dict(chunk.transforms),
                  "buckets": Counter(), "cpu_seconds": chunk.cpu_seconds}
         samples: list[Prepared] = chunk.samples
@@ -210,12 +216,12 @@ class EncoderWorker:
     def commit(self, work_unit: str, attempt: int, num_chunks: int) -> dict:
         """Commit a work unit once all its `num_chunks` chunks of this attempt were added."""
         w = self.writers.get(work_unit)
-        if w is None or w["attempt"] != attempt or w["chunks"] != num_chunks:
-            got = None if w is None else (w["attempt"], w["chunks"])
+        if w is None or w.attempt != attempt or w.chunks != num_chunks:
+            got = None if w is None else (w.attempt, w.chunks)
             raise StaleAttempt(f"{work_unit!r} attempt {attempt}: cannot commit {num_chunks} chunks, this actor has "
                                f"(attempt, chunks) = {got}")
         del self.writers[work_unit]
-        entry = w["writer"].commit()
+        entry = w.writer.commit()
         return {"num_samples": entry.get("num_samples", 0), "shards": len(entry.get("shards", [])),
                 "seq": entry.get("seq")}
 
@@ -223,5 +229,5 @@ class EncoderWorker:
         """Drop an open writer (its temp files are deleted; nothing becomes visible)."""
         w = self.writers.pop(work_unit, None)
         if w is not None:
-            w["writer"].abort()
+            w.writer.abort()
         return w is not None

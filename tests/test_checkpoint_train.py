@@ -1,8 +1,8 @@
 """Checkpoints in the train loop, on CPU processes (gloo + CPU emulation), with the latent-cache loader:
 
 * exact resume: 8 steps with saves at 2/4/6/8 (keep last 3) vs. load at step 4 + 4 steps: equal losses;
-* a run killed in the middle of a save (fault injection) resumes from the previous complete checkpoint
-  and reproduces the uninterrupted losses;
+* a run killed in the middle of a save (tests/dist/ckpt_fault_worker.py) resumes from the previous complete
+  checkpoint and reproduces the uninterrupted losses;
 * SIGTERM (SLURM preemption) during training: a complete checkpoint of the current step, then exit;
 * resharding TP=2 -> TP=1, TP=1 -> TP=2 and TP=2xDP=1 -> TP=2xDP=2 (distributed optimizer state included):
   equal model outputs after load, and the continued losses match the uninterrupted TP=2 run (<= 1e-5);
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from megatron_qwen_image.convert import layout
+from megatron_qwen_image import checkpoint_format
 from tests.torchrun import REPO, torchrun
 from tests.waiting import wait_for
 
@@ -80,12 +80,12 @@ def _worker(run, name, nproc, *args, stop_at=None):
     return _worker_results(prefix)
 
 
-def test_save_layout_keep_last_and_latest(run):
+def test_saves_keep_last_and_move_latest(run):
     root = run["root"]
-    assert [s for s, _ in layout.complete_iterations(str(root))] == [4, 6, 8]  # keep_last=3 pruned step 2
+    assert [s for s, _ in checkpoint_format.complete_iterations(str(root))] == [4, 6, 8]  # keep_last=3 pruned step 2
     assert open(root / "latest").read().strip() == "iter_0000008"
-    assert layout.resolve(str(root)) == str(root / "iter_0000008")
-    marker = layout.read_marker(str(root / "iter_0000004"))
+    assert checkpoint_format.resolve(str(root)) == str(root / "iter_0000008")
+    marker = checkpoint_format.read_marker(str(root / "iter_0000004"))
     assert marker["step"] == 4 and marker["tp"] == 2 and marker["dp"] == 1 and marker["consumed_samples"] == 16
     assert sorted(run["losses"]) == list(range(1, STEPS + 1))
 
@@ -111,25 +111,25 @@ def test_resume_reproduces_the_uninterrupted_losses(run, exact):
 
 def test_kill_during_save_resumes_from_previous_checkpoint(run):
     root = run["tmp"] / "killed"
-    base = ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", *run["common"], "--save", str(root),
-            "--save-interval", "2", "--load", str(root)]
+    args = ["--config", "configs/smoke_tp2.yaml", *run["common"], "--save", str(root), "--save-interval", "2",
+            "--load", str(root)]
     with pytest.raises(AssertionError) as err:  # every rank SIGKILLs itself after writing its shard files
-        torchrun(2, [*base, "--log-jsonl", str(run["tmp"] / "killed1.jsonl")], timeout=300,
-                 env={"MQI_CKPT_FAULT": "shards-written@4"})
+        torchrun(2, ["tests/dist/ckpt_fault_worker.py", "--fault", "shards-written@4", *args,
+                     "--log-jsonl", str(run["tmp"] / "killed1.jsonl")], timeout=300)
     assert "killing itself during the save" in str(err.value)
     assert open(root / "latest").read().strip() == "iter_0000002"
     partial = root / "iter_0000004"
-    assert glob.glob(str(partial / "*.distcp")) and not layout.is_complete(str(partial))
-    assert layout.resolve(str(root)) == str(root / "iter_0000002")
+    assert glob.glob(str(partial / "*.distcp")) and not checkpoint_format.is_complete(str(partial))
+    assert checkpoint_format.resolve(str(root)) == str(root / "iter_0000002")
 
-    out = torchrun(2, [*base, "--log-jsonl", str(run["tmp"] / "killed2.jsonl")], timeout=300)
+    out = torchrun(2, ["-m", "consumer.train", *args, "--log-jsonl", str(run["tmp"] / "killed2.jsonl")], timeout=300)
     assert "resumed from" in out and "iter_0000002" in out
     resumed = _losses(run["tmp"] / "killed2.jsonl")
     assert sorted(resumed) == list(range(3, STEPS + 1))
     for step, loss in resumed.items():
         assert abs(loss - run["losses"][step]) <= 1e-6, (step, loss, run["losses"][step])
-    assert [s for s, _ in layout.complete_iterations(str(root))] == [2, 4, 6, 8]
-    assert not layout.incomplete_iterations(str(root))
+    assert [s for s, _ in checkpoint_format.complete_iterations(str(root))] == [2, 4, 6, 8]
+    assert not checkpoint_format.incomplete_iterations(str(root))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(run):
@@ -160,9 +160,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
     out = log.read_text()
     steps = sorted(_losses(jsonl))
     assert "SIGTERM received" in out and "stopping after step" in out, out[-5000:]
-    saved = layout.resolve(str(root))
+    saved = checkpoint_format.resolve(str(root))
     assert saved is not None, out[-5000:]
-    assert layout.read_marker(saved)["step"] == steps[-1] < 1000
+    assert checkpoint_format.read_marker(saved)["step"] == steps[-1] < 1000
     # the workers exited cleanly (torchrun itself reports the SIGTERM it got with a traceback of its own)
     assert "checkpointing.py\", line" not in out and "consumer/train.py\", line" not in out, out[-5000:]
 

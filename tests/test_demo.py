@@ -75,13 +75,12 @@ def test_demo_end_to_end(tmp_path):
     assert {tuple(r["latent_hw"]) for r in records} <= trainable
     assert summary["loss"]["last_loss"] == records[-1]["loss"]
 
-    # Checkpoint of the last step (when this build has checkpointing).
-    if demo.checkpointing_available():
-        ckpt = o["checkpoint_latest"]
-        assert ckpt and os.path.isdir(ckpt) and os.path.basename(ckpt) == f"iter_{STEPS:07d}"
-        with open(os.path.join(o["checkpoints"], "latest")) as f:
-            assert f.read().strip() == os.path.basename(ckpt)
-        assert os.listdir(ckpt)
+    # Checkpoint of the last step.
+    ckpt = o["checkpoint_latest"]
+    assert ckpt and os.path.isdir(ckpt) and os.path.basename(ckpt) == f"iter_{STEPS:07d}"
+    with open(os.path.join(o["checkpoints"], "latest")) as f:
+        assert f.read().strip() == os.path.basename(ckpt)
+    assert os.listdir(ckpt)
 
     # The PNG is a real image.
     with Image.open(o["loss_png"]) as im:
@@ -102,7 +101,7 @@ def test_demo_end_to_end(tmp_path):
 def test_demo_refuses_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("not a demo")
     with pytest.raises(demo.DemoError, match="not a demo output directory"):
-        demo.prepare_out(demo.Layout(str(tmp_path)), clean=True)
+        demo.prepare_out(demo.DemoPaths(str(tmp_path)), clean=True)
     assert (tmp_path / "precious.txt").read_text() == "not a demo"
 
 

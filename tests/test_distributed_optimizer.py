@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from consumer.planner import plan
+from consumer.planner import plan_memory
 from consumer.config import load_config
 from tests.torchrun import torchrun
 
@@ -54,7 +54,7 @@ def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp
 
     # parameters per rank are exactly the dry-run planner's TP split
     cfg = load_config("configs/model/tiny.yaml", COMMON + ["parallelism.tensor_model_parallel_size=2"])
-    p = plan(cfg, dp=2, bf16=False)
+    p = plan_memory(cfg, dp=2, bf16=False)
     assert ref["local_params"] == p.total_params
     assert all(r["local_params"] == p.params_per_rank for r in ranks)
 

@@ -1,5 +1,5 @@
 """launch/slurm/ against a real SLURM: Debian's slurmctld + three slurmd "nodes" on this machine
-(launch/local_slurm.py), munge authentication, a preemptible partition.
+(tests/support/local_slurm.py), munge authentication, a preemptible partition.
 
 - the training batch script in its CPU smoke configuration (configs/smoke_tp2.yaml: TP=2 over two
   nodes, one torchrun per node, rendezvous from the SLURM environment) is preempted by a higher-priority
@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from launch.local_slurm import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, install_system_packages
+from tests.support.local_slurm import TERMINAL_STATES, LocalSlurm, SlurmUnavailable, install_system_packages
 from launch.slurm.torchrun_slurm import SlurmEnvError, slurm_rendezvous, torchrun_argv
 from tests.waiting import wait_for
 

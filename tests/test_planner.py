@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from consumer.planner import plan, tensor_plans
+from consumer.planner import plan_memory, tensor_splits
 from consumer.config import load_config
 from tests.torchrun import REPO
 
@@ -20,14 +20,14 @@ def _diffusers_params(**config) -> int:
 
 
 def test_total_parameters_equal_diffusers_released_shape():
-    p = plan(load_config(BIG), dp=8)
+    p = plan_memory(load_config(BIG), dp=8)
     assert p.total_params == _diffusers_params() == 20_430_401_088
 
 
 def test_tiny_total_equals_diffusers_tiny():
     cfg = load_config(os.path.join(REPO, "configs", "model", "tiny.yaml"))
     m = cfg.model
-    assert plan(cfg, dp=1).total_params == _diffusers_params(
+    assert plan_memory(cfg, dp=1).total_params == _diffusers_params(
         num_layers=m.num_layers, attention_head_dim=m.hidden_size // m.num_attention_heads,
         num_attention_heads=m.num_attention_heads, joint_attention_dim=m.joint_attention_dim,
         in_channels=m.in_channels, out_channels=m.out_channels, patch_size=m.patch_size,
@@ -36,11 +36,11 @@ def test_tiny_total_equals_diffusers_tiny():
 
 def test_tp_split_accounting():
     cfg = load_config(BIG)
-    tensors = tensor_plans(cfg)
+    tensors = tensor_splits(cfg)
     sharded = sum(t.numel for t in tensors if t.tp_axis is not None)
     replicated = sum(t.numel for t in tensors if t.tp_axis is None)
     for tp in (1, 2, 4, 8):
-        p = plan(cfg, dp=1, tp=tp)
+        p = plan_memory(cfg, dp=1, tp=tp)
         assert p.sharded_params_per_rank * tp == sharded  # every split tensor divides evenly
         assert p.replicated_params_per_rank == replicated
     # the modulation projections (img_mod / txt_mod) hold about a third of the model and are sharded
@@ -52,7 +52,7 @@ def test_tp_split_accounting():
 
 def test_20b_at_tp4_dp8_fits_the_memory_budget():
     """The budget: ~10 GB bf16 params + 20 GB fp32 grads + 8 GB optimizer (fp32 main + Adam m, v over DP=8)."""
-    p = plan(load_config(BIG), dp=8)
+    p = plan_memory(load_config(BIG), dp=8)
     assert p.tp == 4 and p.bf16 and p.distributed_optimizer
     assert p.param_bytes == 2 * p.params_per_rank and p.grad_bytes == 4 * p.params_per_rank
     assert p.param_bytes / 1e9 == pytest.approx(10, abs=0.5)
@@ -60,7 +60,7 @@ def test_20b_at_tp4_dp8_fits_the_memory_budget():
     assert p.optimizer_bytes / 1e9 == pytest.approx(8, abs=0.5)
     assert p.optimizer_bytes == 12 * p.params_per_rank / 8
     # without the distributed optimizer the Adam state alone would be 61 GB per GPU
-    no_dist = plan(load_config(BIG, ["optimizer.use_distributed_optimizer=false"]), dp=8)
+    no_dist = plan_memory(load_config(BIG, ["optimizer.use_distributed_optimizer=false"]), dp=8)
     assert no_dist.optimizer_bytes == 8 * p.optimizer_bytes
 
 

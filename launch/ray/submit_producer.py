@@ -29,6 +29,7 @@ import time
 
 import yaml
 
+from launch.passthrough import split_at_separator
 from megatron_qwen_image.config import split_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,11 +139,7 @@ def wait_for_job(client, job_id: str, timeout: float | None = None, follow=print
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    producer_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, producer_args = argv[:i], argv[i + 1:]
+    argv, producer_args = split_at_separator(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m launch.ray.submit_producer", description=__doc__.split("\n\n")[0])
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
                    help="the cluster's dashboard/job API, e.g. http://head:8265 (default $RAY_API_SERVER_ADDRESS)")

@@ -27,6 +27,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+from launch.passthrough import split_at_separator
 from launch.slurm.allocation import SlurmEnvError, allocation_hosts, node_address
 
 
@@ -81,11 +82,7 @@ def torchrun_argv(rdzv: Rendezvous, nproc_per_node: int, target: list[str], shut
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    target: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, target = argv[:i], argv[i + 1:]
+    argv, target = split_at_separator(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m launch.slurm.torchrun_slurm", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes (GPUs) per node; default SLURM_GPUS_ON_NODE, else 1")

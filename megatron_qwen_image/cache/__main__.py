@@ -16,6 +16,9 @@ import sys
 import time
 
 from .format import CacheFormatError
+from .maintenance import cleanup, inspect_cache
+from .manifest import ensure_cache_dirs, seal
+from .reader import CacheReader
 
 
 def _fmt_bytes(n: float) -> str:
@@ -27,8 +30,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .maintenance import inspect_cache
-
     info = inspect_cache(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -60,8 +61,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .reader import CacheReader
-
     t0 = time.time()
     r = CacheReader(args.dir)
 
@@ -80,8 +79,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from .maintenance import cleanup
-
     rep = cleanup(args.dir, grace_s=args.grace_s, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for kind, paths in rep.items():
@@ -92,16 +89,12 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from .manifest import ensure_layout
-
-    content = ensure_layout(args.dir)
+    content = ensure_cache_dirs(args.dir)
     print(f"cache {args.dir} ready (format {content.get('format_version')})")
     return 0
 
 
 def cmd_seal(args) -> int:
-    from .manifest import seal
-
     print(f"sealed {args.dir} at {seal(args.dir)} manifest entries")
     return 0
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from PIL import Image
+
 from .format import PIXEL_MULTIPLE, VAE_SCALE_FACTOR
 
 BASE_RESOLUTIONS = (256, 640, 1328)
@@ -51,8 +53,6 @@ def bucket_for_size(width: int, height: int, base: int, aspect_ratios=ASPECT_RAT
 
 def resize_to_bucket(image, bucket: tuple[int, int]):
     """Resize a PIL image so it covers the bucket (Lanczos), then center-crop to exactly (bw, bh)."""
-    from PIL import Image
-
     bw, bh = int(bucket[0]), int(bucket[1])
     if bw % PIXEL_MULTIPLE or bh % PIXEL_MULTIPLE:
         raise ValueError(f"bucket {bw}x{bh} is not a multiple of {PIXEL_MULTIPLE}")

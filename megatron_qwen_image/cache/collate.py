@@ -18,10 +18,10 @@ def collate(samples, output_dtype: torch.dtype | None = torch.float32, alloc=Non
     if not samples:
         raise ValueError("cannot collate an empty batch")
     alloc = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    keys = [s[0] for s in samples]
-    lat0, txt0 = samples[0][1], samples[0][2]
+    keys = [key for key, _, _ in samples]
+    _, lat0, txt0 = samples[0]
     shape, dim = tuple(lat0.shape), txt0.shape[1]
-    lengths = [s[2].shape[0] for s in samples]
+    lengths = [txt.shape[0] for _, _, txt in samples]
     max_len = max(lengths)
     latents = alloc((len(samples), *shape), output_dtype or lat0.dtype)
     text = alloc((len(samples), max_len, dim), output_dtype or txt0.dtype)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from .collate import BufferPool, collate
 from .exclusions import read_exclusions
 from .format import CorruptShardError, parse_bucket_name
 from .manifest import ManifestLog, ShardInfo
-from .plan import plan_epoch, plan_round, replacement_candidates, sample_ids, split_id
+from .plan import plan_epoch_batches, plan_round_batches, replacement_candidates, sample_ids, split_id
 from .shard import VERIFY_MODES, ShardFile
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,33 @@ STATE_VERSION = 1
 _END = object()
 
 
+@dataclass(frozen=True, slots=True)
 class _Task:
-    __slots__ = ("bucket", "ids", "pool", "key", "state_after")
+    """This rank's part of one global batch, as the planner hands it to a reader thread."""
+    bucket: tuple[int, int]
+    ids: np.ndarray          # this rank's sample ids
+    pool: np.ndarray         # the bucket's ids of this epoch/round: where replacements come from
+    key: tuple               # (1 stream | 2 epoch, round or epoch, step): seeds the replacement choice
+    state_after: dict        # the loader position once this batch is consumed
 
-    def __init__(self, bucket, ids, pool, key, state_after):
-        self.bucket, self.ids, self.pool, self.key, self.state_after = bucket, ids, pool, key, state_after
+
+@dataclass(frozen=True)
+class _Pipeline:
+    """The background machinery of prefetch > 0; `_stop_pipeline()` takes it down."""
+    planner: threading.Thread
+    out: queue.Queue         # (state_after, future of the batch), then _END or the planner's exception
+    stop: threading.Event
+    executor: ThreadPoolExecutor
+
+
+@dataclass
+class _Counters:
+    """What `stats` counts as batches are returned (updated under the loader's lock)."""
+    batches: int = 0
+    samples: int = 0
+    skipped_samples: int = 0
+    replaced_samples: int = 0
+    wait_s: float = 0.0      # seconds waited for producers (streaming)
 
 
 class BucketedLoader:
@@ -108,9 +131,9 @@ class BucketedLoader:
         self._open: OrderedDict[str, ShardFile] = OrderedDict()
         self._bad: dict[str, str] = {}
         self._verified_rows: dict[str, np.ndarray] = {}
-        self._stats = {"batches": 0, "samples": 0, "skipped_samples": 0, "replaced_samples": 0, "wait_s": 0.0}
+        self._counters = _Counters()
         self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=pin_memory)
-        self._pipeline = None  # (planner thread, out queue, stop event, executor); call close() when done
+        self._pipeline: _Pipeline | None = None  # call close() when done
         self._sync_gen = None   # prefetch=0
 
     # ------------------------------------------------------------------ public API
@@ -122,12 +145,12 @@ class BucketedLoader:
             return self._next_sync()
         if self._pipeline is None:
             self._start()
-        item = self._pipeline[1].get()
+        item = self._pipeline.out.get()
         if item is _END:
-            self._pipeline[1].put(_END)
+            self._pipeline.out.put(_END)
             raise StopIteration
         if isinstance(item, BaseException):
-            self._pipeline[1].put(item)
+            self._pipeline.out.put(item)
             raise item
         state_after, future = item
         batch, skipped, replaced = future.result()
@@ -171,7 +194,8 @@ class BucketedLoader:
         replaced, duplicate/corrupt manifest entries, seconds waited for producers, and the exclusion
         list in use (its number and how many samples it lists)."""
         with self._lock:
-            return {**self._stats, "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
+            return {**asdict(self._counters), "corrupt_shards": len(self._bad),
+                    "corrupt_shard_reasons": dict(self._bad),
                     "exclusion_list": self.exclusions.number, "excluded_samples": self.exclusions.num_samples,
                     "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
                     "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
@@ -249,7 +273,7 @@ class BucketedLoader:
             if stop is None:
                 time.sleep(self.poll_interval_s)
             with self._lock:
-                self._stats["wait_s"] += time.monotonic() - now
+                self._counters.wait_s += time.monotonic() - now
         return True
 
     def _next_round(self, r: int, next_entry: int, leftover: dict, stop):
@@ -268,8 +292,7 @@ class BucketedLoader:
             next_entry += 1
         pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
                  for b in set(leftover) | set(new)}
-        plan = plan_round(pools, self.seed, r, self.global_batch_size)
-        return plan, next_entry, ended
+        return plan_round_batches(pools, self.seed, r, self.global_batch_size), next_entry, ended
 
     def _tasks(self, pos: dict, stop):
         """Yield this rank's tasks from position `pos` onward, forever (or until a sealed stream ends
@@ -278,13 +301,13 @@ class BucketedLoader:
         if pos["mode"] == "stream":
             leftover, next_entry = {}, 0
             for r in itertools.count():
-                plan, next_entry, ended = self._next_round(r, next_entry, leftover, stop)
-                leftover = plan.leftover
+                batch_plan, next_entry, ended = self._next_round(r, next_entry, leftover, stop)
+                leftover = batch_plan.leftover
                 if r >= pos["round"]:
                     start = pos["step"] if r == pos["round"] else 0
-                    for s in range(start, len(plan.batches)):
-                        bucket, ids = plan.batches[s]
-                        yield _Task(bucket, ids[lo:lo + self.micro], plan.pools[bucket], (1, r, s),
+                    for s in range(start, len(batch_plan.batches)):
+                        b = batch_plan.batches[s]
+                        yield _Task(b.bucket, b.sample_ids[lo:lo + self.micro], batch_plan.pools[b.bucket], (1, r, s),
                                     {"mode": "stream", "round": r, "step": s + 1})
                 if ended:
                     break
@@ -304,11 +327,11 @@ class BucketedLoader:
                              f"{self.base_resolution}, buckets={self.bucket_filter}) has global_batch_size={G} "
                              f"samples: {sizes}")
         for e in itertools.count(pos["epoch"]):
-            plan = plan_epoch(pools, self.seed, e, G)
+            batch_plan = plan_epoch_batches(pools, self.seed, e, G)
             start = pos["step"] if e == pos["epoch"] else 0
-            for s in range(start, len(plan.batches)):
-                bucket, ids = plan.batches[s]
-                yield _Task(bucket, ids[lo:lo + self.micro], plan.pools[bucket], (2, e, s),
+            for s in range(start, len(batch_plan.batches)):
+                b = batch_plan.batches[s]
+                yield _Task(b.bucket, b.sample_ids[lo:lo + self.micro], batch_plan.pools[b.bucket], (2, e, s),
                             {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
 
     # ------------------------------------------------------------------ reading (worker threads)
@@ -364,10 +387,10 @@ class BucketedLoader:
     def _consumed(self, state_after, batch, skipped, replaced):
         self._position = state_after
         with self._lock:
-            self._stats["batches"] += 1
-            self._stats["samples"] += len(batch["keys"])
-            self._stats["skipped_samples"] += skipped
-            self._stats["replaced_samples"] += replaced
+            self._counters.batches += 1
+            self._counters.samples += len(batch["keys"])
+            self._counters.skipped_samples += skipped
+            self._counters.replaced_samples += replaced
 
     # ------------------------------------------------------------------ pipeline
     def _next_sync(self) -> dict:
@@ -405,21 +428,21 @@ class BucketedLoader:
                 put(e)
 
         thread = threading.Thread(target=planner, name="cache-planner", daemon=True)
-        self._pipeline = (thread, out, stop, executor)
+        self._pipeline = _Pipeline(thread, out, stop, executor)
         thread.start()
 
     def _stop_pipeline(self):
         if self._pipeline is None:
             return
-        thread, out, stop, executor = self._pipeline
-        stop.set()
-        thread.join()
+        p = self._pipeline
+        p.stop.set()
+        p.planner.join()
         while True:
             try:
-                out.get_nowait()
+                p.out.get_nowait()
             except queue.Empty:
                 break
-        executor.shutdown(wait=True, cancel_futures=True)
+        p.executor.shutdown(wait=True, cancel_futures=True)
         self._pipeline = None
 
 

@@ -29,7 +29,7 @@ def entry_path(root: str, seq: int) -> str:
     return os.path.join(root, MANIFEST_DIR, f"{seq:0{ENTRY_DIGITS}d}.json")
 
 
-def ensure_layout(root: str) -> dict:
+def ensure_cache_dirs(root: str) -> dict:
     """Create the cache skeleton if needed (safe to race) and return CACHE.json's content."""
     for d in (root, os.path.join(root, MANIFEST_DIR), os.path.join(root, WORKUNITS_DIR),
               os.path.join(root, TMP_DIR)):

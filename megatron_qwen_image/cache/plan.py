@@ -38,34 +38,42 @@ def _bucket_code(bucket: tuple[int, int]) -> list[int]:
     return [int(bucket[0]), int(bucket[1])]
 
 
-@dataclass
-class Plan:
+@dataclass(frozen=True, slots=True)
+class GlobalBatch:
+    """One global batch: its bucket and the ids of its samples (all DP ranks' together)."""
+    bucket: tuple[int, int]
+    sample_ids: np.ndarray   # [global_batch_size] int64
+
+
+@dataclass(frozen=True)
+class BatchPlan:
     """The global batches of one epoch or one streaming round."""
-    batches: list            # list of (bucket, np.ndarray[G] of sample ids)
-    pools: dict              # bucket -> all sample ids of this epoch/round (for replacements)
-    leftover: dict           # bucket -> ids that did not fill a batch
+    batches: list[GlobalBatch]                   # in the order training takes them
+    pools: dict[tuple[int, int], np.ndarray]     # bucket -> all sample ids of this epoch/round (for replacements)
+    leftover: dict[tuple[int, int], np.ndarray]  # bucket -> ids that did not fill a batch
 
 
-def plan_pool(pools: dict, seed: int, tag: int, index: int, global_batch_size: int) -> Plan:
+def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size: int) -> BatchPlan:
     """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic."""
     batches, leftover = [], {}
     for bucket in sorted(pools):
         ids = pools[bucket]
         perm = np.random.default_rng([seed, tag, index, *_bucket_code(bucket)]).permutation(ids)
         k = len(perm) // global_batch_size
-        batches.extend((bucket, perm[j * global_batch_size:(j + 1) * global_batch_size]) for j in range(k))
+        batches.extend(GlobalBatch(bucket, perm[j * global_batch_size:(j + 1) * global_batch_size])
+                       for j in range(k))
         if len(perm) > k * global_batch_size:
             leftover[bucket] = perm[k * global_batch_size:]
     order = np.random.default_rng([seed, _TAG_ORDER, tag, index]).permutation(len(batches))
-    return Plan([batches[i] for i in order], pools, leftover)
+    return BatchPlan([batches[i] for i in order], pools, leftover)
 
 
-def plan_epoch(pools: dict, seed: int, epoch: int, global_batch_size: int) -> Plan:
-    return plan_pool(pools, seed, _TAG_EPOCH, epoch, global_batch_size)
+def plan_epoch_batches(pools: dict, seed: int, epoch: int, global_batch_size: int) -> BatchPlan:
+    return plan_batches(pools, seed, _TAG_EPOCH, epoch, global_batch_size)
 
 
-def plan_round(pools: dict, seed: int, round_index: int, global_batch_size: int) -> Plan:
-    return plan_pool(pools, seed, _TAG_ROUND, round_index, global_batch_size)
+def plan_round_batches(pools: dict, seed: int, round_index: int, global_batch_size: int) -> BatchPlan:
+    return plan_batches(pools, seed, _TAG_ROUND, round_index, global_batch_size)
 
 
 def replacement_candidates(pool: np.ndarray, seed: int, key: tuple, n: int = 32) -> np.ndarray:

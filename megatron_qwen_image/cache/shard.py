@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +34,23 @@ def _np_values(arr: pa.Array, dtype: np.dtype, count: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=count, offset=arr.offset * dtype.itemsize)
 
 
+@dataclass(frozen=True, slots=True)
 class _Batch:
-    __slots__ = ("rb", "start", "n", "keys", "crc", "lens", "lat_np", "lat_t", "txt_np", "txt_t", "off")
+    """One record batch of a shard, as zero-copy views (`read` checks its text offsets first)."""
+    rb: pa.RecordBatch
+    start: int               # the shard row of its first row
+    n: int
+    keys: list[str]
+    crc: np.ndarray          # per-row CRC-32
+    lens: np.ndarray         # per-row text length (tokens)
+    lat_np: np.ndarray       # [n, C*H*W] storage bytes
+    lat_t: torch.Tensor      # [n, C, H, W]
+    txt_np: np.ndarray       # every row's text values, concatenated
+    txt_t: torch.Tensor
+    off: np.ndarray          # in elements; row j's tokens: txt[off[j] : off[j+1]] viewed as [L_j, D]
 
-    def __init__(self, rb: pa.RecordBatch, start: int, latent_dt, latent_shape, text_dt, text_dim):
+    @staticmethod
+    def read(rb: pa.RecordBatch, start: int, latent_dt, latent_shape, text_dt, text_dim) -> "_Batch":
         n = rb.num_rows
         numel = int(np.prod(latent_shape))
         lat_col, txt_col = rb.column("latent"), rb.column("text_embed")
@@ -48,15 +62,12 @@ class _Batch:
         values = txt_col.values
         if off[-1] > len(values):
             raise ValueError("text offsets point past the end of the values")
-        self.rb, self.start, self.n, self.lens = rb, start, n, lens
-        self.keys = rb.column("key").to_pylist()
-        self.crc = rb.column("crc32").to_numpy()
-        self.lat_np = _np_values(lat_col.values, latent_dt.numpy, (lat_col.offset + n) * numel)[
+        lat_np = _np_values(lat_col.values, latent_dt.numpy, (lat_col.offset + n) * numel)[
             lat_col.offset * numel:].reshape(n, numel)
-        self.lat_t = numpy_to_tensor(self.lat_np, latent_dt).view(n, *latent_shape)
-        self.txt_np = _np_values(values, text_dt.numpy, int(off[-1]))[int(off[0]):]
-        self.txt_t = numpy_to_tensor(self.txt_np, text_dt)
-        self.off = off  # in elements; row j's tokens: txt[off[j] : off[j+1]] viewed as [L_j, D]
+        txt_np = _np_values(values, text_dt.numpy, int(off[-1]))[int(off[0]):]
+        return _Batch(rb, start, n, rb.column("key").to_pylist(), rb.column("crc32").to_numpy(), lens, lat_np,
+                      numpy_to_tensor(lat_np, latent_dt).view(n, *latent_shape), txt_np,
+                      numpy_to_tensor(txt_np, text_dt), off)
 
 
 class ShardFile:
@@ -88,8 +99,8 @@ class ShardFile:
                 self.text_dt = storage_dtype(info.text_dtype)
                 self.batches, start = [], 0
                 for b in range(reader.num_record_batches):
-                    batch = _Batch(reader.get_batch(b), start, self.latent_dt, info.latent_shape, self.text_dt,
-                                   info.text_dim)
+                    batch = _Batch.read(reader.get_batch(b), start, self.latent_dt, info.latent_shape, self.text_dt,
+                                        info.text_dim)
                     self.batches.append(batch)
                     start += batch.n
             finally:

@@ -22,6 +22,7 @@ import re
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,22 @@ class CacheSealedError(RuntimeError):
     """The cache was sealed (its log declared complete); no more commits are accepted."""
 
 
+@dataclass
+class _OpenShard:
+    """The temp shard file a bucket is appending record batches to."""
+    tmp_path: str
+    sink: pa.OSFile
+    writer: pa.ipc.RecordBatchFileWriter
+    rows: int = 0
+
+
+@dataclass
+class _FinishedShard:
+    """A complete, fsynced temp shard and the manifest's description of it (docs/cache_format.md)."""
+    tmp_path: str | None   # None once commit() moves it into its bucket directory
+    entry: dict            # path (relative to the root), bucket, num_samples, bytes, crc32, shapes, dtypes
+
+
 class _BucketShards:
     """The temp shard files of one bucket within one work unit."""
 
@@ -51,8 +68,8 @@ class _BucketShards:
         self.rows: list[tuple] = []
         self.buffered = 0
         self.index = 0
-        self.current = None  # (tmp_path, sink, ipc_writer, rows_written)
-        self.finished: list[dict] = []
+        self.current: _OpenShard | None = None
+        self.finished: list[_FinishedShard] = []
 
     def add(self, key, lat, txt, caption, source, meta_json, crc):
         self.rows.append((key, lat, txt, caption, source, meta_json, crc))
@@ -89,25 +106,26 @@ class _BucketShards:
         if self.current is None:
             tmp = os.path.join(self.w.tmp_dir, f"{self.w.tmp_stem}.{bucket_name(*self.bucket)}.{self.index:04d}.arrow.tmp")
             sink = pa.OSFile(tmp, "wb")
-            self.current = [tmp, sink, pa.ipc.new_file(sink, self.schema), 0]
+            self.current = _OpenShard(tmp, sink, pa.ipc.new_file(sink, self.schema))
         batch = self._record_batch()
-        self.current[2].write_batch(batch)
-        self.current[3] += batch.num_rows
+        self.current.writer.write_batch(batch)
+        self.current.rows += batch.num_rows
         self.rows, self.buffered = [], 0
-        if self.current[1].tell() >= self.w.max_shard_bytes or self.current[3] >= self.w.max_shard_samples:
+        if self.current.sink.tell() >= self.w.max_shard_bytes or self.current.rows >= self.w.max_shard_samples:
             self.close_current()
 
     def close_current(self):
-        tmp, sink, writer, rows = self.current
-        writer.close()
-        sink.close()
+        shard = self.current
+        shard.writer.close()
+        shard.sink.close()
+        tmp = shard.tmp_path
         fsync_file(tmp)
         final = os.path.join(bucket_dir(*self.bucket), f"{self.w.file_stem}.{self.index:04d}.arrow")
-        self.finished.append({
-            "tmp": tmp, "path": final, "bucket": bucket_name(*self.bucket), "num_samples": rows,
+        self.finished.append(_FinishedShard(tmp, {
+            "path": final, "bucket": bucket_name(*self.bucket), "num_samples": shard.rows,
             "bytes": os.path.getsize(tmp), "crc32": file_crc32(tmp), "latent_shape": list(self.latent_shape),
             "latent_dtype": self.w.latent_dt.name, "text_dim": self.text_dim, "text_dtype": self.w.text_dt.name,
-        })
+        }))
         self.current = None
         self.index += 1
 
@@ -119,15 +137,15 @@ class _BucketShards:
     def discard(self):
         if self.current is not None:
             try:
-                self.current[2].close()
-                self.current[1].close()
+                self.current.writer.close()
+                self.current.sink.close()
             except Exception:  # already broken; we are deleting it anyway
                 pass
-            _unlink_quiet(self.current[0])
+            _unlink_quiet(self.current.tmp_path)
             self.current = None
         for s in self.finished:
-            if "tmp" in s:  # not yet renamed into a bucket dir
-                _unlink_quiet(s["tmp"])
+            if s.tmp_path is not None:  # not yet renamed into a bucket dir
+                _unlink_quiet(s.tmp_path)
         self.rows = []
 
 
@@ -164,7 +182,7 @@ class CacheWriter:
             raise ValueError("max_shard_bytes, max_shard_samples and flush_bytes must be positive")
         self.max_shard_bytes, self.max_shard_samples, self.flush_bytes = max_shard_bytes, max_shard_samples, flush_bytes
         self.stale_temp_grace_s = stale_temp_grace_s
-        manifest.ensure_layout(self.root)
+        manifest.ensure_cache_dirs(self.root)
         self.tmp_dir = os.path.join(self.root, TMP_DIR)
         self.attempt = uuid.uuid4().hex[:8]
         self.file_stem = f"wu-{self.wuid}.{self.attempt}"
@@ -245,14 +263,15 @@ class CacheWriter:
                 self.already_committed = True
                 return self._existing_entry()
             for s in shards:  # visible in the bucket dirs but unreferenced until the entry lands
-                os.makedirs(os.path.join(self.root, os.path.dirname(s["path"])), exist_ok=True)
-                os.rename(s.pop("tmp"), os.path.join(self.root, s["path"]))
-            for d in {os.path.dirname(s["path"]) for s in shards}:
+                tmp, s.tmp_path = s.tmp_path, None  # abort() no longer deletes it; cleanup() does if need be
+                os.makedirs(os.path.join(self.root, os.path.dirname(s.entry["path"])), exist_ok=True)
+                os.rename(tmp, os.path.join(self.root, s.entry["path"]))
+            for d in {os.path.dirname(s.entry["path"]) for s in shards}:
                 fsync_dir(os.path.join(self.root, d))
             entry = {
                 "format_version": FORMAT_VERSION, "work_unit": self.work_unit, "work_unit_id": self.wuid,
                 "attempt": self.attempt, "base_resolution": self.base_resolution,
-                "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+                "num_samples": sum(s.entry["num_samples"] for s in shards), "shards": [s.entry for s in shards],
                 "created_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
             }
             seq = manifest.append_entry(self.root, entry)

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from megatron_qwen_image.checkpoint_format import CheckpointNotFoundError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,17 +32,16 @@ def main(argv=None) -> int:
         sp.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
 
+    # Imported only now: these import megatron-core (seconds, and its import-time warnings), which --help
+    # and usage errors do not need.
     from .diffusers_dir import ConversionError
-    from .layout import CheckpointNotFoundError
+    from .exporter import export_diffusers, parse_size
+    from .importer import import_diffusers
 
     try:
         if args.command == "import-diffusers":
-            from .importer import import_diffusers
-
             import_diffusers(args.src, args.dst, tp=args.tp, dtype=DTYPES.get(args.dtype), progress=not args.quiet)
         else:
-            from .exporter import export_diffusers, parse_size
-
             export_diffusers(args.src, args.dst, dtype=DTYPES.get(args.dtype),
                              max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
     except (ConversionError, CheckpointNotFoundError) as e:

@@ -15,10 +15,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.model.diffusers_mapping import (DIFFUSERS_CLASS_NAME, config_from_diffusers,
                                                          megatron_shapes, tensor_mappings_for)
 
-from . import layout
 from .diffusers_dir import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, ConversionError, shard_file_name
 from .streaming import (DcpTensorReader, SafetensorsEntry, keep_freed_tensors_out_of_the_heap, nbytes,
                         write_safetensors)
@@ -31,7 +31,7 @@ def _load_common(ckpt_dir: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{ckpt_dir}: no common.pt (not a megatron dist checkpoint)")
     common = torch.load(path, map_location="cpu", weights_only=True)
-    if common.get("format") != layout.FORMAT:
+    if common.get("format") != checkpoint_format.FORMAT:
         raise ConversionError(f"{ckpt_dir}: not a megatron-qwen-image checkpoint (format={common.get('format')!r})")
     return common
 
@@ -52,7 +52,7 @@ def export_diffusers(src: str, dst: str, dtype: Optional[torch.dtype] = None,
     whose `latest` names one). `dtype`: cast (default: the stored dtype). Returns `dst`."""
     keep_freed_tensors_out_of_the_heap()
     t0 = time.perf_counter()
-    ckpt = layout.resolve(src) if os.path.isdir(src) else None
+    ckpt = checkpoint_format.resolve(src) if os.path.isdir(src) else None
     if ckpt is None:
         raise ConversionError(f"--src {src}: no complete checkpoint there")
     common = _load_common(ckpt)

@@ -17,12 +17,13 @@ import time
 from typing import Optional
 
 import torch
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
+from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.model.diffusers_mapping import (DIFFUSERS_CLASS_NAME, EXTRA_STATE_SUFFIX,
                                                          config_from_diffusers, megatron_shapes,
                                                          tensor_mappings_for)
 
-from . import layout
 from .diffusers_dir import ConversionError, DiffusersTransformerDir
 from .streaming import ObjectEntry, TensorEntry, keep_freed_tensors_out_of_the_heap, write_torch_dist
 
@@ -111,15 +112,15 @@ def import_diffusers(src: str, dst: str, tp: int = 1, dtype: Optional[torch.dtyp
 
     write_torch_dist(dst, entries, objects, progress=report)
     _write_common(dst, {
-        "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "content": "model",
+        "format": checkpoint_format.FORMAT, "format_version": checkpoint_format.FORMAT_VERSION, "content": "model",
         "diffusers_config": {"_class_name": DIFFUSERS_CLASS_NAME,
                              **{k: v for k, v in src_dir.config.items() if not k.startswith("_")}},
         "layout": {"tp": tp},
         "source": {"kind": "diffusers", "path": src_dir.path},
     })
     _write_megatron_metadata(dst)
-    layout.mark_complete(dst, {"content": "model", "source": src_dir.path, "tp": tp,
-                               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    checkpoint_format.mark_complete(dst, {"content": "model", "source": src_dir.path, "tp": tp,
+                                          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if progress:
         print(f"[convert] imported {src_dir.path} ({len(src_dir.tensors)} tensors, {total_bytes / 2**20:.1f} MiB) "
               f"-> {dst} (torch_dist, chunked for TP={tp}) in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -132,6 +133,4 @@ def _write_common(dst: str, common: dict) -> None:
 
 
 def _write_megatron_metadata(dst: str) -> None:
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
     save_config(CheckpointingConfig("torch_dist", 1), dst)

@@ -21,10 +21,23 @@ that diffusers hard-codes, which the encoder tests check against the computed dr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+
+import diffusers
+import torch
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from megatron_qwen_image.encoders.text import PROMPT_TEMPLATE
 
 # Tiny sizes the rest of the project builds on: text features 64 wide (configs/model/tiny.yaml's
 # joint_attention_dim), VAE z_dim 16 with spatial factor 8.
@@ -78,8 +91,6 @@ _ZH_TEXT = (
 
 def _training_corpus() -> list[str]:
     """Text the tiny BPE learns from: the prompt template many times, English words, Chinese phrases."""
-    from megatron_qwen_image.encoders.text import PROMPT_TEMPLATE
-
     lines = [PROMPT_TEMPLATE.format("") for _ in range(200)]
     words = _EN_WORDS
     for i in range(400):
@@ -94,10 +105,6 @@ def _training_corpus() -> list[str]:
 
 def build_tokenizer(out_dir: str, vocab_size: int = 2000):
     """Train a Qwen2-style byte-level BPE locally and save it as a `Qwen2Tokenizer`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -135,9 +142,6 @@ def build_tokenizer(out_dir: str, vocab_size: int = 2000):
 
 
 def build_text_encoder(out_dir: str, tokenizer, seed: int):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -179,9 +183,6 @@ def build_text_encoder(out_dir: str, tokenizer, seed: int):
 
 
 def build_vae(out_dir: str, seed: int):
-    import torch
-    from diffusers import AutoencoderKLQwenImage
-
     torch.manual_seed(seed + 1)
     # Three down-sampling stages -> spatial factor 8 and z_dim 16, as released; narrow channels for speed.
     # latents_mean / latents_std keep the released defaults so normalisation is exercised for real.
@@ -192,9 +193,6 @@ def build_vae(out_dir: str, seed: int):
 
 
 def build_transformer(out_dir: str, seed: int):
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-
     torch.manual_seed(seed + 2)
     model = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
@@ -204,8 +202,6 @@ def build_transformer(out_dir: str, seed: int):
 
 
 def build_scheduler(out_dir: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     # Qwen-Image's released scheduler settings (dynamic, exponential time shift).
     FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
@@ -215,10 +211,6 @@ def build_scheduler(out_dir: str):
 
 def build_clip(out_dir: str, seed: int):
     """A tiny CLIPModel with its own small BPE tokenizer and a CLIPImageProcessor (224 -> 32 px)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -248,8 +240,6 @@ def build_clip(out_dir: str, seed: int):
 
 
 def write_model_index(out_dir: str):
-    import diffusers
-
     index = {
         "_class_name": "QwenImagePipeline",
         "_diffusers_version": diffusers.__version__,
@@ -282,10 +272,6 @@ def ensure_tiny(out_dir: str | None = None, seed: int = 0) -> str:
     """Build the tiny encoders once and reuse them: `out_dir` defaults to a temp-dir path keyed by this
     file's content and the seed, so tests in several modules (and reruns) share one build. The build goes
     to a temporary sibling directory renamed into place, so a half-built directory is never used."""
-    import hashlib
-    import shutil
-    import tempfile
-
     if out_dir is None:
         with open(__file__, "rb") as f:
             digest = hashlib.sha1(f.read() + str(seed).encode()).hexdigest()[:12]

@@ -22,6 +22,7 @@ import os
 from typing import Sequence
 
 import torch
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -56,8 +57,6 @@ def resolve_subdir(local_dir: str, name: str) -> str:
 
 def load_tokenizer(local_dir: str):
     """The Qwen2 tokenizer from a pipeline repo (`tokenizer/`) or a tokenizer directory; never downloads."""
-    from transformers import AutoTokenizer
-
     path = resolve_subdir(local_dir, "tokenizer")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
@@ -82,8 +81,6 @@ class QwenTextEncoder:
     def from_pretrained(cls, local_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         **kwargs) -> "QwenTextEncoder":
         """Load from a local HF-layout directory: a Qwen-Image repo (text_encoder/ + tokenizer/) or a model dir."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         path = resolve_subdir(local_dir, "text_encoder")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no Qwen2.5-VL text encoder (config.json) in {path}")

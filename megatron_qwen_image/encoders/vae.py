@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLQwenImage
 
 from megatron_qwen_image.encoders.text import resolve_subdir
 
@@ -60,8 +61,6 @@ class QwenVAEEncoder:
     def from_pretrained(cls, local_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         **kwargs) -> "QwenVAEEncoder":
         """Load from a local HF-layout directory: a Qwen-Image repo (vae/) or the VAE directory itself."""
-        from diffusers import AutoencoderKLQwenImage
-
         path = resolve_subdir(local_dir, "vae")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"no AutoencoderKLQwenImage (config.json) in {path}")

@@ -180,7 +180,7 @@ def _check_keys(have, expected, what: str):
                        f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
 
 
-def diffusers_layout(sd: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
+def layers_and_heads_of(sd: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
     """(num_layers, num_heads) of a diffusers QwenImageTransformer2DModel state dict."""
     try:
         head_dim = sd["transformer_blocks.0.attn.norm_q.weight"].shape[0]
@@ -193,7 +193,7 @@ def diffusers_layout(sd: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
 def diffusers_to_megatron(sd: Mapping[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0) -> Dict[str, torch.Tensor]:
     """A diffusers state dict -> the state dict of TP rank `tp_rank` of `tp_size` (no _extra_state entries;
     load it with model.load_state_dict(..., strict=True))."""
-    num_layers, num_heads = diffusers_layout(sd)
+    num_layers, num_heads = layers_and_heads_of(sd)
     if tp_size < 1 or not 0 <= tp_rank < tp_size or num_heads % tp_size:
         raise ValueError(f"tp_size={tp_size}, tp_rank={tp_rank}: tp_size must divide num_heads={num_heads} "
                          f"and 0 <= tp_rank < tp_size")

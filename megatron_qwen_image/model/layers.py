@@ -23,6 +23,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_m
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_qwen_image.megatron_compat import GatherLastDim
+
 from .config import QwenImageConfig
 
 
@@ -86,35 +88,12 @@ def replicated_linear(config: QwenImageConfig, in_features: int, out_features: i
     return layer
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dim over the TP group; backward keeps this rank's slice of the gradient.
-
-    The gradient w.r.t. the gathered tensor is identical on every TP rank (it feeds only replicated
-    computations), so the slice is the complete gradient of this rank's piece. Written here, instead of
-    megatron-core's gather_from_tensor_model_parallel_region, because that one allocates its buffer on
-    torch.cuda.current_device() (0.16.1), and this one must run on CPU (gloo) as well.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        world = dist.get_world_size(group)
-        pieces = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(pieces, x.contiguous(), group=group)
-        return torch.cat(pieces, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        world = dist.get_world_size(ctx.group)
-        rank = dist.get_rank(ctx.group)
-        return grad.chunk(world, dim=-1)[rank].contiguous(), None
-
-
 def gather_last_dim_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
+    """`x` all-gathered along its last dim over the TP group (megatron_compat.GatherLastDim); x at TP=1."""
     group = group or parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return x
-    return _GatherLastDim.apply(x, group)
+    return GatherLastDim.apply(x, group)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""On-disk layout of megatron-qwen-image checkpoints (shared by the trainer's Checkpointer and the converter).
+"""The on-disk format of megatron-qwen-image checkpoint directories, shared by the trainer's Checkpointer
+(consumer.checkpointing) and the converter (megatron_qwen_image.convert).
 
 A checkpoint root (the trainer's ``--save DIR``) holds one directory per saved iteration plus a pointer:
 

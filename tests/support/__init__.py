@@ -1,0 +1,1 @@
+"""Test rigs: what the tests (and people trying things locally) run besides the code under test."""
