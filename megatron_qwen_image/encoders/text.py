@@ -18,11 +18,12 @@ full size. The encoder tests prove equality with the pipeline's own output.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from megatron_qwen_image.encoders.local_dir import TEXT_ENCODER, TOKENIZER, component_dir
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -49,18 +50,9 @@ def template_drop_index(tokenizer, template: str = PROMPT_TEMPLATE) -> int:
     return len(prefix_ids)
 
 
-def resolve_subdir(local_dir: str, name: str) -> str:
-    """`local_dir/name` when `local_dir` is a whole pipeline repo (as released), else `local_dir` itself."""
-    sub = os.path.join(local_dir, name)
-    return sub if os.path.isdir(sub) else local_dir
-
-
 def load_tokenizer(local_dir: str):
     """The Qwen2 tokenizer from a pipeline repo (`tokenizer/`) or a tokenizer directory; never downloads."""
-    path = resolve_subdir(local_dir, "tokenizer")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(component_dir(local_dir, TOKENIZER), local_files_only=True)
 
 
 class QwenTextEncoder:
@@ -81,10 +73,8 @@ class QwenTextEncoder:
     def from_pretrained(cls, local_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         **kwargs) -> "QwenTextEncoder":
         """Load from a local HF-layout directory: a Qwen-Image repo (text_encoder/ + tokenizer/) or a model dir."""
-        path = resolve_subdir(local_dir, "text_encoder")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no Qwen2.5-VL text encoder (config.json) in {path}")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(component_dir(local_dir, TEXT_ENCODER), dtype=dtype,
+                                                                   local_files_only=True)
         return cls(model.to(device), load_tokenizer(local_dir), **kwargs)
 
     @property

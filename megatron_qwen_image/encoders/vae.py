@@ -12,14 +12,13 @@ H and W are multiples of 16 (VAE factor 8 x patch 2) and the pipeline's preproce
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from megatron_qwen_image.encoders.text import resolve_subdir
+from megatron_qwen_image.encoders.local_dir import VAE, component_dir
 
 
 def image_to_tensor(image) -> torch.Tensor:
@@ -61,10 +60,8 @@ class QwenVAEEncoder:
     def from_pretrained(cls, local_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         **kwargs) -> "QwenVAEEncoder":
         """Load from a local HF-layout directory: a Qwen-Image repo (vae/) or the VAE directory itself."""
-        path = resolve_subdir(local_dir, "vae")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no AutoencoderKLQwenImage (config.json) in {path}")
-        vae = AutoencoderKLQwenImage.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKLQwenImage.from_pretrained(component_dir(local_dir, VAE), torch_dtype=dtype,
+                                                     local_files_only=True)
         return cls(vae.to(device), **kwargs)
 
     @property
