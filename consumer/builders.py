@@ -16,6 +16,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from consumer.config import TrainConfig
 from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image.cache import BucketedLoader
+from megatron_qwen_image.cache.loader import NoTrainableDataError
+from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.model import QwenImageMMDiT
 from megatron_qwen_image.parallel import ParallelContext
 
@@ -47,14 +49,27 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     )
 
 
+def build_cache_loader(cfg: TrainConfig, dp_rank: int, dp_size: int) -> BucketedLoader:
+    """The latent cache's loader for one DP rank, checked at once: a cache it can never take a batch from
+    (empty, every bucket lost or filtered out) is refused as ConfigError('data.cache_dir')."""
+    d, t = cfg.data, cfg.train
+    # Keep the stored dtype (bf16 by default): the train step casts on the device, which is exact
+    # (bf16 -> fp32) and moves half the bytes through host memory.
+    loader = BucketedLoader(d.cache_dir, global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                            seed=t.seed, output_dtype=None, **d.cache.build_kwargs())
+    try:
+        loader.check_trainable()
+    except NoTrainableDataError as e:
+        loader.close()
+        raise ConfigError("data.cache_dir", str(e)) from None
+    return loader
+
+
 def build_data_iterator(cfg: TrainConfig, ctx: ParallelContext) -> Iterator[dict]:
     """This rank's batches: all ranks of a TP group share a dp_rank, hence identical batches."""
     d, t = cfg.data, cfg.train
     if d.source == "cache":
-        # Keep the stored dtype (bf16 by default): the train step casts on the device, which is exact
-        # (bf16 -> fp32) and moves half the bytes through host memory.
-        return BucketedLoader(d.cache_dir, global_batch_size=t.global_batch_size, dp_rank=ctx.dp_rank,
-                              dp_size=ctx.dp_size, seed=t.seed, output_dtype=None, **d.cache.build_kwargs())
+        return build_cache_loader(cfg, ctx.dp_rank, ctx.dp_size)
     if ctx.is_main:
         print("WARNING: training on SYNTHETIC data (data.source=synthetic); use --data cache --cache-dir DIR for real "
               "latents", flush=True)

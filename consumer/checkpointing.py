@@ -21,8 +21,9 @@ megatron_qwen_image.checkpoint_format). SIGTERM (SLURM preemption) is answered b
 current step, agreed by all ranks, after which `maybe_save` tells the loop to stop.
 
 Loading: `--load DIR` resumes everything from DIR's latest complete checkpoint (DIR may also be one
-checkpoint directory); if DIR holds none yet, training starts fresh, or from `--pretrained CKPT` (model
-weights only, e.g. imported diffusers weights: optimizer, schedule and step start fresh).
+checkpoint directory); a DIR that holds none yet is accepted only as the `--save` root too (the requeue
+idiom): training then starts fresh, or from `--pretrained CKPT` (model weights only, e.g. imported diffusers
+weights: optimizer, schedule and step start fresh). consumer.start_point decides, at start-up.
 
 Observer hook: every save calls `Checkpointer.on_save_phase(phase, step)` at two points (SAVE_PHASES); it
 does nothing, and a subclass may watch there (the tests' fault injector, tests/dist/ckpt_fault_worker.py,
@@ -45,6 +46,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
 from consumer.rng_state import get_rng_state, rng_sharded_object, set_rng_state
+from consumer.start_point import start_point
 from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.megatron_compat import apply_tp_replica_rule, load_optimizer_state, materialize_adam_state
@@ -175,22 +177,19 @@ class Checkpointer:
 
     # -------------------------------------------------------------- loading
     def load(self, state) -> bool:
-        """Resume from `load` (full state) if it holds a checkpoint, else start from `pretrained` (model
-        weights only) if given. Returns True when something was loaded."""
+        """Load what consumer.start_point names: the full state from `load`, or the model weights of
+        `pretrained`. Returns True when something was loaded."""
+        start = start_point(self.cfg.checkpoint)
+        if start.resume:
+            self._load(state, start.resume)
+            return True
         if self.load_path:
-            path = checkpoint_format.resolve(self.load_path)
-            if path is not None:
-                self._load(state, path)
-                return True
             _log(f"no checkpoint in {self.load_path} yet: starting "
                  f"{'from --pretrained ' + self.pretrained if self.pretrained else 'from scratch'}")
-        if self.pretrained:
-            path = checkpoint_format.resolve(self.pretrained)
-            if path is None:
-                raise ConfigError("checkpoint.pretrained", f"no checkpoint found at {self.pretrained}")
+        if start.pretrained:
             t0 = time.perf_counter()
-            load_model_weights(state.model, path, state.optimizer)
-            _log(f"loaded model weights from {path} (optimizer, LR schedule and step start fresh) "
+            load_model_weights(state.model, start.pretrained, state.optimizer)
+            _log(f"loaded model weights from {start.pretrained} (optimizer, LR schedule and step start fresh) "
                  f"in {time.perf_counter() - t0:.1f}s")
             return True
         return False

@@ -15,6 +15,7 @@ BucketedLoader; those objects are built from the sections (`model_config`, `opti
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,9 +23,11 @@ import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
+from consumer.start_point import start_point
 from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image import config as layer
 from megatron_qwen_image.cache import BucketedLoader
+from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
 from megatron_qwen_image.flow_matching import SigmaSampling
@@ -87,6 +90,7 @@ LoaderSection = section("LoaderSection", BucketedLoader, {
     "stream_round_samples": "streaming: new samples per round (null: 8 x global batch)",
     "poll_interval_s": "streaming: seconds between looks at the manifest",
     "stream_timeout_s": "streaming: give up after waiting this long for producers (null: wait)",
+    "wait_log_interval_s": "streaming: while waiting for producers, log what for every this many seconds",
     "max_open_shards": "memory-mapped shards kept open",
     "pin_memory": "build batches in pinned host memory (faster host-to-GPU copies)",
 }, choices={"verify": VERIFY_MODES}, doc="The latent cache's BucketedLoader (megatron_qwen_image.cache).")
@@ -155,11 +159,13 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    """Console, JSONL and TensorBoard output."""
+    """Console, Python logging, JSONL and TensorBoard output."""
 
     log_interval: int = option(1, "print a console line every K steps (JSONL and TensorBoard get every step)")
     tensorboard_dir: Optional[str] = option(None, "TensorBoard event directory (--tensorboard-dir)")
     log_jsonl: Optional[str] = option(None, "per-step stats file (--log-jsonl; null: runs/TIME/stats.jsonl)")
+    all_ranks: bool = option(False, "Python logging at INFO on every rank (default: rank 0 at INFO, the others "
+                                    "WARNING); lines are prefixed [rank N]")
 
 
 @dataclass
@@ -228,8 +234,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
-    """Check every value and the relations between them. `world_size` adds the parallel-layout checks,
-    `cuda_available` the precision check."""
+    """Check every value and the relations between them. `world_size` adds the checks of a start: the
+    parallel layout, that the cache directory is a cache, that checkpoint.load / pretrained name checkpoints
+    (consumer.start_point); `cuda_available` the precision check."""
     try:  # the model's own checks: architecture, its TP split, recompute
         cfg.model_config(bf16=False, use_cpu_initialization=True, perform_initialization=False)
     except ModelConfigError as e:
@@ -269,7 +276,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     d, c = cfg.data, cfg.data.cache
     for key, lo in (("prefetch", 0), ("num_workers", 1), ("max_open_shards", 1)):
         require(getattr(c, key) >= lo, f"data.cache.{key}", f"must be >= {lo}, got {getattr(c, key)}")
-    require(c.poll_interval_s > 0, "data.cache.poll_interval_s", "must be > 0")
+    for key in ("poll_interval_s", "wait_log_interval_s"):
+        require(getattr(c, key) > 0, f"data.cache.{key}", f"must be > 0, got {getattr(c, key)}")
     res, factor = d.synthetic.resolutions, 8 * cfg.model.patch_size  # VAE factor x patch size
     require(len(res) >= 1 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x > 0
                                                                              and x % factor == 0 for x in r)
@@ -295,14 +303,15 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     if world_size is not None:  # checks that only matter when training starts
         if d.source == "cache":
             require(bool(d.cache_dir), "data.cache_dir", "is required with data.source=cache (--cache-dir DIR)")
-            from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
-
+            require(os.path.isdir(d.cache_dir) or not os.path.exists(d.cache_dir), "data.cache_dir",
+                    f"{d.cache_dir} is a file, not a latent cache directory")
             try:  # the cache's own check (marker present, format version readable), before any rank starts
                 read_cache_file(d.cache_dir)
             except CacheFormatError as e:
                 raise ConfigError("data.cache_dir", f"{e}; fill it with `python -m producer`" + (
                     ", or, to stream while producers start, create it first with "
                     "`python -m megatron_qwen_image.cache init DIR`" if c.streaming else "")) from None
+        start_point(ck)  # refuses a --load / --pretrained that names no checkpoint
         tp = cfg.parallelism.tensor_model_parallel_size
         require(world_size % tp == 0, "parallelism.tensor_model_parallel_size",
                 f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}")

@@ -13,8 +13,9 @@ class MetricsLogger:
     """Console every `log_interval` steps; TensorBoard (if a dir is given) and JSONL every step.
 
     JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, consumed_samples, skipped,
-    latent_hw (the batch's latent height/width). One JSON object per line, flushed each step, so
-    a crashed or running job's file is always readable.
+    latent_hw (the batch's latent height/width); with the latent cache also, counted since the start of
+    this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters). One JSON
+    object per line, flushed each step, so a crashed or running job's file is always readable.
     """
 
     def __init__(self, enabled: bool, train_iters: int, log_interval: int = 1,
@@ -61,3 +62,10 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl:
             self._jsonl.close()
+
+
+def data_summary(record: dict) -> str:
+    """The end-of-run line about the data, from the last step's record (see consumer.train.data_counters)."""
+    return (f"data: shards skipped {record['skipped_shards']} (unreadable when planned, or corrupt), "
+            f"samples skipped {record['skipped_samples']} (each replaced by another of its bucket), "
+            f"waited for producers {record['data_wait_s']:.0f} s")

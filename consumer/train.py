@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 2 -m consumer.train --config configs/smoke_tp2.yaml [key=value ...]
         [--data synthetic | --data cache --cache-dir DIR] [--tensorboard-dir DIR] [--log-jsonl FILE]
     python -m consumer.train --config configs/model/qwen_image_20b.yaml --dry-run --dp 8   # memory plan
+    python -m consumer.launch --standalone --nproc-per-node 2 -- --config ...   # torchrun, config checked first
 
 One iteration: take this rank's share of the global batch from the data iterator, split it into
 micro-batches; for each: pack latents 2x2, draw noise and logit-normal sigma per sample, x_t, forward,
@@ -14,6 +15,11 @@ megatron_qwen_image.cpu_emulation).
 Checkpoints: everything a checkpoint needs lives in one `TrainState`; the loop calls
 `checkpointer.load(state)` once and `checkpointer.maybe_save(state)` after every step. The checkpointer
 (consumer.checkpointing) is always built; the `checkpoint` config section turns saving and loading on.
+
+Refusals: a bad configuration, a --cache-dir that is not a cache or can never give a batch, a --load that
+names no checkpoint are found before the model is built and end the program with one line
+`error: config key '...': ...` (from rank 0 only) and exit code 2. consumer.launch runs the same checks
+once before torchrun starts any worker (torchrun itself reports failed workers with a ChildFailedError block).
 """
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
 from consumer import builders
 from consumer.checkpointing import Checkpointer
 from consumer.config import TrainConfig, load_config, resolve_precision, validate
-from consumer.metrics import MetricsLogger
+from consumer.metrics import MetricsLogger, data_summary
 from consumer.planner import format_memory_plan, plan_memory
+from consumer.rank_logging import configure_logging
+from consumer.start_point import start_point
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
@@ -115,21 +123,49 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
             "latent_hw": list(batch["latents"].shape[-2:])}
 
 
+def data_counters(data_iterator, device: torch.device) -> dict:
+    """The cache loader's skip and wait counters for the per-step stats, over all DP ranks: shards skipped
+    (left out of the plan as unreadable, or found corrupt while reading: the most any DP rank skipped),
+    samples skipped (each replaced by another of its bucket: summed), seconds waited for producers (the
+    most of any DP rank). Empty for a data iterator without `stats` (the synthetic source)."""
+    stats = getattr(data_iterator, "stats", None)
+    if stats is None:
+        return {}
+    group = parallel_state.get_data_parallel_group()
+    summed = torch.tensor([stats["skipped_samples"]], dtype=torch.float64, device=device)
+    most = torch.tensor([stats["unreadable_shards"] + stats["corrupt_shards"], stats["wait_s"]], dtype=torch.float64,
+                        device=device)
+    dist.all_reduce(summed, group=group)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    return {"skipped_shards": int(most[0]), "skipped_samples": int(summed[0]), "data_wait_s": round(float(most[1]), 3)}
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+def check_start(cfg: TrainConfig, world_size: int, cuda_available: Optional[bool]) -> None:
+    """Every check of a start that needs no process group, for a world of `world_size` processes: the
+    configuration and layout, the cache (it is one, and it can give a batch), the checkpoint to load, and
+    the precision against `cuda_available` (None: not checked). consumer.launch runs it before torchrun
+    starts; raises ConfigError or CacheFormatError."""
+    validate(cfg, world_size=world_size, cuda_available=cuda_available)
+    if cfg.data.source == "cache":
+        builders.build_cache_loader(cfg, 0, cfg.data_parallel_size(world_size)).close()
+
+
 def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
-    """Process groups, model, DDP, optimizer, scheduler, data -> (TrainState, ParallelContext, dtype)."""
+    """Process groups, data, model, DDP, optimizer, scheduler -> (TrainState, ParallelContext, dtype). The
+    data comes first: its checks (an empty cache, all buckets lost) fail before the model is built."""
     cuda = torch.cuda.is_available()
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)), cuda_available=cuda)
     ctx = init_parallel(cfg.parallelism.tensor_model_parallel_size, cfg.train.seed)
+    data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
     bf16, cpu_init = resolve_precision(cfg, cuda)
     model_config = cfg.model_config(bf16, cpu_init)
     model = builders.build_model(model_config, ctx.device)
     ddp_model = builders.wrap_ddp(model, model_config, cfg)
     optimizer = builders.build_optimizer(ddp_model, cfg, bf16)
     scheduler = builders.build_scheduler(optimizer, cfg)
-    data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
     state = TrainState(cfg=cfg, model=ddp_model, optimizer=optimizer, scheduler=scheduler, data_iterator=data)
     if ctx.is_main:
         t = cfg.train
@@ -141,7 +177,8 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
               f"recompute {cfg.recompute.recompute_granularity or 'off'} | "
               f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch "
               f"{t.global_batch_size} = micro {t.micro_batch_size} x DP {ctx.dp_size} x "
-              f"{cfg.num_microbatches(ctx.world_size)} accumulation", flush=True)
+              f"{cfg.num_microbatches(ctx.world_size)} accumulation | {start_point(cfg.checkpoint).describe()}",
+              flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
 
@@ -169,7 +206,7 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
             state.step += 1
             state.consumed_samples += gbs
             record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": gbs / dt,
-                      "consumed_samples": state.consumed_samples}
+                      "consumed_samples": state.consumed_samples, **data_counters(state.data_iterator, ctx.device)}
             records.append(record)
             logger.log(record)
             if checkpointer.maybe_save(state):
@@ -177,6 +214,8 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
     finally:
         logger.close()
         checkpointer.close()
+    if ctx.is_main and records and "skipped_shards" in records[-1]:
+        print(data_summary(records[-1]), flush=True)
     return records
 
 
@@ -214,8 +253,20 @@ def config_from_args(args) -> TrainConfig:
     return load_config(args.config, args.overrides, {key: getattr(args, flag) for flag, key in FLAGS.items()})
 
 
+# What a run refuses with one line and exit code 2: a bad configuration, or a --cache-dir that is not a cache.
+REFUSALS = (ConfigError, CacheFormatError)
+
+
+def refuse(error: Exception, printed: bool = True) -> int:
+    """Print the refusal's one line (where `printed`: on one process of many) and return exit code 2."""
+    if printed:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; every rank finds the same error, rank 0 says it
     try:
         cfg = config_from_args(args)
         if args.dry_run:
@@ -224,13 +275,13 @@ def main(argv=None) -> int:
                     if cfg.precision.bf16 is None else "")
             print(format_memory_plan(plan_memory(cfg, dp=dp), note))
             return 0
+        configure_logging(f"rank {rank}", rank == 0 or cfg.logging.all_ranks)
         try:
             train(cfg)
         finally:
             destroy_parallel()
-    except (ConfigError, CacheFormatError) as e:  # a bad config, or --cache-dir is not a cache
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except REFUSALS as e:
+        return refuse(e, printed=rank == 0)
     return 0
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
 from megatron_qwen_image.config import ConfigError, split_overrides
 from producer.config import load_config
+from producer.errors import Interrupted
 from producer.pipeline import run_producer
 from producer.report import format_table
 from producer.sources import InputError
@@ -21,7 +23,7 @@ from producer.sources import InputError
 
 # Command-line flags: shorthands for config keys (any key can also be set as key=value).
 FLAGS = {"encoders": "encoders.dir", "cpu_actors": "pools.cpu_actors", "encoder_actors": "pools.encoder_actors",
-         "base_resolution": "base_resolution"}
+         "base_resolution": "base_resolution", "redo_changed": "sources.redo_changed"}
 
 
 def parse_args(argv=None):
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-actors", default=None, help="CPU (decode+filter) actors: N or MIN:MAX (autoscale)")
     p.add_argument("--encoder-actors", default=None, help="encoder (VAE+MLLM) actors: N or MIN:MAX (autoscale)")
     p.add_argument("--base-resolution", type=int, default=None, help="bucket family: 256 | 640 | 1328")
+    p.add_argument("--redo-changed", action="store_true", default=None,
+                   help="redo work units whose input changed since their commit (= sources.redo_changed=true)")
     p.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--report", default=None,
@@ -48,30 +52,45 @@ def parse_args(argv=None):
     return args
 
 
+def stop_line(report: dict) -> str:
+    """One line on why a run stopped early and what it had done by then."""
+    sh, stopped = report["shards"], report["stopped"]
+    if stopped["reason"] != "interrupted":
+        return f"error: {stopped['message']}"
+    return (f"interrupted by {stopped['signal']}: {sh['committed']} shards committed by this run, "
+            f"{sh['skipped_already_committed']} already in the cache, {sh['not_finished']} not finished "
+            f"(of {sh['total']}); run the same command again to do the rest")
+
+
 def main(argv=None) -> int:
+    """Exit status: 0; 1 if a shard failed or the run stopped (actors that cannot start); 2 for a bad config,
+    input or cache directory (before Ray starts); 128 + the signal's number when SIGINT/SIGTERM stopped it."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    try:
-        cfg = load_config(args.config, args.overrides, {key: getattr(args, flag) for flag, key in FLAGS.items()})
-        if not cfg.encoders.dir:
-            raise ConfigError("encoders.dir", "required (a local Qwen-Image repo, or "
-                              "`python -m megatron_qwen_image.encoders.make_tiny DIR`); set it or pass --encoders")
-        if not os.path.isdir(cfg.encoders.dir):
-            raise ConfigError("encoders.dir", f"{cfg.encoders.dir!r} is not a directory")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     report_path = args.report or os.path.join(
         args.cache_dir, "reports", time.strftime("producer-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     try:
+        cfg = load_config(args.config, args.overrides, {key: getattr(args, flag) for flag, key in FLAGS.items()})
         report = run_producer(cfg, args.input, args.cache_dir, address=args.address, num_cpus=args.num_cpus,
                               report_path=report_path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except InputError as e:
         print(f"input error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # outside the run's loop (reading the inputs, starting Ray, writing the report)
+        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"interrupted by {name} outside the run's main loop: no report; what was committed is in the cache",
+              file=sys.stderr)
+        return 128 + signal.Signals[name]
     print(format_table(report))
     print(f"report: {report_path} (+ .txt)", file=sys.stderr)
+    stopped = report["stopped"]
+    if stopped:
+        print(stop_line(report), file=sys.stderr)
+        return 128 + signal.Signals[stopped["signal"]] if stopped["reason"] == "interrupted" else 1
     return 1 if report["shards"]["failed"] else 0
 
 

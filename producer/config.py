@@ -101,13 +101,15 @@ class PoolConfig:
     encoder_actors: PoolSize = field(default_factory=lambda: PoolSize(1, 1))
     cpu_actor_num_cpus: float = option(1.0, "Ray CPUs each CPU (decode + filter) actor reserves")
     encoder_num_cpus: float = option(1.0, "Ray CPUs each encoder actor reserves")
-    encoder_num_gpus: float | str = option("auto", "GPUs per encoder actor (auto: 1 when the cluster has GPUs, else 0)")
+    encoder_num_gpus: int | float | str = option("auto", "GPUs per encoder actor (auto: 1 when the cluster has GPUs, else 0)")
     threads_per_actor: int = option(1, "torch / BLAS threads inside each actor")
     cpu_shards_per_actor: int = option(2, "shards given to a CPU actor at once (the 2nd queues: no idle gap between)")
     chunk_size: int = option(16, "samples per message from a CPU actor to an encoder actor")
     max_chunks_in_flight: int = option(4, "per shard: chunks produced but not yet encoded (bounds memory)")
     max_restarts: int = option(3, "Ray restarts of a dead actor")
     max_shard_attempts: int = option(3, "a shard whose actor died is redone up to this many times")
+    max_actor_start_failures: int = option(3, "actors of one pool that die before they are ready, in a row, before "
+                                           "the run stops with the last one's error (a wrong encoders dir, no memory)")
     scale_interval_s: float = option(5.0, "autoscaling decisions at most this often")
 
 
@@ -149,6 +151,7 @@ def validate(cfg: ProducerConfig) -> None:
         "pools.chunk_size": p.chunk_size, "pools.max_chunks_in_flight": p.max_chunks_in_flight,
         "pools.max_shard_attempts": p.max_shard_attempts, "pools.threads_per_actor": p.threads_per_actor,
         "pools.cpu_shards_per_actor": p.cpu_shards_per_actor,
+        "pools.max_actor_start_failures": p.max_actor_start_failures,
         "encoders.text_batch_size": cfg.encoders.text_batch_size, "encoders.vae_batch_size": cfg.encoders.vae_batch_size,
         "sources.folder_shard_size": cfg.sources.folder_shard_size, "sources.max_member_bytes": cfg.sources.max_member_bytes,
         "sources.parquet_batch_rows": cfg.sources.parquet_batch_rows,

@@ -10,7 +10,8 @@ publishes nothing; run it again after more shards are committed.
 
 Duplicates are judged within one base resolution: the same image in the 256p and the 640p stage is
 intended. Samples without hashes (filters.dedup_exact / dedup_near_max_distance off) are never
-excluded, only counted.
+excluded, only counted. Superseded work-unit versions (redone because their input changed,
+producer/committed.py) are not judged: their rows stay on the list, which must keep covering them.
 
 How: equal digests and equal pHashes are grouped by sorting; pHash pairs within the distance are found
 by sorting on band combinations (`near_pairs`, no all-pairs comparison); one pass over those pairs in
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_qwen_image.cache import CacheFormatError, CacheReader, CorruptShardError
-from megatron_qwen_image.cache.exclusions import read_exclusions, write_exclusions
+from megatron_qwen_image.cache.exclusions import (Superseded, read_exclusions, superseded, with_superseded,
+                                                  write_exclusions)
 from producer.config import FilterConfig
 
 log = logging.getLogger("producer.dedup")
@@ -43,7 +45,8 @@ log = logging.getLogger("producer.dedup")
 @dataclass(frozen=True)
 class Duplicates:
     """What `find_duplicates` found: the samples to exclude, counts, and a few examples for the report."""
-    samples: dict[str, list[int]]  # shard path -> rows (the exclusion list's content)
+    samples: dict[str, list[int]]  # shard path -> rows of duplicates
+    superseded: Superseded         # versions replaced by a redo: not judged, excluded as a whole
     counts: Counter                # scanned, shards, exact_duplicate, near_duplicate, unhashed, corrupt_shards
     examples: list[dict]           # the first (duplicate, kept) pairs in manifest order
     seconds: float
@@ -88,7 +91,8 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
     """Scan the cache for duplicates across work units. The scan keeps only `HashColumns`; key names are
     read back for the report's examples alone."""
     reader = CacheReader(root, verify="none")
-    shards = reader.shards()
+    sup = superseded(reader.log)
+    shards = [s for s in reader.shards() if s.work_unit not in sup.work_units]
     cols = HashColumns()
     counts: Counter = Counter()
     t0 = last = time.time()
@@ -137,7 +141,7 @@ def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_nea
         examples.append({"key": key_of(i), "reason": ("exact_duplicate", "near_duplicate")[reason[i] - 1],
                          "duplicate_of": key_of(dup_of[i]), "shard": shards[a["shard"][i]].path,
                          "row": int(a["row"][i])})
-    return Duplicates(samples, counts, examples, time.time() - t0)
+    return Duplicates(samples, sup, counts, examples, time.time() - t0)
 
 
 def greedy_duplicates(b2_hi: np.ndarray, b2_lo: np.ndarray, ph: np.ndarray, flags: np.ndarray,
@@ -231,17 +235,20 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
     current one. Returns a report (counts, the list number in force, a few examples)."""
     found = find_duplicates(root, max_distance)
     current = read_exclusions(root)
-    unchanged = current.same_rows(found.samples)
+    samples = with_superseded(found.samples, found.superseded)
+    unchanged = current.same_rows(samples)
     number = current.number
     if not dry_run and not unchanged:
-        number = write_exclusions(root, found.samples, {
+        number = write_exclusions(root, samples, {
             "tool": "producer.dedup", "max_distance": max_distance,
-            "counts": {k: v for k, v in found.counts.items() if k in ("exact_duplicate", "near_duplicate")}})
+            "counts": {k: v for k, v in found.counts.items() if k in ("exact_duplicate", "near_duplicate")},
+            "superseded": sorted(found.superseded.work_units)})
     c = found.counts
     return {"cache_dir": root, "shards": c["shards"], "samples": c["scanned"],
             "exact_duplicate": c["exact_duplicate"], "near_duplicate": c["near_duplicate"],
             "unhashed": c["unhashed"], "corrupt_shards": c["corrupt_shards"],
             "excluded": sum(map(len, found.samples.values())),
+            "superseded_samples": sum(map(len, found.superseded.samples.values())),
             "max_distance": max_distance, "exclusion_list": number, "previous_list": current.number,
             "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run,
             "seconds": round(found.seconds, 3), "examples": found.examples}

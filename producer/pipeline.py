@@ -15,7 +15,15 @@
 - Faults: actors are created with `max_restarts`, so Ray restarts a killed actor. The shard it was
   working on fails (its uncommitted temp files are discarded) and is queued again, up to
   `pools.max_shard_attempts` times; the cache writer's idempotence means nothing is lost or duplicated.
-  A run started again on the same inputs skips work units the cache already holds.
+  A shard whose input ended early fails at once (`IncompleteShard`: retrying reads the same file).
+  Actors that die before they are ready `pools.max_actor_start_failures` times in a row stop the run
+  with the last one's error (`ActorStartError`) instead of being replaced forever.
+- A run started again on the same inputs skips work units the cache already holds, reports those whose
+  input changed since their commit and, with `sources.redo_changed`, redoes them (producer/committed.py).
+- Another producer that commits a work unit first makes this run's attempt `discarded (committed
+  elsewhere)`; the writer deletes that attempt's files.
+- Checked before Ray starts: the config, the encoders directory, the inputs, the cache directory.
+  SIGINT/SIGTERM stop the run: it reports what it committed and ends the Ray it started (`ray_session`).
 - Pools are either fixed or autoscale between min and max from the queue and the encoder back-log.
 """
 from __future__ import annotations
@@ -24,36 +32,92 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import ray
 
-from megatron_qwen_image.cache import CacheWriter
+from megatron_qwen_image.cache import CacheFormatError, CacheWriter
+from megatron_qwen_image.cache.exclusions import covers, publish_superseded, read_exclusions
+from megatron_qwen_image.cache.manifest import ManifestLog, ensure_cache_dirs
+from megatron_qwen_image.config import ConfigError
+from megatron_qwen_image.encoders.local_dir import EncoderDirError, check_encoders_dir
 from producer.autoscale import OpenShard, PoolState, plan_scaling
+from producer.committed import fingerprint_record, latest_committed
 from producer.config import PoolSize, ProducerConfig
-from producer.report import ProgressReporter, RunStats
-from producer.sources import ShardSpec, discover_shards
+from producer.errors import ActorStartError, IncompleteShard, Interrupted, interrupt_on_signals, root_cause
+from producer.report import ProgressReporter, RunStats, ShardOutcomes
+from producer.sources import InputError, InputFingerprint, ShardSpec, discover_shards
 from producer.workers import CpuWorker, EncoderWorker
 
 log = logging.getLogger("producer")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Join `address` (a running cluster; also taken from RAY_ADDRESS, as `ray job submit` sets it) or
-    start a local Ray; a session already running in this process is reused."""
+    start a local Ray; a session already running in this process is reused. True if it started one."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # Ray 2.60 turns token authentication on by default; a loopback-only local cluster needs none.
-        # address="local": always a new instance, never a `ray start` cluster that happens to run here.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # No prestarted task workers: the producer runs only actors, which get workers of their own; idle
-        # prestarted ones still take ~0.01 core each, which the CPU actors would otherwise have.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
-                 _system_config={"prestart_worker_first_driver": False})
+        return False
+    # Ray 2.60 turns token authentication on by default; a loopback-only local cluster needs none.
+    # address="local": always a new instance, never a `ray start` cluster that happens to run here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # No prestarted task workers: the producer runs only actors, which get workers of their own; idle
+    # prestarted ones still take ~0.01 core each, which the CPU actors would otherwise have.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+             _system_config={"prestart_worker_first_driver": False})
+    return True
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None):
+    """Ray for one run (`init_ray`). Meanwhile SIGINT and SIGTERM raise `Interrupted`, which the run turns into
+    a report of what it committed. A Ray this started is shut down on the way out, however the run ends:
+    otherwise its agents (dashboard, runtime env: ~200 MB) outlive a killed driver by a minute."""
+    started = init_ray(address, num_cpus)
+    with interrupt_on_signals() as disarm:
+        try:
+            yield
+        finally:
+            disarm()  # a shutdown cut short by a signal would leave Ray's processes behind
+            if started:
+                ray.shutdown()
+
+
+def check_encoders(encoders_dir: str | None) -> None:
+    """ConfigError (key encoders.dir) unless the directory holds every component the actors load: checked
+    before Ray starts, because an actor that fails in its constructor is far from the cause."""
+    if not encoders_dir:
+        raise ConfigError("encoders.dir", "required (a local Qwen-Image repo, or "
+                          "`python -m megatron_qwen_image.encoders.make_tiny DIR`); set it or pass --encoders")
+    try:
+        check_encoders_dir(encoders_dir)
+    except EncoderDirError as e:
+        raise ConfigError("encoders.dir", str(e)) from None
+
+
+def open_cache_dir(path: str) -> None:
+    """Create the cache's skeleton, or check the cache that is there, before Ray starts: InputError if it
+    cannot be used (a file, no permission, another format or version)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--cache-dir {path!r} is a file, not a directory")
+    try:
+        ensure_cache_dirs(path)
+    except OSError as e:
+        raise InputError(f"--cache-dir {path!r} cannot be used: {e.strerror or e}: {e.filename or path}") from None
+    except CacheFormatError as e:
+        raise InputError(f"--cache-dir {path!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class UnitTarget:
+    """The work-unit name an attempt commits as, and the committed version of it that it replaces (a redo)."""
+
+    name: str
+    supersedes: str | None = None
 
 
 @dataclass
@@ -61,9 +125,11 @@ class _Job:
     """One attempt at one shard."""
 
     spec: ShardSpec
+    target: UnitTarget
     attempt: int
     cpu: object
     enc: object
+    fingerprint: InputFingerprint  # the input as the attempt began, recorded by its commit
     gen: object = None
     chunks_sent: int = 0
     gen_done: bool = False
@@ -96,10 +162,16 @@ def shards_per_cpu_actor(queued: int, actors: int, per_actor: int) -> int:
 
 
 class ActorPool:
-    """Actors of one kind; an actor is usable once its `ping` (i.e. its __init__) has completed."""
+    """Actors of one kind; an actor is usable once its `ping` (i.e. its __init__) has completed.
 
-    def __init__(self, name: str, factory, size: PoolSize):
+    A dead actor is replaced, but `max_start_failures` actors in a row that die before their first successful
+    ping raise ActorStartError: a constructor that fails (bad encoder files, no memory) fails every time."""
+
+    def __init__(self, name: str, factory, size: PoolSize, max_start_failures: int):
         self.name, self.factory, self.size = name, factory, size
+        self.max_start_failures = max_start_failures
+        self.start_failures = 0  # actors in a row that died before they were ready
+        self.ever_ready: set[str] = set()  # actor ids; a restarted actor keeps its id
         self.ready: list = []
         self.starting: dict = {}  # ping ref -> actor
         self.probing: dict = {}  # ping ref -> actor, after a failure: restarted (ok) or dead (replace)
@@ -126,15 +198,23 @@ class ActorPool:
         actor = self.starting.pop(ref, None) or self.probing.pop(ref, None)
         if actor is None:
             return False
+        aid = self.aid(actor)
         try:
             ray.get(ref)
-            self.ready.append(actor)
         except ray.exceptions.ActorDiedError as e:
-            log.warning("%s actor %s is dead (%s); starting a replacement", self.name, self.aid(actor)[:8],
-                        str(e).splitlines()[0][:120])
+            never_ready = aid not in self.ever_ready
+            self.start_failures += never_ready
+            if never_ready and self.start_failures >= self.max_start_failures:
+                raise ActorStartError(self.name, self.start_failures, e) from None
+            log.warning("%s actor %s is dead (%s); starting a replacement%s", self.name, aid[:8], root_cause(e),
+                        f" (start failure {self.start_failures} of {self.max_start_failures})" if never_ready else "")
             self.spawn()
         except ray.exceptions.RayError:
             self.probing[actor.ping.remote()] = actor  # still restarting: ask again
+        else:
+            self.ready.append(actor)
+            self.ever_ready.add(aid)
+            self.start_failures = 0
         return True
 
     def suspect(self, actor) -> None:
@@ -169,14 +249,17 @@ class ProducerRun:
 
     def __init__(self, cfg: ProducerConfig, inputs: list[str], cache_dir: str, report_path: str | None = None,
                  on_event=None):
+        """Checks everything it can before Ray starts: ConfigError for the encoders directory, InputError for
+        the inputs and the cache directory."""
         self.cfg, self.inputs, self.cache_dir = cfg, inputs, os.path.abspath(cache_dir)
         self.report_path = report_path
         self.on_event = on_event  # test/ops hook: on_event(kind, run, job, payload)
+        check_encoders(cfg.encoders.dir)
         self.specs = discover_shards(inputs, cfg.sources)
+        open_cache_dir(self.cache_dir)
         self.stats = RunStats()
-        self.failed: list[dict] = []
-        self.retries = 0
-        self.skipped: list[str] = []
+        self.out = ShardOutcomes(len(self.specs))
+        self._log: ManifestLog | None = None  # read when superseded versions must be excluded
         self._last_scale = float("-inf")
         self.clock = time.monotonic  # autoscaling's interval; replaceable (tests)
         self.peak = _PeakActors()
@@ -193,8 +276,9 @@ class ProducerRun:
         enc_cls = ray.remote(num_cpus=p.encoder_num_cpus, num_gpus=gpus, max_restarts=p.max_restarts,
                              max_task_retries=0)(EncoderWorker)
         cfg, cache_dir = self.cfg, self.cache_dir
-        self.cpu_pool = ActorPool("cpu", lambda: cpu_cls.remote(cfg), p.cpu_actors)
-        self.enc_pool = ActorPool("encoder", lambda: enc_cls.remote(cfg, cache_dir), p.encoder_actors)
+        self.cpu_pool = ActorPool("cpu", lambda: cpu_cls.remote(cfg), p.cpu_actors, p.max_actor_start_failures)
+        self.enc_pool = ActorPool("encoder", lambda: enc_cls.remote(cfg, cache_dir), p.encoder_actors,
+                                  p.max_actor_start_failures)
 
     def _autoscale(self, queue: deque, active: dict) -> None:
         """Carry out `plan_scaling` on a snapshot of the queue, the open shards and the pools, at most
@@ -217,8 +301,8 @@ class ProducerRun:
         self.enc_pool.retire(plan.retire_encoder)
 
     # ------------------------------------------------------------------ shard jobs
-    def _start(self, spec: ShardSpec, attempt: int, cpu, enc) -> _Job:
-        job = _Job(spec, attempt, cpu, enc)
+    def _start(self, spec: ShardSpec, target: UnitTarget, attempt: int, cpu, enc) -> _Job:
+        job = _Job(spec, target, attempt, cpu, enc, spec.fingerprint())
         job.gen = cpu.process_shard.options(
             num_returns="streaming", _generator_backpressure_num_objects=self.cfg.pools.max_chunks_in_flight
         ).remote(spec, self.cfg.pools.chunk_size)
@@ -229,9 +313,8 @@ class ProducerRun:
         self.enc_pool.load[ActorPool.aid(job.enc)] -= 1
 
     def _fail(self, job: _Job, error: BaseException, queue: deque) -> None:
-        wu = job.spec.work_unit
-        log.warning("shard %s attempt %d failed: %s", wu, job.attempt,
-                    f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+        name, cause = job.target.name, root_cause(error)
+        log.warning("shard %s attempt %d failed: %s", name, job.attempt, cause)
         self._release(job)
         try:
             ray.cancel(job.gen)
@@ -241,20 +324,81 @@ class ProducerRun:
         # the encoder call): both leave service until a ping shows they are alive or restarted.
         self.cpu_pool.suspect(job.cpu)
         self.enc_pool.suspect(job.enc)
-        job.enc.abort.remote(wu)  # best effort; a restarted actor has nothing to abort
-        if CacheWriter.is_committed(self.cache_dir, wu):
+        job.enc.abort.remote(name)  # best effort; a restarted actor has nothing to abort
+        if CacheWriter.is_committed(self.cache_dir, name):
             # The commit landed but its reply was lost (the actor died right after): the shard is done.
-            job.stats.shards_committed += 1
-            self.stats.merge(job.stats)
-            self._event("shard_committed", job, None)
+            self._committed(job, None)
             return
-        if job.attempt + 1 < self.cfg.pools.max_shard_attempts:
-            self.retries += 1
-            queue.appendleft((job.spec, job.attempt + 1))
+        # An input that ended early ends early again: no retry in this run; the next run tries it.
+        if not isinstance(error, IncompleteShard) and job.attempt + 1 < self.cfg.pools.max_shard_attempts:
+            self.out.retries += 1
+            queue.appendleft((job.spec, job.target, job.attempt + 1))
         else:
-            self.failed.append({"work_unit": wu, "path": job.spec.path, "attempts": job.attempt + 1,
-                                "error": f"{type(error).__name__}: {str(error)[:500]}"})
+            self.out.failed.append({"work_unit": name, "path": job.spec.path, "attempts": job.attempt + 1,
+                                    "root_cause": cause, "error": str(error) or type(error).__name__})
         self._event("shard_failed", job, error)
+
+    def _committed(self, job: _Job, result: dict | None) -> None:
+        """The commit call returned `result`, or (None) its reply was lost but the cache holds the unit."""
+        name = job.target.name
+        if result is not None and result["committed_elsewhere"]:
+            # Its samples are counted by the producer whose commit won, not here.
+            self.out.discarded.append(name)
+            log.warning("work unit %s was committed by another producer meanwhile; this attempt was discarded "
+                        "and its files deleted", name)
+            self._event("shard_discarded", job, result)
+            return
+        job.stats.shards_committed += 1
+        self.stats.merge(job.stats)
+        if result is not None:
+            log.info("committed %s: %d samples in %d cache shards (%.1fs)", name, result["num_samples"],
+                     result["shards"], time.time() - job.started)
+        if job.target.supersedes:
+            self._exclude_superseded()
+        self._event("shard_committed", job, result)
+
+    def _exclude_superseded(self) -> None:
+        """Make the cache's exclusion list cover every superseded version: after a redo's commit, and at the
+        start when an earlier run stopped between such a commit and this."""
+        if self._log is None:
+            self._log = ManifestLog(self.cache_dir)
+        try:
+            number = publish_superseded(self.cache_dir, self._log)
+        except OSError as e:
+            log.error("could not publish the exclusion list of superseded work units (%s); the next run will",
+                      root_cause(e))
+            return
+        if number is not None:
+            log.info("published exclusion list %d: it leaves out the samples of superseded work-unit versions",
+                     number)
+
+    def _plan(self) -> deque:
+        """The shards to do, largest first, as (spec, target, attempt): those not committed yet, and those whose
+        input changed since their commit if sources.redo_changed. Every other shard is counted in `self.out`."""
+        queue: deque = deque()
+        older: set[str] = set()
+        for spec in largest_first(self.specs):
+            latest = latest_committed(self.cache_dir, spec.work_unit)
+            if latest is None:
+                queue.append((spec, UnitTarget(spec.work_unit), 0))
+                continue
+            older.update(latest.older_versions())
+            change = latest.change(spec.fingerprint())
+            if change is None:
+                self.out.skipped.append(latest.name)
+                continue
+            redo = self.cfg.sources.redo_changed
+            self.out.changed.append({"work_unit": latest.name, "path": spec.path, "change": change, "redone": redo})
+            if redo:
+                log.warning("input %s changed since work unit %s was committed (%s): redoing it as %s", spec.path,
+                            latest.name, change, latest.next_version())
+                queue.append((spec, UnitTarget(latest.next_version(), latest.name), 0))
+            else:
+                log.warning("input %s changed since work unit %s was committed (%s): kept the committed version "
+                            "(--redo-changed redoes it)", spec.path, latest.name, change)
+        if older and not covers(read_exclusions(self.cache_dir), older):
+            self._exclude_superseded()
+        return queue
 
     def _event(self, kind: str, job=None, payload=None) -> None:
         if self.on_event is not None:
@@ -262,19 +406,15 @@ class ProducerRun:
 
     def run(self) -> dict:
         t0 = time.time()
-        queue: deque = deque()
-        for spec in largest_first(self.specs):
-            if CacheWriter.is_committed(self.cache_dir, spec.work_unit):
-                self.skipped.append(spec.work_unit)
-            else:
-                queue.append((spec, 0))
-        reporter = ProgressReporter(len(self.specs), len(self.skipped), self.cfg.progress_interval_s)
-        log.info("producer: %d shards (%d already committed), cache %s", len(self.specs), len(self.skipped),
-                 self.cache_dir)
+        queue = self._plan()
+        reporter = ProgressReporter(len(self.specs), self.out.not_to_do(), self.cfg.progress_interval_s)
+        log.info("producer: %d shards (%d already committed, %d changed since), cache %s", len(self.specs),
+                 len(self.out.skipped), len(self.out.changed), self.cache_dir)
         active: dict[str, _Job] = {}
-        if queue:
-            self._make_pools()
+        stopped = None
         try:
+            if queue:
+                self._make_pools()
             while queue or active:
                 self._schedule(queue, active)
                 waitables, owners = self._waitables(active)
@@ -290,13 +430,21 @@ class ProducerRun:
                     self._autoscale(queue, active)
                 self.peak.cpu = max(self.peak.cpu, self.cpu_pool.total())
                 self.peak.encoder = max(self.peak.encoder, self.enc_pool.total())
-                reporter.maybe_print(self._live_stats(active), len(active), len(self.failed), self.retries)
+                reporter.maybe_print(self._live_stats(active), len(active), len(self.out.failed), self.out.retries)
+        except ActorStartError as e:
+            stopped = {"reason": "actor_start_failures", "pool": e.pool, "message": str(e),
+                       "root_cause": root_cause(e.error), "error": str(e.error)}
+        except KeyboardInterrupt as e:  # SIGINT, or Interrupted (SIGINT/SIGTERM inside ray_session)
+            name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+            stopped = {"reason": "interrupted", "signal": name, "message": f"interrupted by {name}"}
         finally:
             for pool in ("cpu_pool", "enc_pool"):
                 if hasattr(self, pool):
                     getattr(self, pool).shutdown()
+        if stopped:
+            log.error("producer stopped: %s", stopped["message"])
         elapsed = time.time() - t0
-        report = reporter.final(self.stats, elapsed, self._run_info(), self.failed, self.retries, self.skipped)
+        report = reporter.final(self.stats, elapsed, self._run_info(), self.out, stopped)
         if self.report_path:
             reporter.write(report, self.report_path)
         return report
@@ -308,7 +456,8 @@ class ProducerRun:
                 "cpu_actors": [p.cpu_actors.min, p.cpu_actors.max],
                 "encoder_actors": [p.encoder_actors.min, p.encoder_actors.max],
                 "peak_actors": asdict(self.peak), "chunk_size": p.chunk_size,
-                "max_chunks_in_flight": p.max_chunks_in_flight}
+                "max_chunks_in_flight": p.max_chunks_in_flight, "redo_changed": self.cfg.sources.redo_changed,
+                "commit_partial_units": self.cfg.sources.commit_partial_units}
 
     def _live_stats(self, active) -> RunStats:
         live = RunStats()
@@ -330,8 +479,8 @@ class ProducerRun:
             if not free or enc is None:
                 return
             cpu = min(free, key=lambda a: busy[ActorPool.aid(a)])
-            spec, attempt = queue.popleft()
-            active[spec.work_unit] = self._start(spec, attempt, cpu, enc)
+            spec, target, attempt = queue.popleft()
+            active[spec.work_unit] = self._start(spec, target, attempt, cpu, enc)
             busy[ActorPool.aid(cpu)] += 1
             self._event("shard_started", active[spec.work_unit])
 
@@ -356,7 +505,7 @@ class ProducerRun:
             self.cpu_pool.on_ready(ref) or self.enc_pool.on_ready(ref)
             return
         job, kind = owner
-        wu = job.spec.work_unit
+        wu, name = job.spec.work_unit, job.target.name
         if active.get(wu) is not job:  # this attempt already failed earlier in the same pass
             return
         try:
@@ -366,7 +515,7 @@ class ProducerRun:
                 except StopIteration:
                     job.gen_done = True
                 else:
-                    job.pending.append(job.enc.add_chunk.remote(wu, job.attempt, chunk_ref))
+                    job.pending.append(job.enc.add_chunk.remote(name, job.attempt, chunk_ref))
                     job.chunks_sent += 1
             elif kind == "chunk":
                 job.pending.remove(ref)
@@ -377,14 +526,11 @@ class ProducerRun:
                 job.commit_ref = None
                 self._release(job)
                 del active[wu]
-                job.stats.shards_committed += 1
-                self.stats.merge(job.stats)
-                log.info("committed %s: %d samples in %d cache shards (%.1fs)", wu, result["num_samples"],
-                         result["shards"], time.time() - job.started)
-                self._event("shard_committed", job, result)
+                self._committed(job, result)
                 return
             if job.gen_done and not job.pending and job.commit_ref is None:
-                job.commit_ref = job.enc.commit.remote(wu, job.attempt, job.chunks_sent)
+                job.commit_ref = job.enc.commit.remote(name, job.attempt, job.chunks_sent,
+                                                       fingerprint_record(job.fingerprint), job.target.supersedes)
         except (ray.exceptions.RayError, StopIteration) as e:
             active.pop(wu, None)
             self._fail(job, e, queue)
@@ -392,8 +538,9 @@ class ProducerRun:
 
 def run_producer(cfg: ProducerConfig, inputs: list[str], cache_dir: str, address: str | None = None,
                  num_cpus: int | None = None, report_path: str | None = None, on_event=None) -> dict:
-    """Start (or join) Ray, run the producer, return the final report (also written to `report_path`).
-    Bad inputs raise `InputError` before Ray starts."""
+    """Start (or join) Ray, run the producer, return the final report (also written to `report_path`). Before
+    Ray starts, a bad encoders directory raises `ConfigError`, bad inputs or cache directory `InputError`.
+    A run stopped early (SIGINT/SIGTERM, actors that cannot start) returns its report with `stopped` set."""
     run = ProducerRun(cfg, inputs, cache_dir, report_path, on_event)
-    init_ray(address, num_cpus)
-    return run.run()
+    with ray_session(address, num_cpus):
+        return run.run()

@@ -4,7 +4,10 @@ Live (stderr, every `progress_interval_s`):
     [producer] shards 3/10 (+2 skipped, 2 active) | seen 1,234 written 1,100 | 45.6 samples/s | ETA 0:01:23 | drops: clarity=31 near_duplicate=12 ...
 
 Final: counts per drop reason (in `filters.REASONS` order, then model-filter reasons), the bucket
-histogram of what was written, throughput, shards committed / skipped / retried / failed.
+histogram of what was written, throughput, and what became of each shard (`ShardOutcomes`): committed,
+skipped (already in the cache), changed since its commit, discarded (another producer committed it
+first), failed (with the root cause of its error; the JSON keeps the whole text), or not finished
+because the run stopped early (`stopped`: interrupted, or actors that cannot start).
 """
 from __future__ import annotations
 
@@ -16,6 +19,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from producer.filters import REASONS
+
+
+@dataclass
+class ShardOutcomes:
+    """What became of the input shards of a run, besides the committed ones (RunStats.shards_committed)."""
+
+    total: int
+    skipped: list[str] = field(default_factory=list)  # committed before, input unchanged
+    changed: list[dict] = field(default_factory=list)  # input changed since: work_unit, path, change, redone
+    discarded: list[str] = field(default_factory=list)  # another writer committed the work unit first
+    failed: list[dict] = field(default_factory=list)  # work_unit, path, attempts, root_cause, error (the full text)
+    retries: int = 0
+
+    def not_to_do(self) -> int:
+        """Shards this run does not process: skipped, and changed ones that are kept as committed."""
+        return len(self.skipped) + sum(not c["redone"] for c in self.changed)
 
 
 @dataclass
@@ -68,8 +87,8 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 
 
 class ProgressReporter:
-    def __init__(self, total_shards: int, skipped: int, interval_s: float = 5.0, stream=None):
-        self.total, self.skipped, self.interval = total_shards, skipped, interval_s
+    def __init__(self, total_shards: int, not_to_do: int, interval_s: float = 5.0, stream=None):
+        self.total, self.skipped, self.interval = total_shards, not_to_do, interval_s
         self.stream = stream or sys.stderr
         self.t0 = time.time()
         self._last = 0.0
@@ -89,22 +108,29 @@ class ProgressReporter:
             self._last = now
             print(self.line(s, active, failed, retries), file=self.stream, flush=True)
 
-    def final(self, s: RunStats, elapsed: float, run: dict, failed: list, retries: int, skipped: list) -> dict:
+    def final(self, s: RunStats, elapsed: float, run: dict, out: ShardOutcomes, stopped: dict | None = None) -> dict:
+        """The report. `stopped` (reason, message, ...) when the run ended before its queue was done."""
         el = max(1e-9, elapsed)
         dropped = sum(s.drops.values())
+        done = s.shards_committed + len(out.discarded) + len(out.failed) + out.not_to_do()
         return {
             "run": run,
             "elapsed_s": round(elapsed, 3),
-            "shards": {"total": self.total, "committed": s.shards_committed, "skipped_already_committed": len(skipped),
-                       "failed": len(failed), "retried_attempts": retries},
+            "stopped": stopped,
+            "shards": {"total": self.total, "committed": s.shards_committed,
+                       "skipped_already_committed": len(out.skipped), "changed_since_commit": len(out.changed),
+                       "discarded_committed_elsewhere": len(out.discarded), "failed": len(out.failed),
+                       "retried_attempts": out.retries, "not_finished": self.total - done},
             "samples": {"seen": s.seen, "written": s.written, "dropped": dropped},
             "drops": ordered_drops(s.drops),
             "transforms": dict(s.transforms),
             "buckets": dict(sorted(s.buckets.items(), key=lambda kv: _bucket_key(kv[0]))),
             "throughput": {"samples_seen_per_s": round(s.seen / el, 3), "samples_written_per_s": round(s.written / el, 3),
                            "cpu_stage_seconds": round(s.cpu_seconds, 3), "encode_stage_seconds": round(s.encode_seconds, 3)},
-            "failed_shards": failed,
-            "skipped_work_units": skipped,
+            "failed_shards": out.failed,
+            "changed_work_units": out.changed,
+            "discarded_work_units": out.discarded,
+            "skipped_work_units": out.skipped,
         }
 
     @staticmethod
@@ -122,9 +148,18 @@ class ProgressReporter:
 def format_table(r: dict) -> str:
     s, sh, tp = r["samples"], r["shards"], r["throughput"]
     seen = max(1, s["seen"])
+    redo = r["run"].get("redo_changed")
+    shards = [f"{sh['committed']} committed", f"{sh['skipped_already_committed']} skipped (already in the cache)"]
+    if sh["changed_since_commit"]:
+        shards.append(f"{sh['changed_since_commit']} changed since their commit ("
+                      + ("redone" if redo else "kept as committed; --redo-changed redoes them") + ")")
+    if sh["discarded_committed_elsewhere"]:
+        shards.append(f"{sh['discarded_committed_elsewhere']} discarded (committed elsewhere)")
+    shards.append(f"{sh['failed']} failed")
+    if sh["not_finished"]:
+        shards.append(f"{sh['not_finished']} not finished")
     out = ["Producer report", "===============",
-           f"shards    {sh['committed']} committed, {sh['skipped_already_committed']} skipped (already in the cache), "
-           f"{sh['failed']} failed, {sh['retried_attempts']} retried attempts (of {sh['total']})",
+           f"shards    {', '.join(shards)}, {sh['retried_attempts']} retried attempts (of {sh['total']})",
            f"samples   {s['seen']:,} seen, {s['written']:,} written ({100 * s['written'] / seen:.1f}%), "
            f"{s['dropped']:,} dropped",
            f"time      {r['elapsed_s']:.1f} s, {tp['samples_seen_per_s']:.1f} samples/s seen, "
@@ -142,6 +177,10 @@ def format_table(r: dict) -> str:
     total = max(1, sum(r["buckets"].values()))
     for k, v in r["buckets"].items():
         out.append(f"{k:<24}{v:>10,}{100 * v / total:>10.1f}%")
-    for f in r.get("failed_shards", []):
-        out.append(f"FAILED {f['work_unit']} after {f['attempts']} attempts: {f['error'][:200]}")
+    for c in r["changed_work_units"]:
+        out.append(f"CHANGED {c['work_unit']} ({c['path']}): {c['change']}" + (" (redone)" if c["redone"] else ""))
+    for f in r["failed_shards"]:
+        out.append(f"FAILED {f['work_unit']} after {f['attempts']} attempts: {f['root_cause']}")
+    if r["stopped"]:
+        out.append(f"STOPPED {r['stopped']['message']}")
     return "\n".join(out) + "\n"

@@ -8,6 +8,11 @@ so one bad member cannot crash an actor or lose the rest of its shard.
 Tars are read as a stream from memory, never extracted: members with absolute paths, `..` components,
 links or device files are dropped (`unsafe_path`), so nothing can be written anywhere. A tar whose data
 or headers end early (no end-of-archive marker) yields its complete samples and one `truncated_tar`.
+Such a shard ended early (`ENDED_EARLY`): the CPU worker then fails its attempt unless
+`sources.commit_partial_units` (producer/errors.py `IncompleteShard`).
+
+`ShardSpec.fingerprint()` is what an input looked like when an attempt began; the work unit's commit
+records it, so a later run can tell that an input changed since (producer/committed.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,19 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTS = (".parquet",)
 FOLDER_SIZE_SAMPLES = 8  # images stat'ed to estimate a folder slice's bytes (ShardSpec.input_bytes)
+# BadRecord reasons that mean the shard could not be read to its end (the rest of it is missing).
+ENDED_EARLY = ("truncated_tar", "broken_shard")
+
+
+@dataclass(frozen=True)
+class InputFingerprint:
+    """An input shard's files as they were when an attempt began: how many, their total size and the newest
+    modification time. Taken before reading, so a file that grows or is replaced during the read is
+    found changed on the next run."""
+
+    files: int
+    bytes: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,19 @@ class ShardSpec:
         step = max(1, len(self.files) // FOLDER_SIZE_SAMPLES)
         sampled = self.files[::step][:FOLDER_SIZE_SAMPLES]
         return round(len(self.files) * sum(_size_or_zero(os.path.join(self.path, f)) for f in sampled) / len(sampled))
+
+    def fingerprint(self) -> InputFingerprint:
+        """One stat per file (a tar or Parquet shard: one; a folder slice: one per image); a file that is
+        gone is left out, which changes the count."""
+        paths = [self.path] if self.kind != "folder" else [os.path.join(self.path, f) for f in self.files]
+        stats = []
+        for p in paths:
+            try:
+                stats.append(os.stat(p))
+            except OSError:
+                pass
+        return InputFingerprint(len(stats), sum(st.st_size for st in stats),
+                                max((st.st_mtime_ns for st in stats), default=0))
 
 
 def _size_or_zero(path: str) -> int:
@@ -82,7 +113,8 @@ class BadRecord:
 
 @dataclass
 class SourceOptions:
-    """How input shards are read (tar members, Parquet columns, image-folder slices)."""
+    """How input shards are read (tar members, Parquet columns, image-folder slices), and what becomes of a
+    shard that ends early or changed since its work unit was committed."""
 
     parquet_image_column: str = option("image", "Parquet column of the image bytes")
     parquet_caption_column: str = option("caption", "Parquet column of the caption")
@@ -90,6 +122,11 @@ class SourceOptions:
     parquet_batch_rows: int = option(256, "Parquet rows read at once")
     folder_shard_size: int = option(1000, "images of an image folder per work unit")
     max_member_bytes: int = option(64 * 1024 * 1024, "largest tar member read (bigger ones are dropped)")
+    commit_partial_units: bool = option(False, "commit the complete samples of a shard that ends early (truncated tar, "
+                                        "unreadable Parquet); false: fail it, the next run tries it again")
+    redo_changed: bool = option(False, "an input changed since its work unit was committed: redo it as the unit's "
+                                "next version (the old one's samples go on the exclusion list); false: keep the "
+                                "committed version and warn (--redo-changed)")
 
 
 def work_unit_name(rel: str) -> str:

@@ -7,6 +7,10 @@ the cache's `CacheWriter` — one writer per work unit, committed only when the 
 An encoder that restarts loses its open writers. So every call carries (work unit, attempt, chunk
 index): a chunk that does not continue an open writer of the same attempt is refused (`StaleAttempt`),
 and `commit` checks the chunk count — a restarted actor can never commit part of a shard.
+
+A shard that ends early (`sources.ENDED_EARLY`: a truncated tar, an unreadable Parquet file) fails its
+attempt with `IncompleteShard` after its last chunk, so its work unit is not committed with part of its
+samples, unless `sources.commit_partial_units`.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import torch
 
 from megatron_qwen_image.cache import CacheWriter
 from producer.config import ProducerConfig
+from producer.errors import IncompleteShard
 from producer.filters import Prepared, SampleFilter
-from producer.sources import ShardSpec, iter_shard
+from producer.sources import ENDED_EARLY, BadRecord, ShardSpec, iter_shard
 
 
 class StaleAttempt(RuntimeError):
@@ -92,15 +97,23 @@ class CpuWorker:
         return time.process_time()
 
     def process_shard(self, spec: ShardSpec, chunk_size: int | None = None):
-        """Yield `Chunk`s of at most `chunk_size` input records, in the shard's order (always >= 1 chunk)."""
+        """Yield `Chunk`s of at most `chunk_size` input records, in the shard's order (always >= 1 chunk).
+        Raises IncompleteShard at the end of a shard that ended early, unless sources.commit_partial_units."""
         chunk_size = chunk_size or self.cfg.pools.chunk_size
         self.filter.start_shard()
-        buf, index = [], 0
+        buf, index, ended_early = [], 0, None
         for rec in iter_shard(spec, self.cfg.sources):
+            if isinstance(rec, BadRecord) and rec.reason in ENDED_EARLY:
+                ended_early = rec
             buf.append(rec)
             if len(buf) >= chunk_size:
                 yield self._chunk(spec, index, buf)
                 buf, index = [], index + 1
+        if ended_early is not None and not self.cfg.sources.commit_partial_units:
+            raise IncompleteShard(
+                f"{spec.path} ended early ({ended_early.reason}: {ended_early.detail}); "
+                "its work unit is not committed and the next run tries it again (replace the file, or set "
+                "sources.commit_partial_units=true to commit the complete samples)")
         if buf or index == 0:
             yield self._chunk(spec, index, buf)
 
@@ -213,17 +226,20 @@ class EncoderWorker:
         stats["encode_seconds"] = time.perf_counter() - t0
         return stats
 
-    def commit(self, work_unit: str, attempt: int, num_chunks: int) -> dict:
-        """Commit a work unit once all its `num_chunks` chunks of this attempt were added."""
+    def commit(self, work_unit: str, attempt: int, num_chunks: int, input_fingerprint: dict | None = None,
+               supersedes: str | None = None) -> dict:
+        """Commit a work unit once all its `num_chunks` chunks of this attempt were added (recording the input's
+        fingerprint and the version it supersedes, see CacheWriter.commit). `committed_elsewhere`: another
+        writer had committed the unit, this attempt was discarded."""
         w = self.writers.get(work_unit)
         if w is None or w.attempt != attempt or w.chunks != num_chunks:
             got = None if w is None else (w.attempt, w.chunks)
             raise StaleAttempt(f"{work_unit!r} attempt {attempt}: cannot commit {num_chunks} chunks, this actor has "
                                f"(attempt, chunks) = {got}")
         del self.writers[work_unit]
-        entry = w.writer.commit()
+        entry = w.writer.commit(input_fingerprint=input_fingerprint, supersedes=supersedes)
         return {"num_samples": entry.get("num_samples", 0), "shards": len(entry.get("shards", [])),
-                "seq": entry.get("seq")}
+                "seq": entry.get("seq"), "committed_elsewhere": w.writer.already_committed}
 
     def abort(self, work_unit: str) -> bool:
         """Drop an open writer (its temp files are deleted; nothing becomes visible)."""

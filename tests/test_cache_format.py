@@ -105,6 +105,80 @@ def test_duplicate_entry_of_a_work_unit_is_ignored_by_readers(tmp_path):
     assert sorted(r["key"] for r in reader.iter_records()) == [f"s0-{i:04d}" for i in range(3)]
 
 
+def _shard_files(root) -> set[str]:
+    return {f"{d}/{f}" for d in os.listdir(root) if d.startswith("bucket=") for f in os.listdir(os.path.join(root, d))}
+
+
+def test_a_writer_that_finds_the_unit_committed_discards_its_attempt(tmp_path):
+    """Two producers on one work unit: the second to commit sees the first's hint, deletes its temp files and
+    ends `already_committed` (committed elsewhere), returning the first's entry."""
+    root = str(tmp_path)
+    first, second = CacheWriter(root, "unit-1"), CacheWriter(root, "unit-1")
+    for w, seed in ((first, 0), (second, 1)):
+        for s in _samples(3, seed=seed):
+            w.add(s["key"], s["latent"], s["text"])
+    entry = first.commit()
+    files = _shard_files(root)
+    assert second.commit()["seq"] == entry["seq"] == 0
+    assert second.already_committed and not first.already_committed
+    assert os.listdir(tmp_path / "_tmp") == [] and _shard_files(root) == files
+    assert sorted(r["key"] for r in CacheReader(root).iter_records()) == [f"s0-{i:04d}" for i in range(3)]
+
+
+def test_a_writer_whose_entry_is_a_duplicate_deletes_only_its_own_files(tmp_path, monkeypatch):
+    """Both writers pass the committed check and reach the log. The first writer is slow to write its hint;
+    the second finds the first's entry among those appended since it looked, names it in the hint and
+    deletes the shard files it had renamed into place, and no other file."""
+    from megatron_qwen_image.cache import manifest
+
+    root = str(tmp_path)
+    first, second = CacheWriter(root, "unit-1"), CacheWriter(root, "unit-1")
+    for w, seed in ((first, 0), (second, 1)):
+        for s in _samples(3, seed=seed):
+            w.add(s["key"], s["latent"], s["text"])
+    real_hint, real_check = manifest.write_workunit_hint, CacheWriter.is_committed
+    late_hints = []
+
+    def first_commits_meanwhile(root_, unit):  # between the second's look at the log and its own append
+        monkeypatch.setattr(CacheWriter, "is_committed", staticmethod(real_check))
+        monkeypatch.setattr(manifest, "write_workunit_hint", lambda *a: late_hints.append(a) or a[3])
+        first.commit()
+        monkeypatch.setattr(manifest, "write_workunit_hint", real_hint)
+        return real_check(root_, unit)  # no hint yet: not committed as far as the second can tell
+
+    monkeypatch.setattr(CacheWriter, "is_committed", staticmethod(first_commits_meanwhile))
+    assert second.commit()["seq"] == 0 and second.already_committed
+    first_files = {s["path"] for s in manifest.committed_entry(root, second.wuid)["shards"]}
+    assert real_hint(*late_hints[0]) == 0  # the first writer's hint, late: it names the first entry
+    assert manifest.hinted_seq(root, second.wuid) == 0
+    reader = CacheReader(root)
+    assert [e.duplicate for e in reader.log.entries] == [False, True]
+    assert _shard_files(root) == first_files  # the duplicate's files are gone, the first's are all there
+    assert sorted(r["key"] for r in reader.iter_records()) == [f"s0-{i:04d}" for i in range(3)]
+    assert reader.verify_all()["bad"] == []
+    # A hint that names a later (duplicate) entry is replaced by one naming the earlier entry.
+    assert real_hint(root, second.wuid, "unit-1", 5) == 0
+    os.unlink(manifest.workunit_hint_path(root, second.wuid))
+    assert real_hint(root, second.wuid, "unit-1", 1) == 1 and real_hint(root, second.wuid, "unit-1", 0) == 0
+    assert manifest.hinted_seq(root, second.wuid) == 0
+
+
+def test_commit_records_the_input_and_the_version_it_supersedes(tmp_path):
+    from megatron_qwen_image.cache.manifest import committed_entry
+
+    root = str(tmp_path)
+    with CacheWriter(root, "unit-1") as w:
+        w.add("a", *[_samples(1)[0][k] for k in ("latent", "text")])
+    w = CacheWriter(root, "unit-1#2")
+    w.add("a", *[_samples(1)[0][k] for k in ("latent", "text")])
+    w.commit(input_fingerprint={"files": 1, "bytes": 10, "mtime_ns": 7}, supersedes="unit-1")
+    entry = committed_entry(root, w.wuid)
+    assert entry["input"] == {"files": 1, "bytes": 10, "mtime_ns": 7}
+    assert (entry["supersedes"], entry["seq"]) == ("unit-1", 1)
+    assert [e.supersedes for e in CacheReader(root).log.entries] == [None, "unit-1"]
+    assert "input" not in committed_entry(root, CacheWriter(root, "unit-1").wuid)  # optional fields
+
+
 def test_an_exception_inside_the_writer_discards_the_attempt(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with CacheWriter(str(tmp_path), "u") as w:

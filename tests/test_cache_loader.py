@@ -1,6 +1,9 @@
-"""BucketedLoader: DP slicing, TP identity, exact resume, streaming, corrupt shards, version refusal."""
+"""BucketedLoader: DP slicing, TP identity, exact resume, streaming (and what a waiting stream logs), corrupt
+and lost shards, refusal of a cache it can never take a batch from, version refusal."""
 import json
+import logging
 import os
+import re
 import threading
 import time
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 from megatron_qwen_image.cache import (BucketedLoader, CacheFormatError, CacheReader, CacheWriter, seal)
+from megatron_qwen_image.cache.loader import NoTrainableDataError
 
 # Two buckets of base 256: 256x256 (latent 32x32) and 336x192 (latent 24x42).
 HW = {"sq": (32, 32), "wide": (24, 42)}
@@ -199,13 +203,66 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_never_fed(cache):
         assert len(b["keys"]) == 8  # replacements keep the batch size
         assert not bad_keys & set(b["keys"])
         check_batch_against_source(b, data)  # every sample fed is intact
-    assert stats["corrupt_shards"] == 2
-    assert stats["skipped_samples"] >= 2 and stats["replaced_samples"] == stats["skipped_samples"]
-    reasons = " ".join(stats["corrupt_shard_reasons"].values())
-    assert "CRC-32" in reasons and "truncated" in reasons
+    # The truncated shard has the wrong size: left out when planning. The flipped one passes that check
+    # and is skipped when its bad row is read.
+    assert stats["unreadable_shards"] == 1 and stats["unreadable_samples"] == truncated.num_samples
+    assert "truncated" in stats["unreadable_shard_reasons"][truncated.path]
+    assert stats["corrupt_shards"] == 1 and "CRC-32" in stats["corrupt_shard_reasons"][flipped.path]
+    assert stats["skipped_samples"] >= 1 and stats["replaced_samples"] == stats["skipped_samples"]
     # The CLI's verify finds both.
     rep = CacheReader(root).verify_all()
     assert sorted(p for p, _ in rep["bad"]) == sorted([flipped.path, truncated.path])
+
+
+def test_a_lost_bucket_is_left_out_when_planning_and_nothing_trainable_is_refused_at_once(cache, caplog):
+    """Every shard of one bucket deleted: the plan leaves them out (one stat call each), the bucket drops out
+    with a warning, training goes on with the other; with every shard gone, check_trainable refuses."""
+    root, data = cache
+    wide = [s for s in CacheReader(root).shards() if s.bucket == (336, 192)]
+    assert len(wide) == 4
+    for s in wide:
+        os.remove(os.path.join(root, s.path))
+    with caplog.at_level(logging.WARNING, logger="megatron_qwen_image.cache.loader"):
+        with BucketedLoader(root, 8, seed=1) as loader:
+            loader.check_trainable()
+            batches = take(loader, 10)  # two epochs of the square bucket (5 batches each)
+            stats = loader.stats
+    assert {tuple(b["latents"].shape[2:]) for b in batches} == {(32, 32)}
+    for b in batches:
+        check_batch_against_source(b, data)
+    assert (stats["unreadable_shards"], stats["unreadable_samples"], stats["skipped_samples"]) == (4, 24, 0)
+    assert all("missing (the manifest lists it)" in why for why in stats["unreadable_shard_reasons"].values())
+    text = caplog.text
+    assert "4 of 8 shards of manifest entries 0..3 are unreadable and left out of the plan" in text
+    assert text.count("bucket 336x192") == 1 and "has no readable shard" in text  # warned once, not per epoch
+
+    for s in CacheReader(root).shards():
+        if s.bucket == (256, 256):
+            os.remove(os.path.join(root, s.path))
+    with BucketedLoader(root, 8) as loader:
+        with pytest.raises(NoTrainableDataError, match=r"no bucket of .* has global_batch_size=8 readable samples "
+                                                       r"\(first 4 manifest entries\): no samples at all; 8 shards "
+                                                       r"are unreadable"):
+            loader.check_trainable()
+
+
+def test_a_waiting_stream_says_what_it_waits_for_every_interval(tmp_path, caplog):
+    """A streaming loader short of samples logs, every wait_log_interval_s, the committed shards and samples,
+    what its round still needs, and how long it has waited."""
+    root = str(tmp_path / "stream")
+    write_unit(root, 0, n_sq=2, n_wide=1)
+    loader = BucketedLoader(root, 4, streaming=True, prefetch=0, stream_round_samples=8, poll_interval_s=0.05,
+                            wait_log_interval_s=0.2, stream_timeout_s=1.5)
+    loader.check_trainable()  # an open stream waits for producers instead of refusing
+    with caplog.at_level(logging.INFO, logger="megatron_qwen_image.cache.loader"), \
+            pytest.raises(TimeoutError, match="are producers running"):
+        next(loader)
+    lines = [r.getMessage() for r in caplog.records if "waiting for producers" in r.getMessage()]
+    assert len(lines) >= 2, caplog.text
+    assert all(re.fullmatch(rf"waiting for producers: 2 shards \(3 samples\) committed to {re.escape(root)} so far; "
+                            r"round 0 has 3 of the 8 new samples it takes, and 2 of global_batch_size=4 in its "
+                            r"fullest bucket; waited \d+ s", line) for line in lines), lines
+    assert loader.stats["wait_s"] >= 1.0
 
 
 def _file_offset_of_row(sf, row):

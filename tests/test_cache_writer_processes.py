@@ -25,13 +25,16 @@ def unit_samples(unit: int):
         yield f"u{unit}-{i}", torch.randn(16, *hw, generator=g), torch.randn(2 + i, 8, generator=g)
 
 
-def write_units(root, units, barrier=None):
+def write_units(root, units, barrier=None, outcomes=None):
+    """Commit each unit; `outcomes` (a queue) gets (unit, committed by this writer) for each."""
     if barrier is not None:
         barrier.wait()
     for u in units:
         with CacheWriter(root, f"unit-{u}", latent_dtype="fp16", base_resolution=256, max_shard_samples=2) as w:
             for key, lat, txt in unit_samples(u):
                 w.add(key, lat, txt, caption=key, source=f"pid{os.getpid()}")
+        if outcomes is not None:
+            outcomes.put((u, not w.already_committed))
 
 
 def test_concurrent_writer_processes_give_a_consistent_manifest(tmp_path):
@@ -42,19 +45,22 @@ def test_concurrent_writer_processes_give_a_consistent_manifest(tmp_path):
     # forkserver: torch is imported once (in the server), the writers fork from it clean of threads.
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "megatron_qwen_image.cache", "tests.test_cache_writer_processes"])
-    barrier = ctx.Barrier(nproc)
-    procs = [ctx.Process(target=write_units, args=(root, units, barrier)) for units in plan]
+    barrier, outcomes = ctx.Barrier(nproc), ctx.Queue()
+    procs = [ctx.Process(target=write_units, args=(root, units, barrier, outcomes)) for units in plan]
     for p in procs:
         p.start()
+    results = [outcomes.get(timeout=240) for _ in range(sum(map(len, plan)))]
     for p in procs:
         p.join(timeout=240)
     assert [p.exitcode for p in procs] == [0] * nproc
+    # Each unit is reported committed by exactly one writer; the others say committed elsewhere.
+    all_units = sorted({u for units in plan for u in units})
+    assert sorted(u for u, committed in results if committed) == all_units, results
 
     names = sorted(os.listdir(os.path.join(root, "manifest")))
     assert names == [f"{i:012d}.json" for i in range(len(names))]  # dense, totally ordered log
     reader = CacheReader(root)
     live = [e for e in reader.log.entries if not e.duplicate]
-    all_units = sorted({u for units in plan for u in units})
     assert sorted(e.work_unit for e in live) == sorted(f"unit-{u}" for u in all_units)
     expected = {key: (lat, txt) for u in all_units for key, lat, txt in unit_samples(u)}
     got = list(reader.iter_records())
@@ -65,11 +71,9 @@ def test_concurrent_writer_processes_give_a_consistent_manifest(tmp_path):
     assert reader.verify_all()["bad"] == []
     assert os.listdir(os.path.join(root, "_tmp")) == []
     assert all(CacheWriter.is_committed(root, f"unit-{u}") for u in all_units)
-    # Losing attempts of a work unit (if the race produced any) are unreferenced files: cleanup
-    # removes exactly those and nothing a reader uses.
-    removed = cleanup(root, grace_s=0)
-    dup_files = {os.path.join(root, s.path) for e in reader.log.entries if e.duplicate for s in e.shards}
-    assert set(removed["unreferenced_shards"]) == dup_files
+    # Losing attempts (a duplicate entry, if the race produced one) deleted their own files at once:
+    # nothing is left for cleanup, and nothing a reader uses is gone.
+    assert cleanup(root, grace_s=0) == {"temp_files": [], "unreferenced_shards": []}
     assert sorted(r["key"] for r in CacheReader(root).iter_records()) == sorted(expected)
 
 

@@ -62,13 +62,15 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The uninterrupted reference: TP=2 (2 processes), 8 steps, saves every 2 steps, keeps the last 3."""
+    """The uninterrupted reference: TP=2 (2 processes), 8 steps, saves every 2 steps, keeps the last 3; with
+    --load of the --save root, which does not exist yet (the requeue idiom's first run)."""
     tmp = tmp_path_factory.mktemp("ckpt_train")
     cache = _cache(tmp / "cache")
     common = [f"train.train_iters={STEPS}", "data.source=cache", f"data.cache_dir={cache}", "train.seed=21"]
     root, jsonl = tmp / "ref", tmp / "ref.jsonl"
     out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", *common, "--save", str(root),
-                       "--save-interval", "2", "--keep-last", "3", "--log-jsonl", str(jsonl)], timeout=300)
+                       "--save-interval", "2", "--keep-last", "3", "--load", str(root), "--log-jsonl", str(jsonl)],
+                   timeout=300)
     return {"tmp": tmp, "common": common, "root": root, "losses": _losses(jsonl), "out": out}
 
 
@@ -88,6 +90,7 @@ def test_saves_keep_last_and_move_latest(run):
     marker = checkpoint_format.read_marker(str(root / "iter_0000004"))
     assert marker["step"] == 4 and marker["tp"] == 2 and marker["dp"] == 1 and marker["consumed_samples"] == 16
     assert sorted(run["losses"]) == list(range(1, STEPS + 1))
+    assert "| from scratch (no checkpoint loaded)" in run["out"]  # the start-up banner
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(run):
     assert checkpoint_format.resolve(str(root)) == str(root / "iter_0000002")
 
     out = torchrun(2, ["-m", "consumer.train", *args, "--log-jsonl", str(run["tmp"] / "killed2.jsonl")], timeout=300)
-    assert "resumed from" in out and "iter_0000002" in out
+    assert f"| resuming {root / 'iter_0000002'}" in out and "resumed from" in out  # the banner, then the load
     resumed = _losses(run["tmp"] / "killed2.jsonl")
     assert sorted(resumed) == list(range(3, STEPS + 1))
     for step, loss in resumed.items():

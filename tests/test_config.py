@@ -49,6 +49,7 @@ def test_all_shipped_configs_load():
     (["flow_matching.timestep_shift=dynamo"], "flow_matching.timestep_shift", "must be one of"),
     (["data.synthetic.resolutions=[[64, 60]]"], "data.synthetic.resolutions", "divisible by 16"),
     (["data.cache.verify=sometimes"], "data.cache.verify", "must be one of"),
+    (["data.cache.wait_log_interval_s=0"], "data.cache.wait_log_interval_s", "must be > 0"),
     (["model=3"], "model", "must be a mapping"),
     (["optimizer.lr"], "optimizer.lr", "key=value"),
 ])
@@ -76,6 +77,12 @@ def test_layout_checks_at_start_of_training():
     with pytest.raises(ConfigError, match="create it first with `python -m megatron_qwen_image.cache init DIR`"):
         validate(load_config(SMOKE, ["data.source=cache", "data.cache_dir=/nonexistent", "data.cache.streaming=true"]),
                  world_size=2)
+    with pytest.raises(ConfigError, match=rf"'data.cache_dir': {SMOKE} is a file, not a latent cache directory$"):
+        validate(load_config(SMOKE, ["data.source=cache", f"data.cache_dir={SMOKE}"]), world_size=2)
+    with pytest.raises(ConfigError, match=r"'checkpoint.load': /nonexistent/ckpt does not exist"):  # a typo'd --load
+        validate(load_config(SMOKE, ["checkpoint.load=/nonexistent/ckpt"]), world_size=2)
+    validate(load_config(SMOKE, ["checkpoint.load=/nonexistent/ckpt", "checkpoint.save=/nonexistent/ckpt"]),
+             world_size=2)  # the requeue idiom --save D --load D: the first run finds nothing and starts fresh
 
 
 def test_base_chain_errors():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_qwen_image.cache import BucketedLoader, CacheWriter, seal
-from megatron_qwen_image.cache.exclusions import read_exclusions
+from megatron_qwen_image.cache.exclusions import publish_superseded, read_exclusions
+from megatron_qwen_image.cache.manifest import ManifestLog
 from megatron_qwen_image.cache.maintenance import inspect_cache
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.config import load_config
@@ -18,14 +19,14 @@ from producer.synthetic import generate_shards
 from producer.workers import CpuWorker, EncoderWorker
 
 
-def write_unit(root, unit: str, samples: list[tuple[str, dict]], base=256):
+def write_unit(root, unit: str, samples: list[tuple[str, dict]], base=256, supersedes=None):
     """A work unit of 256x256 samples (latent 16x32x32) with the given (key, meta)."""
     g = torch.Generator().manual_seed(len(unit))
     side = base // 8
-    with CacheWriter(root, unit, base_resolution=base) as w:
-        for key, meta in samples:
-            w.add(key, torch.randn(16, side, side, generator=g), torch.randn(3, 8, generator=g), caption=key,
-                  meta=meta)
+    w = CacheWriter(root, unit, base_resolution=base)
+    for key, meta in samples:
+        w.add(key, torch.randn(16, side, side, generator=g), torch.randn(3, 8, generator=g), caption=key, meta=meta)
+    w.commit(supersedes=supersedes)
 
 
 def ph(bits: int) -> dict:
@@ -70,6 +71,63 @@ def test_duplicates_across_work_units_are_listed_and_skipped(cache):
     assert read_exclusions(cache).by_bucket() == {"256x256": 2}
     info = inspect_cache(cache)
     assert (info["exclusion_list"], info["excluded_samples"], info["samples"]) == (1, 2, 8)
+
+
+def test_a_superseded_version_stays_excluded_through_dedup(cache):
+    """A work unit redone because its input changed (A#2, the same keys and bytes) supersedes A: the list
+    leaves out A's rows, so each key is read once; dedup neither judges A#2's samples duplicates of the
+    superseded ones nor drops A's rows from the list it publishes. (A#2 comes after B in the log, so B's
+    copies of a1 and a2 are now the first ones, and A#2's are the duplicates.)"""
+    log = ManifestLog(cache)
+    assert publish_superseded(cache, log) is None  # nothing superseded yet
+    write_unit(cache, "A#2", [("a0", {"blake2b": "aa", **ph(0x0F0F)}), ("a1", {"blake2b": "a1", **ph(0xFF00FF00)}),
+                              ("a2", {"blake2b": "a2", **ph(0x123456789ABCDEF0)}), ("a3", {})], supersedes="A")
+    assert publish_superseded(cache, log) == 1
+    assert publish_superseded(cache, log) is None  # covered: nothing new
+    ex = read_exclusions(cache)
+    assert ex.info["superseded"] == ["A"] and ex.num_samples == 3
+    assert sorted(all_keys(cache, base_resolution=256)) == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]
+    report = dedup_cache(cache, max_distance=4)
+    assert (report["exact_duplicate"], report["near_duplicate"], report["superseded_samples"]) == (1, 1, 3)
+    assert read_exclusions(cache).info["superseded"] == ["A"]
+    assert sorted(all_keys(cache, base_resolution=256)) == ["a0", "a3", "b0", "b1", "b2", "b3"]
+
+
+def test_planning_publishes_a_missed_exclusion_and_finds_changed_inputs(tmp_path):
+    """No Ray: a run that stopped between a redo's commit and its exclusion list leaves the superseded version
+    readable; the next run's planning publishes the list. An input modified after a commit that recorded no
+    fingerprint (an older cache) counts as changed; --redo-changed queues its next version."""
+    from producer.pipeline import ProducerRun
+    from tests.test_producer_config import fake_encoders_dir
+
+    (tmp_path / "raw").mkdir()
+    tar = tmp_path / "raw" / "a.tar"
+    tar.write_bytes(b"\0" * 1024)
+    cache, encoders = str(tmp_path / "cache"), fake_encoders_dir(tmp_path)
+
+    def plan(*overrides):
+        run = ProducerRun(load_config(None, [f"encoders.dir={encoders}", *overrides]), [str(tmp_path / "raw")], cache)
+        return run, list(run._plan())
+
+    run, _ = plan()
+    wu = run.specs[0].work_unit
+    write_unit(cache, wu, [("k0", {}), ("k1", {})])
+    write_unit(cache, f"{wu}#2", [("k0", {}), ("k1", {})], supersedes=wu)  # no exclusion list: the run stopped
+    run, queue = plan()
+    ex, log = read_exclusions(cache), ManifestLog(cache)
+    log.refresh()
+    old_version = {s.path for e in log.entries if e.work_unit == wu for s in e.shards}
+    assert ex.info["superseded"] == [wu] and ex.num_samples == 2 and set(ex.rows) == old_version
+    assert not queue and run.out.skipped == [f"{wu}#2"] and not run.out.changed
+    later = os.stat(tar).st_mtime + 3600
+    os.utime(tar, (later, later))
+    run, queue = plan()
+    assert not queue and run.out.changed == [{"work_unit": f"{wu}#2", "path": str(tar),
+                                              "change": "modified after its commit", "redone": False}]
+    run, queue = plan("sources.redo_changed=true")
+    [(spec, target, attempt)] = queue
+    assert (target.name, target.supersedes, attempt) == (f"{wu}#3", f"{wu}#2", 0)
+    assert read_exclusions(cache).number == ex.number  # nothing new to publish before the redo commits
 
 
 def test_exact_only_and_dry_run(cache, capsys):

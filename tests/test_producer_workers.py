@@ -33,6 +33,25 @@ def test_cpu_worker_chunks_a_shard_in_order(setup):
     assert [s.key for c in chunks for s in c.samples] == [f"00000{i:04d}" for i in range(7)]
 
 
+def test_cpu_worker_fails_a_shard_that_ends_early_unless_partial_units_are_committed(setup, tmp_path):
+    from producer.errors import IncompleteShard
+
+    cfg, spec, tiny = setup
+    data = open(spec.path, "rb").read()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    [cut] = discover_shards([str(tmp_path / "cut.tar")])
+    chunks = []
+    with pytest.raises(IncompleteShard, match=r"cut.tar ended early \(truncated_tar: .*sources.commit_partial_units"):
+        for c in CpuWorker(cfg).process_shard(cut, chunk_size=2):
+            chunks.append(c)
+    assert chunks  # the complete samples went out first; the attempt fails at the end of the shard
+    partial = load_config("configs/producer/default.yaml", [f"encoders.dir={tiny}", "sources.commit_partial_units=true"])
+    kept = list(CpuWorker(partial).process_shard(cut, chunk_size=2))
+    assert sum(c.drops.get("truncated_tar", 0) for c in kept) == 1
+    assert [s.key for c in kept for s in c.samples][: sum(len(c.samples) for c in chunks)] == \
+        [s.key for c in chunks for s in c.samples]
+
+
 def test_encoder_worker_writes_what_the_encoders_compute(setup, tmp_path):
     cfg, spec, tiny = setup
     chunks = list(CpuWorker(cfg).process_shard(spec, chunk_size=4))

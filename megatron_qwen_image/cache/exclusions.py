@@ -20,7 +20,9 @@ import numpy as np
 
 from megatron_qwen_image.fsutil import create_exclusive
 
-from .format import BUCKET_PREFIX, EXCLUSIONS_DIR, FORMAT_NAME, FORMAT_VERSION, TMP_DIR, CacheFormatError, check_version
+from .format import (BUCKET_PREFIX, EXCLUSIONS_DIR, FORMAT_NAME, FORMAT_VERSION, TMP_DIR, CacheFormatError,
+                     check_version, work_unit_id)
+from .manifest import ManifestLog
 
 _NAME = re.compile(r"^(\d{6})\.json$")
 
@@ -94,3 +96,44 @@ def write_exclusions(root: str, samples: dict[str, list[int]], info: dict) -> in
         number += 1
     return number
 
+
+@dataclass(frozen=True)
+class Superseded:
+    """Work units that a later counting entry supersedes, and every row of their counting entries' shards."""
+    work_units: frozenset[str]
+    samples: dict[str, list[int]]  # shard path -> rows
+
+
+def superseded(log: ManifestLog) -> Superseded:
+    """What a complete exclusion list must cover of the log `log` has read so far."""
+    names = {e.supersedes for e in log.entries if e.corrupt is None and not e.duplicate and e.supersedes}
+    wuids = {work_unit_id(n) for n in names}
+    samples = {s.path: list(range(s.num_samples))
+               for e in log.entries if e.corrupt is None and not e.duplicate and e.wuid in wuids for s in e.shards}
+    return Superseded(frozenset(names), samples)
+
+
+def covers(ex: Exclusions, work_units) -> bool:
+    """Whether list `ex` excludes every row of these superseded work units (by the names it records)."""
+    return set(work_units) <= set(ex.info.get("superseded", ()))
+
+
+def with_superseded(samples: dict[str, list[int]], sup: Superseded) -> dict[str, list[int]]:
+    """`samples` (shard path -> rows) plus every superseded row."""
+    out = {p: list(r) for p, r in samples.items()}
+    for p, rows in sup.samples.items():
+        out[p] = sorted(set(out.get(p, ())) | set(rows))
+    return out
+
+
+def publish_superseded(root: str, log: ManifestLog) -> int | None:
+    """Publish the current list plus every superseded work unit's rows (reading the entries that appeared in
+    the log since `log` last looked), unless the current list covers them already. Returns the new list's
+    number, or None if none was needed."""
+    log.refresh()
+    sup = superseded(log)
+    current = read_exclusions(root)
+    if covers(current, sup.work_units):
+        return None
+    info = {**current.info, "superseded": sorted(sup.work_units | set(current.info.get("superseded", ())))}
+    return write_exclusions(root, with_superseded({p: r.tolist() for p, r in current.rows.items()}, sup), info)

@@ -8,6 +8,12 @@ The train loop only ever takes finished batches from a queue, in order.
 
 Every rank builds the same plan, so DP ranks take disjoint slices of the same global batch
 ([dp_rank*G/dp_size, (dp_rank+1)*G/dp_size)) and TP ranks with the same dp_rank get identical batches.
+
+Lost shards: when entries are planned, every listed shard of the wanted buckets is stat()ed once; one
+that is missing or has another size than the manifest's is left out of the plan (one warning per
+planning step, counted in `stats`), and a bucket left with no readable shard drops out of training.
+Every rank sees the same files, so every rank leaves out the same shards. Shards that pass this check
+but fail their integrity checks while reading are skipped then, their samples replaced (`_build`).
 """
 from __future__ import annotations
 
@@ -57,10 +63,23 @@ class _Pipeline:
 
 
 @dataclass
+class _RoundWait:
+    """How long one streaming round has waited for producers, and when the waiting line was last logged."""
+    round: int
+    waited_s: float = 0.0
+    logged_at_s: float = 0.0   # waited_s at the last 'waiting for producers' line
+
+
+class NoTrainableDataError(ValueError):
+    """The loader can never give a batch: no bucket has global_batch_size readable samples."""
+
+
+@dataclass
 class _Counters:
-    """What `stats` counts as batches are returned (updated under the loader's lock)."""
+    """What `stats` counts (updated under the loader's lock)."""
     batches: int = 0
     samples: int = 0
+    unreadable_samples: int = 0  # in shards left out of the plan
     skipped_samples: int = 0
     replaced_samples: int = 0
     wait_s: float = 0.0      # seconds waited for producers (streaming)
@@ -82,6 +101,8 @@ class BucketedLoader:
       verify: "sample" (CRC of every sample on first read), "full" (whole-shard CRC on open), "none".
       stream_round_samples: new samples per streaming round (default 8 x global_batch_size).
       stream_timeout_s: give up (TimeoutError) after waiting this long for producers (None: wait).
+      wait_log_interval_s: while waiting for producers, log (INFO) what the round waits for every this
+        many seconds.
       num_entries: epoch mode: use exactly the first N manifest entries (default: the sealed count,
         else all visible at construction).
       pin_memory: build batches in pinned host memory (for fast, asynchronous copies to a GPU).
@@ -94,7 +115,7 @@ class BucketedLoader:
                  output_dtype: torch.dtype | None = torch.float32, base_resolution: int | None = None,
                  buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
-                 num_entries: int | None = None, max_open_shards: int = 128, pin_memory: bool = False):
+                 wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128, pin_memory: bool = False):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -106,6 +127,8 @@ class BucketedLoader:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by dp_size={dp_size}")
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r}; use one of {VERIFY_MODES}")
+        if not wait_log_interval_s > 0:
+            raise ValueError(f"wait_log_interval_s={wait_log_interval_s!r} must be > 0")
         self.root = os.path.abspath(root)
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.micro = global_batch_size // dp_size
@@ -115,6 +138,7 @@ class BucketedLoader:
             parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
         self.round_samples = stream_round_samples or 8 * global_batch_size
         self.poll_interval_s, self.stream_timeout_s = poll_interval_s, stream_timeout_s
+        self.wait_log_interval_s = wait_log_interval_s
         self.max_open_shards = max_open_shards
 
         self.log = ManifestLog(self.root)  # refuses unknown format versions here
@@ -122,6 +146,8 @@ class BucketedLoader:
         self.exclusions = read_exclusions(self.root)  # the newest list; a resumed state brings its own
         self._shards: list[ShardInfo] = []
         self._entry_ranges: list[tuple[int, int]] = []  # entry k -> its shard ids [a, b)
+        self._unreadable: dict[str, str] = {}  # shard path -> why it was left out of the plan
+        self._dropped_buckets: set[tuple[int, int]] = set()  # buckets with no readable shard (warned once)
         if streaming:
             self._position = {"mode": "stream", "round": 0, "step": 0}
         else:
@@ -190,15 +216,25 @@ class BucketedLoader:
 
     @property
     def stats(self) -> dict:
-        """Counters: batches/samples returned, corrupt shards skipped (and why), samples skipped and
-        replaced, duplicate/corrupt manifest entries, seconds waited for producers, and the exclusion
-        list in use (its number and how many samples it lists)."""
+        """Counters: batches/samples returned, shards left out of the plan as unreadable (and why, and
+        their samples), corrupt shards skipped while reading (and why), samples skipped and replaced,
+        duplicate/corrupt manifest entries, seconds waited for producers, and the exclusion list in use
+        (its number and how many samples it lists)."""
         with self._lock:
-            return {**asdict(self._counters), "corrupt_shards": len(self._bad),
-                    "corrupt_shard_reasons": dict(self._bad),
+            return {**asdict(self._counters), "unreadable_shards": len(self._unreadable),
+                    "unreadable_shard_reasons": dict(self._unreadable),
+                    "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
                     "exclusion_list": self.exclusions.number, "excluded_samples": self.exclusions.num_samples,
                     "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
                     "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
+
+    def check_trainable(self) -> None:
+        """Raise NoTrainableDataError now, before training starts, if this loader can never give a
+        batch: in epoch mode, or streaming from a sealed cache, no bucket holds global_batch_size
+        readable samples. A stream still open for writing waits for producers instead."""
+        n = self._position["num_entries"] if self._position["mode"] == "epoch" else self.log.sealed_count()
+        if n is not None:
+            self._epoch_pools(n)
 
     def close(self) -> None:
         self._stop_pipeline()
@@ -213,7 +249,7 @@ class BucketedLoader:
     def _epoch_entry_count(self, num_entries):
         sealed = self.log.sealed_count()
         n = num_entries if num_entries is not None else sealed if sealed is not None else len(self.log)
-        if num_entries is None and sealed is None:
+        if num_entries is None and sealed is None and n > 0:  # with none, planning refuses the cache anyway
             log.warning("cache %s is not sealed: epoch mode uses the %d manifest entries visible now; every "
                         "rank must see the same ones (pass num_entries= or seal the cache to be sure)",
                         self.root, n)
@@ -223,7 +259,9 @@ class BucketedLoader:
         return n
 
     def _index_entries(self, n: int) -> None:
-        """Give shard ids to the live shards of entries [0, n) (in log order)."""
+        """Give shard ids to the live shards of entries [0, n) (in log order), and leave the wanted
+        shards whose file is missing or of the wrong size out of the plan (one stat call each)."""
+        first = len(self._entry_ranges)
         while len(self._entry_ranges) < n:
             e = self.log.entries[len(self._entry_ranges)]
             start = len(self._shards)
@@ -232,6 +270,15 @@ class BucketedLoader:
             elif not e.duplicate:
                 self._shards.extend(e.shards)
             self._entry_ranges.append((start, len(self._shards)))
+        checked = [s for s in self._shards[self._entry_ranges[first][0]:] if self._wanted(s)] if first < n else []
+        found = {s.path: why for s in checked if (why := shard_file_problem(self.root, s)) is not None}
+        if found:
+            with self._lock:
+                self._unreadable.update(found)
+                self._counters.unreadable_samples += sum(s.num_samples for s in checked if s.path in found)
+            shown = "; ".join(list(found.values())[:3]) + ("; ..." if len(found) > 3 else "")
+            log.warning("%d of %d shards of manifest entries %d..%d are unreadable and left out of the plan "
+                        "(%d so far): %s", len(found), len(checked), first, n - 1, len(self._unreadable), shown)
 
     def _wanted(self, s: ShardInfo) -> bool:
         return ((self.base_resolution is None or s.base_resolution == self.base_resolution)
@@ -242,7 +289,7 @@ class BucketedLoader:
         added = 0
         for sid in range(a, b):
             s = self._shards[sid]
-            if self._wanted(s):
+            if self._wanted(s) and s.path not in self._unreadable:
                 ids = sample_ids(sid, s.num_samples)
                 excluded = self.exclusions.rows.get(s.path)
                 if excluded is not None:
@@ -251,9 +298,10 @@ class BucketedLoader:
                 added += len(ids)
         return added
 
-    def _wait_for_entry(self, k: int, stop: threading.Event | None) -> bool:
-        """Block until manifest entry k exists (True) or the sealed log ends before it (False)."""
-        t0 = last_note = time.monotonic()
+    def _wait_for_entry(self, k: int, stop: threading.Event | None, wait: _RoundWait, need) -> bool:
+        """Block until manifest entry k exists (True) or the sealed log ends before it (False). Every
+        wait_log_interval_s of the round's waiting, log what it waits for (`need()`: the round's wants)."""
+        t0 = time.monotonic()
         while len(self.log) <= k:
             self.log.refresh()
             if len(self.log) > k:
@@ -265,23 +313,33 @@ class BucketedLoader:
             if self.stream_timeout_s is not None and now - t0 > self.stream_timeout_s:
                 raise TimeoutError(f"streaming loader waited {now - t0:.0f} s for manifest entry {k} of {self.root} "
                                    f"(stream_timeout_s={self.stream_timeout_s}); are producers running?")
-            if now - last_note > 60:
-                log.info("waiting for producers: need manifest entry %d of %s (%d so far)", k, self.root, len(self.log))
-                last_note = now
+            if wait.waited_s - wait.logged_at_s >= self.wait_log_interval_s:
+                log.info("waiting for producers: %d shards (%d samples) committed to %s so far; round %d %s; "
+                         "waited %.0f s", len(self._shards), sum(s.num_samples for s in self._shards), self.root,
+                         wait.round, need(), wait.waited_s)
+                wait.logged_at_s = wait.waited_s
             if stop is not None and stop.wait(self.poll_interval_s):
                 raise _Stopped()
             if stop is None:
                 time.sleep(self.poll_interval_s)
+            waited = time.monotonic() - now
+            wait.waited_s += waited
             with self._lock:
-                self._counters.wait_s += time.monotonic() - now
+                self._counters.wait_s += waited
         return True
 
     def _next_round(self, r: int, next_entry: int, leftover: dict, stop):
         new, counts, added, ended = defaultdict(list), defaultdict(int), 0, False
         for b, ids in leftover.items():
             counts[b] += len(ids)
+        wait = _RoundWait(r)
+
+        def need() -> str:
+            return (f"has {added} of the {self.round_samples} new samples it takes, and {max(counts.values(), default=0)} "
+                    f"of global_batch_size={self.global_batch_size} in its fullest bucket")
+
         while not (added >= self.round_samples and any(c >= self.global_batch_size for c in counts.values())):
-            if not self._wait_for_entry(next_entry, stop):
+            if not self._wait_for_entry(next_entry, stop, wait, need):
                 ended = True
                 break
             self._index_entries(next_entry + 1)
@@ -293,6 +351,31 @@ class BucketedLoader:
         pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
                  for b in set(leftover) | set(new)}
         return plan_round_batches(pools, self.seed, r, self.global_batch_size), next_entry, ended
+
+    def _epoch_pools(self, n: int) -> dict:
+        """Bucket -> the sample ids of entries [0, n) that an epoch plans; warns once about each bucket left
+        with no readable shard; raises NoTrainableDataError if no bucket fills a global batch."""
+        self.log.refresh(limit=n)
+        self._index_entries(n)
+        pools = defaultdict(list)
+        for k in range(n):
+            self._add_entry_ids(k, pools)
+        pools = {b: np.concatenate(v) for b, v in pools.items()}
+        listed = {s.bucket for s in self._shards[:self._entry_ranges[n - 1][1]] if self._wanted(s)} if n else set()
+        for b in sorted(listed - set(pools) - self._dropped_buckets):
+            self._dropped_buckets.add(b)
+            log.warning("bucket %dx%d of %s has no readable shard (all are missing or truncated): training without it",
+                        b[0], b[1], self.root)
+        G = self.global_batch_size
+        if not any(len(v) >= G for v in pools.values()):
+            sizes = {f"{b[0]}x{b[1]}": len(v) for b, v in sorted(pools.items())}
+            filters = "".join(f", {k}={v}" for k, v in (("base_resolution", self.base_resolution),
+                                                         ("buckets", self.bucket_filter)) if v is not None)
+            unreadable = f"; {len(self._unreadable)} shards are unreadable" if self._unreadable else ""
+            raise NoTrainableDataError(
+                f"no bucket of {self.root} has global_batch_size={G} readable samples (first {n} manifest entries"
+                f"{filters}): {sizes or 'no samples at all'}{unreadable}")
+        return pools
 
     def _tasks(self, pos: dict, stop):
         """Yield this rank's tasks from position `pos` onward, forever (or until a sealed stream ends
@@ -315,17 +398,7 @@ class BucketedLoader:
             log.info("stream of %s is sealed and consumed (%d entries); continuing in epoch mode", self.root, n)
             pos = {"mode": "epoch", "epoch": 0, "step": 0, "num_entries": n}
         n = pos["num_entries"]
-        self.log.refresh(limit=n)
-        self._index_entries(n)
-        pools = defaultdict(list)
-        for k in range(n):
-            self._add_entry_ids(k, pools)
-        pools = {b: np.concatenate(v) for b, v in pools.items()}
-        if not any(len(v) >= G for v in pools.values()):
-            sizes = {f"{b[0]}x{b[1]}": len(v) for b, v in sorted(pools.items())}
-            raise ValueError(f"no bucket of {self.root} (first {n} entries, filters base_resolution="
-                             f"{self.base_resolution}, buckets={self.bucket_filter}) has global_batch_size={G} "
-                             f"samples: {sizes}")
+        pools = self._epoch_pools(n)
         for e in itertools.count(pos["epoch"]):
             batch_plan = plan_epoch_batches(pools, self.seed, e, G)
             start = pos["step"] if e == pos["epoch"] else 0
@@ -448,3 +521,17 @@ class BucketedLoader:
 
 class _Stopped(Exception):
     pass
+
+
+def shard_file_problem(root: str, info: ShardInfo) -> str | None:
+    """Why the listed shard cannot be read, from one stat call (missing, or not the manifest's size), or None."""
+    path = os.path.join(root, info.path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return f"{path}: missing (the manifest lists it)"
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if size != info.bytes:
+        return f"{path}: {size} bytes, the manifest says {info.bytes} (truncated or replaced)"
+    return None

@@ -99,14 +99,56 @@ def seal(root: str) -> int:
     return n
 
 
+def read_entry(root: str, seq: int) -> dict:
+    with open(entry_path(root, seq), "rb") as f:
+        return json.loads(f.read())
+
+
 def workunit_hint_path(root: str, wuid: str) -> str:
     return os.path.join(root, WORKUNITS_DIR, f"{wuid}.json")
 
 
-def write_workunit_hint(root: str, wuid: str, work_unit: str, seq: int) -> None:
-    """Written after the entry: its presence means the work unit is in the log (is_committed)."""
+def hinted_seq(root: str, wuid: str) -> int | None:
+    """The entry the work unit's hint names, or None while the work unit is not committed."""
+    try:
+        with open(workunit_hint_path(root, wuid), "rb") as f:
+            return int(json.loads(f.read())["seq"])
+    except FileNotFoundError:
+        return None
+
+
+def committed_entry(root: str, wuid: str) -> dict | None:
+    """The committed entry of a work unit (with its `seq`), found through its hint; None if not committed."""
+    seq = hinted_seq(root, wuid)
+    return None if seq is None else {**read_entry(root, seq), "seq": seq}
+
+
+def write_workunit_hint(root: str, wuid: str, work_unit: str, seq: int) -> int:
+    """Written after the entry: its presence means the work unit is in the log (is_committed). Returns the
+    entry the hint names afterwards: `seq`, or an earlier entry of the work unit another writer's hint
+    named already. A hint that names a later entry than `seq` (a duplicate's writer was faster) is
+    replaced, so that the hint names the entry readers use."""
+    path, tmp_dir = workunit_hint_path(root, wuid), os.path.join(root, TMP_DIR)
     data = json.dumps({"work_unit": work_unit, "seq": seq, "host": socket.gethostname()}).encode()
-    create_exclusive(workunit_hint_path(root, wuid), data, os.path.join(root, TMP_DIR))
+    if create_exclusive(path, data, tmp_dir):
+        return seq
+    hinted = hinted_seq(root, wuid)
+    if hinted is not None and hinted > seq:
+        atomic_replace(path, data, tmp_dir)
+        return seq
+    return seq if hinted is None else hinted
+
+
+def first_entry_of(root: str, wuid: str, start: int, seq: int) -> int:
+    """The lowest sequence number in [start, seq] of an entry of `wuid`, where `seq` is one: entries
+    start..seq-1 are read (a writer passes the log length it saw before its own append as `start`, so
+    this is what other writers appended meanwhile, usually nothing)."""
+    for i in range(start, seq):  # all exist: the log is a dense prefix
+        with open(entry_path(root, i), "rb") as f:
+            e = parse_entry(root, i, f.read())
+        if e.corrupt is None and e.wuid == wuid:
+            return i
+    return seq
 
 
 @dataclass(frozen=True)
@@ -139,6 +181,7 @@ class LogEntry:
     work_unit: str = ""
     wuid: str = ""
     shards: list = field(default_factory=list)   # list[ShardInfo]
+    supersedes: str | None = None                # the work unit this entry's unit replaces (an older version)
     duplicate: bool = False                      # a later commit of an already committed work unit
     corrupt: str | None = None                   # why the entry file could not be parsed
 
@@ -154,7 +197,8 @@ def parse_entry(root: str, seq: int, raw: bytes) -> LogEntry:
     try:
         base = d.get("base_resolution")
         shards = [ShardInfo.from_json(s, seq, d["work_unit"], base) for s in d["shards"]]
-        return LogEntry(seq, work_unit=d["work_unit"], wuid=d["work_unit_id"], shards=shards)
+        return LogEntry(seq, work_unit=d["work_unit"], wuid=d["work_unit_id"], shards=shards,
+                        supersedes=d.get("supersedes"))
     except (KeyError, TypeError, ValueError) as e:
         return LogEntry(seq, corrupt=f"{path}: missing/bad field {e}")
 

@@ -12,6 +12,11 @@ Life of a work unit (docs/cache_format.md, "Writing"):
 3. A rerun after a crash either finds the hint (and does nothing) or commits again; if an entry for
    the work unit already made it into the log, readers ignore the later one (first entry wins), so
    no sample is ever duplicated. Unreferenced files are removed by `cleanup()`.
+4. Two live writers of one work unit: the one that finds the other's hint before renaming discards
+   its attempt; if both reach the log, the one whose entry is not the first sees that (the entries
+   other writers appended since it looked, and the hint) and deletes the shard files it renamed into
+   place at once. Either way it ends `already_committed` (committed elsewhere), and only its own files
+   (named by its attempt id) are touched.
 """
 from __future__ import annotations
 
@@ -191,8 +196,7 @@ class CacheWriter:
         self.num_samples = 0
         self._buckets: dict[tuple[int, int], _BucketShards] = {}
         self._keys: set[str] = set()
-        self.already_committed = self.is_committed(self.root, work_unit)
-        self.state = "committed" if self.already_committed else "open"
+        self.state = "committed_elsewhere" if self.is_committed(self.root, work_unit) else "open"
         if self.already_committed:
             log.info("work unit %r is already committed to %s; skipping its samples", work_unit, self.root)
         else:
@@ -244,9 +248,14 @@ class CacheWriter:
         self._keys.add(key)
         self.num_samples += 1
 
-    def commit(self) -> dict:
-        """Make every sample added so far visible, atomically (one manifest entry). Returns the entry."""
-        if self.already_committed or self.state == "committed":
+    def commit(self, input_fingerprint: dict | None = None, supersedes: str | None = None) -> dict:
+        """Make every sample added so far visible, atomically (one manifest entry). Returns the entry.
+
+        `input_fingerprint` (what the input looked like when the attempt began) and `supersedes` (the older
+        version of this work unit that this one replaces) are recorded in the entry for producers
+        (docs/cache_format.md). If another writer committed the work unit first, this attempt's files are
+        deleted at once, `already_committed` becomes True and the other writer's entry is returned."""
+        if self.state in ("committed", "committed_elsewhere"):
             return self._existing_entry()
         if self.state != "open":
             raise RuntimeError(f"cannot commit work unit {self.work_unit!r}: writer is {self.state}")
@@ -256,14 +265,11 @@ class CacheWriter:
             shards = [s for series in self._buckets.values() for s in series.finished]
             if manifest.sealed_count(self.root) is not None:
                 raise CacheSealedError(f"cache {self.root} is sealed; cannot commit work unit {self.work_unit!r}")
+            log_start = manifest.count_entries(self.root)  # entries after this are other writers' or ours
             if self.is_committed(self.root, self.work_unit):  # a concurrent attempt won; ours is redundant
-                log.warning("work unit %r was committed by another writer meanwhile; discarding this attempt",
-                            self.work_unit)
-                self.abort()
-                self.already_committed = True
-                return self._existing_entry()
+                return self._discard(None)
             for s in shards:  # visible in the bucket dirs but unreferenced until the entry lands
-                tmp, s.tmp_path = s.tmp_path, None  # abort() no longer deletes it; cleanup() does if need be
+                tmp, s.tmp_path = s.tmp_path, None  # abort() no longer deletes it; see _discard and cleanup()
                 os.makedirs(os.path.join(self.root, os.path.dirname(s.entry["path"])), exist_ok=True)
                 os.rename(tmp, os.path.join(self.root, s.entry["path"]))
             for d in {os.path.dirname(s.entry["path"]) for s in shards}:
@@ -273,13 +279,19 @@ class CacheWriter:
                 "attempt": self.attempt, "base_resolution": self.base_resolution,
                 "num_samples": sum(s.entry["num_samples"] for s in shards), "shards": [s.entry for s in shards],
                 "created_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                **({"input": input_fingerprint} if input_fingerprint is not None else {}),
+                **({"supersedes": supersedes} if supersedes is not None else {}),
             }
-            seq = manifest.append_entry(self.root, entry)
+            seq = manifest.append_entry(self.root, entry, hint=log_start)
             sealed = manifest.sealed_count(self.root)
             if sealed is not None and seq >= sealed:
                 raise CacheSealedError(f"cache {self.root} was sealed at {sealed} entries while work unit "
                                        f"{self.work_unit!r} committed as entry {seq}; readers ignore it")
-            manifest.write_workunit_hint(self.root, self.wuid, self.work_unit, seq)
+            # Two writers that both passed the check above both reach the log; readers use the first entry.
+            first = manifest.first_entry_of(self.root, self.wuid, log_start, seq)
+            first = manifest.write_workunit_hint(self.root, self.wuid, self.work_unit, first)
+            if first != seq:
+                return self._discard(shards)
         except BaseException:
             if self.state == "open":
                 self.abort()
@@ -288,6 +300,24 @@ class CacheWriter:
         log.info("committed work unit %r: %d samples in %d shards (entry %d)", self.work_unit,
                  entry["num_samples"], len(shards), seq)
         return {**entry, "seq": seq}
+
+    @property
+    def already_committed(self) -> bool:
+        """Another writer committed this work unit (before this one started, or first): nothing of this
+        writer's is visible, and `add()` and `commit()` do nothing."""
+        return self.state == "committed_elsewhere"
+
+    def _discard(self, renamed: list[_FinishedShard] | None) -> dict:
+        """Another writer committed the work unit first: delete this attempt's own files (its temp files, and
+        the shard files it renamed into place, which only its own duplicate entry names) and return the
+        other writer's entry."""
+        log.warning("work unit %r was committed by another writer meanwhile; discarding this attempt",
+                    self.work_unit)
+        self.abort()
+        for s in renamed or ():
+            _unlink_quiet(os.path.join(self.root, s.entry["path"]))
+        self.state = "committed_elsewhere"
+        return self._existing_entry()
 
     def abort(self) -> None:
         """Discard everything this attempt wrote (temp files); the work unit stays uncommitted."""
@@ -308,10 +338,7 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- internals
     def _existing_entry(self) -> dict:
-        with open(manifest.workunit_hint_path(self.root, self.wuid), "rb") as f:
-            seq = json.loads(f.read())["seq"]
-        with open(manifest.entry_path(self.root, seq), "rb") as f:
-            return {**json.loads(f.read()), "seq": seq}
+        return manifest.committed_entry(self.root, self.wuid)
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files that earlier, dead attempts of this work unit left behind (killed writers).
