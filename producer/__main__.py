@@ -15,7 +15,7 @@ import time
 
 from megatron_qwen_image.config import ConfigError, split_overrides
 from producer.config import load_config
-from producer.errors import Interrupted
+from producer.errors import interruption_name
 from producer.pipeline import run_producer
 from producer.report import format_table
 from producer.sources import InputError
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(f"input error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outside the run's loop (reading the inputs, starting Ray, writing the report)
-        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+        name = interruption_name(e)
         print(f"interrupted by {name} outside the run's main loop: no report; what was committed is in the cache",
               file=sys.stderr)
         return 128 + signal.Signals[name]

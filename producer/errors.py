@@ -59,6 +59,18 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(self.signal_name)
 
 
+_received: list[int] = []  # the signals interrupt_on_signals turned into Interrupted (signals are per process)
+
+
+def interruption_name(error: KeyboardInterrupt) -> str:
+    """The signal behind a KeyboardInterrupt. Ray's blocking calls (ray.wait, ray.get) re-raise an exception
+    raised by a signal handler as a plain KeyboardInterrupt, so the handler's own record counts, not the
+    exception's type; a KeyboardInterrupt with no record is Python's own SIGINT."""
+    if isinstance(error, Interrupted):
+        return error.signal_name
+    return signal.Signals(_received[-1]).name if _received else "SIGINT"
+
+
 @contextmanager
 def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside, the first of `signals` raises `Interrupted` in the main thread; later ones, and any after
@@ -77,8 +89,10 @@ def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     def handler(signum, frame):
         if armed[0]:
             disarm()
+            _received.append(signum)
             raise Interrupted(signum)
 
+    _received.clear()
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield disarm

@@ -45,12 +45,13 @@ from megatron_qwen_image.encoders.local_dir import EncoderDirError, check_encode
 from producer.autoscale import OpenShard, PoolState, plan_scaling
 from producer.committed import fingerprint_record, latest_committed
 from producer.config import PoolSize, ProducerConfig
-from producer.errors import ActorStartError, IncompleteShard, Interrupted, interrupt_on_signals, root_cause
+from producer.errors import ActorStartError, IncompleteShard, interrupt_on_signals, interruption_name, root_cause
 from producer.report import ProgressReporter, RunStats, ShardOutcomes
 from producer.sources import InputError, InputFingerprint, ShardSpec, discover_shards
 from producer.workers import CpuWorker, EncoderWorker
 
 log = logging.getLogger("producer")
+COMMIT_DRAIN_S = 30.0  # on an interruption, how long commits already sent may take to finish
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
@@ -435,8 +436,9 @@ class ProducerRun:
             stopped = {"reason": "actor_start_failures", "pool": e.pool, "message": str(e),
                        "root_cause": root_cause(e.error), "error": str(e.error)}
         except KeyboardInterrupt as e:  # SIGINT, or Interrupted (SIGINT/SIGTERM inside ray_session)
-            name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+            name = interruption_name(e)
             stopped = {"reason": "interrupted", "signal": name, "message": f"interrupted by {name}"}
+            self._finish_commits_in_flight(active)
         finally:
             for pool in ("cpu_pool", "enc_pool"):
                 if hasattr(self, pool):
@@ -448,6 +450,23 @@ class ProducerRun:
         if self.report_path:
             reporter.write(report, self.report_path)
         return report
+
+    def _finish_commits_in_flight(self, active: dict, timeout_s: float = COMMIT_DRAIN_S) -> None:
+        """On an interruption: let the commits already sent finish (they take milliseconds) before the actors
+        are stopped, so that what this run reports as committed is what the cache holds. A commit still
+        running after `timeout_s` is counted if the cache holds its unit (its reply may be lost)."""
+        jobs = {j.commit_ref: (key, j) for key, j in active.items() if j.commit_ref is not None}
+        if not jobs:
+            return
+        done, _ = ray.wait(list(jobs), num_returns=len(jobs), timeout=timeout_s, fetch_local=False)
+        for ref, (key, job) in jobs.items():
+            try:
+                result = ray.get(ref) if ref in done else None
+            except ray.exceptions.RayError:
+                result = None
+            if result is not None or CacheWriter.is_committed(self.cache_dir, job.target.name):
+                del active[key]
+                self._committed(job, result)
 
     def _run_info(self) -> dict:
         p = self.cfg.pools
