@@ -13,7 +13,7 @@ Recompute only runs while autograd records (torch.is_grad_enabled()); in eval/no
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -79,10 +79,14 @@ class QwenImageMMDiT(MegatronModule):
         encoder_hidden_states_mask: Optional[torch.Tensor] = None,
         timestep: Optional[torch.Tensor] = None,
         img_shapes=None,
+        text_lengths: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """hidden_states [B, N, in_channels] packed latents; encoder_hidden_states [B, L, joint_attention_dim];
         encoder_hidden_states_mask [B, L] (True/1 = valid token) or None; timestep sigma in [0, 1], [B];
         img_shapes: per sample (frames, h, w) in patch units (or a list of them per sample).
+        text_lengths: the valid text tokens of each sample as host integers, when the caller knows them (the
+        trainer reads them from the CPU mask before the copy): the model then never syncs the host to read the
+        mask. None: derived from the mask.
         Returns the prediction [B, N, patch_size**2 * out_channels]."""
         cfg = self.config
         if timestep is None:
@@ -98,7 +102,7 @@ class QwenImageMMDiT(MegatronModule):
         if sum(f * h * w for f, h, w in images) != n_img:
             raise ValueError(f"img_shapes {images} give {sum(f * h * w for f, h, w in images)} image tokens, "
                              f"hidden_states has {n_img}")
-        key_mask = self._joint_key_mask(encoder_hidden_states_mask, batch, text_len, n_img)
+        key_mask = self._joint_key_mask(encoder_hidden_states_mask, batch, text_len, n_img, text_lengths)
 
         img = self.img_in(hidden_states)
         timestep = timestep.to(img.dtype)  # as diffusers (the sigma is rounded to the compute dtype)
@@ -113,7 +117,7 @@ class QwenImageMMDiT(MegatronModule):
         return self.proj_out(img)
 
     @staticmethod
-    def _joint_key_mask(text_mask, batch, text_len, n_img) -> Optional[torch.Tensor]:
+    def _joint_key_mask(text_mask, batch, text_len, n_img, text_lengths=None) -> Optional[torch.Tensor]:
         """[B, L + N] bool key mask over [text, image] (image keys always valid), or None when nothing is
         padded (lets SDPA use its fastest kernel)."""
         if text_mask is None:
@@ -122,7 +126,7 @@ class QwenImageMMDiT(MegatronModule):
             raise ValueError(f"encoder_hidden_states_mask shape {tuple(text_mask.shape)} must be "
                              f"[{batch}, {text_len}]")
         text_mask = text_mask.to(torch.bool)
-        if bool(text_mask.all()):
+        if (all(n == text_len for n in text_lengths) if text_lengths is not None else bool(text_mask.all())):
             return None
         return torch.cat([text_mask, text_mask.new_ones(batch, n_img)], dim=1)
 
