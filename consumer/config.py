@@ -49,6 +49,8 @@ ModelSection = section("ModelSection", QwenImageConfig, {
 
 ParallelismSection = section("ParallelismSection", QwenImageConfig, {
     "tensor_model_parallel_size": "TP size; data-parallel size = world size / TP",
+    "sequence_parallel": "split the residual streams' tokens over the TP group between the TP regions "
+                         "(megatron's sequence parallelism: 1/TP of the per-token work and activations; needs TP > 1)",
     "use_cpu_initialization": "initialise each full weight on CPU from the seed and slice this rank's shard, so "
                               "the initial model does not depend on the TP layout (null: true on CPU, false on GPU)",
 }, doc="How the model is split: fields of QwenImageConfig (megatron's ModelParallelConfig).")
@@ -204,8 +206,9 @@ class TrainConfig:
                      perform_initialization: bool = True) -> QwenImageConfig:
         parallel = self.parallelism.build_kwargs()
         parallel["use_cpu_initialization"] = use_cpu_initialization
-        if tp_size is not None:
+        if tp_size is not None:  # another layout of the same model (the planner builds it at TP=1)
             parallel["tensor_model_parallel_size"] = tp_size
+            parallel["sequence_parallel"] = parallel["sequence_parallel"] and tp_size > 1
         return QwenImageConfig(**self.model.build_kwargs(), **parallel, **self.recompute.build_kwargs(), bf16=bf16,
                                params_dtype=torch.bfloat16 if bf16 else torch.float32,
                                perform_initialization=perform_initialization)

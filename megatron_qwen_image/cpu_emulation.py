@@ -28,7 +28,7 @@ generator, which keeps their semantics (forked streams are reproducible and rest
 
 Not emulated (refused elsewhere or unused here): fp16/bf16 mixed precision on CPU (CPU runs are fp32),
 multiple distributed-optimizer instances (CUDA streams), NCCL user buffers, MXFP8, CUDA graphs,
-optimizer CPU offload, sequence parallelism's gather buffers.
+optimizer CPU offload.
 
 The table of every patch is ``PATCHES`` below; ``python -m megatron_qwen_image.cpu_emulation`` prints
 it as Markdown (docs/training.md carries a copy).
@@ -186,6 +186,28 @@ PATCHES: tuple[SourcePatch | FunctionSwap, ...] = (
         "megatron.core.tensor_parallel.random", "model_parallel_cuda_manual_seed",
         (Edit("torch.cuda.manual_seed(data_parallel_seed)", "torch.manual_seed(data_parallel_seed)"),),
         "Seeds the default CUDA generator with the data-parallel seed.",
+    ),
+    # ---- sequence parallelism: the token all-gather / reduce-scatter buffers ----------------------
+    SourcePatch(
+        "megatron.core.tensor_parallel.mappings", "_gather_along_first_dim",
+        (Edit("device=torch.cuda.current_device()", _TO_CPU, 2),),
+        "All-gathers token shards (SP regions; the distributed optimizer's param gather) into a CUDA buffer.",
+    ),
+    SourcePatch(
+        "megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim",
+        (Edit("device=torch.cuda.current_device()", _TO_CPU, 1),),
+        "Reduce-scatters token gradients / row-parallel outputs into a CUDA buffer.",
+    ),
+    SourcePatch(
+        "megatron.core.utils", "GlobalMemoryBuffer.get_tensor",
+        (Edit("device=torch.cuda.current_device()", _TO_CPU, 1),),
+        "The reusable buffer column-parallel linears all-gather their sequence-parallel input into.",
+    ),
+    SourcePatch(
+        "megatron.core.tensor_parallel.layers", "LinearWithGradAccumulationAndAsyncCommunication.backward",
+        (Edit("device=torch.cuda.current_device()", _TO_CPU, 3),),
+        "Backward of megatron's linears: the reduce-scattered input gradient under sequence parallelism "
+        "(and the dummy weight gradients of gradient-accumulation fusion, unused here) are CUDA tensors.",
     ),
     # ---- dist_checkpointing save path (loading needs nothing) -------------------------------------
     SourcePatch(

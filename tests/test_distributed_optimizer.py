@@ -20,18 +20,54 @@ def _results(prefix):
     return sorted((json.load(open(p)) for p in glob.glob(f"{prefix}.rank*.json")), key=lambda r: r["rank"])
 
 
-@pytest.mark.slow
-def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp_path):
-    init = str(tmp_path / "init.safetensors")
-    ref_out, par_out = str(tmp_path / "ref"), str(tmp_path / "par")
-    torchrun(1, ["tests/dist/train_parity.py", "--out", ref_out, "--save-init", init, *COMMON,
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run (TP=1, DP=1, no distributed optimizer, no recompute) and its initial weights."""
+    tmp = tmp_path_factory.mktemp("reference")
+    init, out = str(tmp / "init.safetensors"), str(tmp / "ref")
+    torchrun(1, ["tests/dist/train_parity.py", "--out", out, "--save-init", init, *COMMON,
                  "parallelism.tensor_model_parallel_size=1", "optimizer.use_distributed_optimizer=false",
-                 f"logging.log_jsonl={tmp_path / 'ref.jsonl'}"], timeout=300)
-    par = ["parallelism.tensor_model_parallel_size=2", "optimizer.use_distributed_optimizer=true", "recompute.recompute_granularity=full",
-           "recompute.recompute_method=uniform", "recompute.recompute_num_layers=1"]
-    torchrun(4, ["tests/dist/train_parity.py", "--out", par_out, "--load-init", init, *COMMON, *par,
+                 f"logging.log_jsonl={tmp / 'ref.jsonl'}"], timeout=300)
+    (ref,) = _results(out)
+    return init, ref
+
+
+def _tp2_dp2(tmp_path, init, extra):
+    out = str(tmp_path / "par")
+    par = ["parallelism.tensor_model_parallel_size=2", "optimizer.use_distributed_optimizer=true", *extra]
+    torchrun(4, ["tests/dist/train_parity.py", "--out", out, "--load-init", init, *COMMON, *par,
                  f"logging.log_jsonl={tmp_path / 'par.jsonl'}"], timeout=600)
-    (ref,), ranks = _results(ref_out), _results(par_out)
+    return _results(out)
+
+
+def _assert_same_losses(ranks, ref):
+    for r in ranks:
+        assert len(r["losses"]) == STEPS
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5, (r["rank"], r["losses"], ref["losses"])
+        for a, b in zip(r["grad_norms"], ref["grad_norms"]):
+            assert abs(a - b) <= 1e-5 * max(1.0, b), (r["grad_norms"], ref["grad_norms"])
+    assert ref["losses"][-1] != ref["losses"][0]  # it trained
+    return max(abs(a - b) for r in ranks for a, b in zip(r["losses"], ref["losses"]))
+
+
+@pytest.mark.slow
+def test_tp2_dp2_sequence_parallel_selective_recompute_matches_single_process(tmp_path, reference):
+    """Sequence parallelism (tokens split over TP, odd stream lengths padded) with the distributed optimizer and
+    selective recompute of every supported part, step for step against the same single-process reference."""
+    init, ref = reference
+    ranks = _tp2_dp2(tmp_path, init, ["parallelism.sequence_parallel=true", "recompute.recompute_granularity=selective",
+                                      "recompute.recompute_modules=[core_attn,layernorm,mlp]"])
+    assert len(ranks) == 4
+    worst = _assert_same_losses(ranks, ref)
+    print(f"reference losses {ref['losses']}; max |TP2xDP2+SP - reference| = {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp_path, reference):
+    init, ref = reference
+    ranks = _tp2_dp2(tmp_path, init, ["recompute.recompute_granularity=full", "recompute.recompute_method=uniform",
+                                      "recompute.recompute_num_layers=1"])
     assert len(ranks) == 4
 
     # the same global batches, split: TP peers identical, DP ranks disjoint halves of the reference's batch
@@ -42,14 +78,7 @@ def test_tp2_dp2_distributed_optimizer_full_recompute_matches_single_process(tmp
         assert by_dp[0] + by_dp[1] == ref_keys
 
     # step-for-step equal losses (and grad norms) on every rank
-    for r in ranks:
-        assert len(r["losses"]) == STEPS
-        for a, b in zip(r["losses"], ref["losses"]):
-            assert abs(a - b) <= 1e-5, (r["rank"], r["losses"], ref["losses"])
-        for a, b in zip(r["grad_norms"], ref["grad_norms"]):
-            assert abs(a - b) <= 1e-5 * max(1.0, b), (r["grad_norms"], ref["grad_norms"])
-    assert ref["losses"][-1] != ref["losses"][0]  # it trained
-    worst = max(abs(a - b) for r in ranks for a, b in zip(r["losses"], ref["losses"]))
+    worst = _assert_same_losses(ranks, ref)
     print(f"reference losses {ref['losses']}; max |TP2xDP2 - reference| = {worst:.2e}")
 
     # parameters per rank are exactly the dry-run planner's TP split

@@ -45,6 +45,29 @@ def test_tp2_gradients_match_diffusers(ranks):
             assert err <= 1e-4, (result["rank"], name, err)
 
 
+def test_tp2_sequence_parallel_forward_and_gradients_match_diffusers(ranks):
+    """Tokens split over the 2 ranks between the TP regions (odd stream lengths exercise the padding)."""
+    for result in ranks:
+        assert len(result["sp_forward_rel_err"]) == len(PARITY_SHAPES)
+        for shape, err in result["sp_forward_rel_err"].items():
+            assert err <= TOL, (result["rank"], shape, err)
+        assert len(result["sp_grad_rel_err"]) == len(result["grad_rel_err"])
+        for name, err in result["sp_grad_rel_err"].items():
+            assert err <= 1e-4, (result["rank"], name, err)
+        # the row-parallel biases (attention out-projections, MLP fc2) of every block and nothing else
+        layers = TINY_DIFFUSERS_CONFIG["num_layers"]
+        expected = sorted(f"layers.{i}.{m}.bias" for i in range(layers)
+                          for m in ("attention.img_proj", "attention.txt_proj", "img_mlp.linear_fc2", "txt_mlp.linear_fc2"))
+        assert result["sp_marked_params"] == expected
+
+
+def test_tp2_sequence_parallel_recompute_matches_no_recompute(ranks):
+    for result in ranks:
+        assert set(result["sp_recompute_rel_err"]) == {"full-uniform-1", "selective-all"}
+        for name, err in result["sp_recompute_rel_err"].items():
+            assert err <= 1e-5, (result["rank"], name, err)
+
+
 def test_tp2_modulation_is_sharded_and_parameter_count(ranks):
     diff = build_tiny_diffusers_transformer(seed=0)
     total = sum(p.numel() for p in diff.parameters())

@@ -67,10 +67,11 @@ def get_qwen_image_block_spec(
 
 
 class QwenImageBlock(MegatronModule):
-    """One dual-stream block. forward(img, txt, temb, key_mask, img_cos, img_sin, txt_cos, txt_sin) -> (img, txt).
+    """One dual-stream block. forward(img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths) ->
+    (img, txt), streams sequence-first [s, b, h] (with sequence parallelism: this rank's token shards).
 
-    Every argument is a tensor (or None for key_mask) so the whole block can run under
-    megatron's tensor_parallel.checkpoint for full recompute.
+    Every argument but the host list `text_lengths` is a tensor, so the whole block can run under megatron's
+    tensor_parallel.checkpoint for full recompute (the caller closes over text_lengths).
     """
 
     def __init__(self, config: QwenImageConfig, submodules: QwenImageBlockSubmodules, layer_number: int = 1):
@@ -80,15 +81,18 @@ class QwenImageBlock(MegatronModule):
         selective = config.recompute_granularity == "selective"
         self.recompute_norm = selective and "layernorm" in config.recompute_modules
         self.recompute_mlp = selective and "mlp" in config.recompute_modules
+        # With sequence parallelism the modulation (computed whole on every rank) is applied to this rank's
+        # tokens only, so its gradient is partial per rank: AdaLNModulation then sums it over TP.
+        sharded = config.sequence_parallel and config.tensor_model_parallel_size > 1
 
-        self.img_mod = build_module(submodules.modulation, config=config, num_chunks=6)
-        self.txt_mod = build_module(submodules.modulation, config=config, num_chunks=6)
+        self.img_mod = build_module(submodules.modulation, config=config, num_chunks=6, tokens_sharded=sharded)
+        self.txt_mod = build_module(submodules.modulation, config=config, num_chunks=6, tokens_sharded=sharded)
         self.attention = build_module(submodules.attention, config=config)
         self.img_mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         self.txt_mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
 
     def _norm_modulate(self, x, shift, scale):
-        return layer_norm_no_affine(x, self.eps) * (1 + scale[:, None, :]) + shift[:, None, :]
+        return layer_norm_no_affine(x, self.eps) * (1 + scale) + shift  # [s, b, h] with [b, h]
 
     def _modulated(self, x, shift, scale):
         if self.recompute_norm and torch.is_grad_enabled():
@@ -105,19 +109,19 @@ class QwenImageBlock(MegatronModule):
             return tensor_parallel.checkpoint(lambda t: self._run_mlp(mlp, t), False, x)
         return self._run_mlp(mlp, x)
 
-    def forward(self, img, txt, temb, key_mask, img_cos, img_sin, txt_cos, txt_sin):
+    def forward(self, img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths=None):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb).chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attention(
             self._modulated(img, i_shift1, i_scale1), self._modulated(txt, t_shift1, t_scale1),
-            key_mask, img_cos, img_sin, txt_cos, txt_sin,
+            img_cos, img_sin, txt_cos, txt_sin, text_lengths,
         )
-        img = img + i_gate1[:, None, :] * img_attn
-        txt = txt + t_gate1[:, None, :] * txt_attn
+        img = img + i_gate1 * img_attn
+        txt = txt + t_gate1 * txt_attn
 
-        img = img + i_gate2[:, None, :] * self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2))
-        txt = txt + t_gate2[:, None, :] * self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2))
+        img = img + i_gate2 * self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2))
+        txt = txt + t_gate2 * self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2))
 
         if img.dtype == torch.float16:  # as diffusers: keep fp16 finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)

@@ -45,7 +45,7 @@ class QwenImageConfig(TransformerConfig):
     kv_channels (head dim), ffn_hidden_size, layernorm_epsilon, tensor_model_parallel_size, params_dtype,
     bf16/fp16, use_cpu_initialization, perform_initialization, init_method(_std),
     recompute_granularity / recompute_method / recompute_num_layers / recompute_modules,
-    distribute_saved_activations. sequence/context/pipeline parallelism are refused.
+    distribute_saved_activations, sequence_parallel. context/pipeline parallelism are refused.
     """
 
     # --- Qwen-Image additions ---
@@ -109,8 +109,10 @@ class QwenImageConfig(TransformerConfig):
                 "Qwen-Image uses full multi-head attention: must equal num_attention_heads")
         require(not self.gated_linear_unit, "gated_linear_unit", "Qwen-Image's MLP is GELU(tanh), not gated")
         require(self.add_bias_linear, "add_bias_linear", "every Qwen-Image linear has a bias")
-        require(not self.sequence_parallel, "sequence_parallel",
-                "not supported by this model (activations are replicated across TP)")
+        require(not self.sequence_parallel or tp > 1, "sequence_parallel",
+                "needs tensor_model_parallel_size > 1 (it splits the token sequence over the TP group)")
+        require(not (self.sequence_parallel and self.distribute_saved_activations), "distribute_saved_activations",
+                "cannot be combined with sequence_parallel (the saved activations are already split over TP)")
         require(self.context_parallel_size == 1, "context_parallel_size", "not supported by this model; use 1")
         require(self.pipeline_model_parallel_size == 1, "pipeline_model_parallel_size",
                 "not supported by this model; use 1")

@@ -11,6 +11,7 @@ Placement across tensor-parallel ranks:
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -107,20 +108,30 @@ class AdaLNModulation(MegatronModule):
     The output rows keep diffusers' order (blocks: shift1, scale1, gate1, shift2, scale2, gate2; norm_out:
     scale, shift), and rank r holds contiguous rows [r * n / TP, (r + 1) * n / TP), so the TP split of the
     weight is a plain chunk along dim 0 and the gathered output is the unsharded output.
+
+    `tokens_sharded`: the output modulates sequence-parallel token shards, so each TP rank's gradient of it
+    covers only its own tokens; the gathered output then passes megatron's copy_to_tensor_model_parallel_region
+    (identity forward, all-reduce backward) to sum those partial gradients. Its input, temb [B, hidden], is never
+    a token sequence, so the linear itself runs without sequence parallelism whatever the config says.
     """
 
-    def __init__(self, config: QwenImageConfig, submodules: AdaLNModulationSubmodules, num_chunks: int):
+    def __init__(self, config: QwenImageConfig, submodules: AdaLNModulationSubmodules, num_chunks: int,
+                 tokens_sharded: bool = False):
         super().__init__(config=config)
         self.num_chunks = num_chunks
+        self.tokens_sharded = tokens_sharded
+        linear_config = copy.copy(config)
+        linear_config.sequence_parallel = False
         self.linear = build_module(
             submodules.linear, config.hidden_size, num_chunks * config.hidden_size,
-            config=config, init_method=config.init_method, bias=True, gather_output=False,
+            config=linear_config, init_method=config.init_method, bias=True, gather_output=False,
             skip_bias_add=False, is_expert=False, tp_comm_buffer_name="adaln",
         )
 
     def forward(self, temb: torch.Tensor) -> torch.Tensor:
         out, _ = self.linear(F.silu(temb))
-        return gather_last_dim_from_tp(out)
+        out = gather_last_dim_from_tp(out)
+        return copy_to_tensor_model_parallel_region(out) if self.tokens_sharded else out
 
 
 def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int = 256) -> torch.Tensor:

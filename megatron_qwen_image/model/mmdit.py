@@ -10,6 +10,15 @@ Activation recompute (driven by the config, using megatron.core.tensor_parallel.
 - 'selective': inside every block, recompute the parts named in recompute_modules (default ['core_attn']):
   'core_attn' = SDPA softmax(QK^T)V, 'layernorm' = LayerNorm + adaLN modulate, 'mlp' = both MLPs.
 Recompute only runs while autograd records (torch.is_grad_enabled()); in eval/no_grad it is skipped.
+
+Layout: the blocks work sequence-first, [s, b, h], as megatron's own models do. With sequence_parallel
+(megatron's meaning, TP > 1) each TP rank holds 1/TP of each stream's tokens between the TP regions: the
+per-token LayerNorm/modulate/gate/residual work and its activations are split over the TP group; q/k/v and
+MLP-up projections all-gather the tokens, the output and MLP-down projections reduce-scatter them
+(sequence.py). The embeddings before the blocks and norm_out/proj_out after them run whole on every rank.
+Gradients: the row-parallel biases, added to token shards, are marked `sequence_parallel` by megatron and
+all-reduced over TP by finalize_model_grads; the modulation sums its own (layers.AdaLNModulation); every other
+replicated parameter sees whole sequences and gets the full gradient on every rank.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from .config import QwenImageConfig
 from .layers import AdaLNModulation, AdaLNModulationSubmodules, RMSNorm, TimestepEmbedding, layer_norm_no_affine, \
     replicated_linear
 from .rope import QwenMSRoPE, normalize_img_shapes
+from .sequence import enter_sequence_parallel, leave_sequence_parallel
 
 
 class QwenImageMMDiT(MegatronModule):
@@ -47,6 +57,7 @@ class QwenImageMMDiT(MegatronModule):
         self.layers = torch.nn.ModuleList(
             [build_module(block_spec, config=config, layer_number=i + 1) for i in range(config.num_layers)]
         )
+        self.sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
         self.norm_out = AdaLNModulation(config, AdaLNModulationSubmodules(), num_chunks=2)  # scale, shift
         self.proj_out = replicated_linear(config, hidden, config.proj_out_channels,
                                           init_method=config.output_layer_init_method)
@@ -102,7 +113,7 @@ class QwenImageMMDiT(MegatronModule):
         if sum(f * h * w for f, h, w in images) != n_img:
             raise ValueError(f"img_shapes {images} give {sum(f * h * w for f, h, w in images)} image tokens, "
                              f"hidden_states has {n_img}")
-        key_mask = self._joint_key_mask(encoder_hidden_states_mask, batch, text_len, n_img, text_lengths)
+        text_lengths = self._text_lengths(encoder_hidden_states_mask, text_lengths, batch, text_len)
 
         img = self.img_in(hidden_states)
         timestep = timestep.to(img.dtype)  # as diffusers (the sigma is rounded to the compute dtype)
@@ -110,44 +121,58 @@ class QwenImageMMDiT(MegatronModule):
         temb = self.time_embed(timestep, img.dtype)
         rope = self.rope(images, text_len, device=img.device)
 
-        img, txt = self._run_layers(img, txt, temb, key_mask, *rope)
+        # Sequence-first inside the blocks (megatron's [s, b, h]); with SP each TP rank keeps 1/TP of the tokens.
+        img, txt = img.transpose(0, 1).contiguous(), txt.transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            tp = cfg.tensor_model_parallel_size
+            img, txt = enter_sequence_parallel(img, tp), enter_sequence_parallel(txt, tp)
+        img, txt = self._run_layers(img, txt, temb, rope, text_lengths)
+        if self.sequence_parallel:
+            img = leave_sequence_parallel(img, n_img)
+        img = img.transpose(0, 1)
 
         scale, shift = self.norm_out(temb).chunk(2, dim=-1)
         img = layer_norm_no_affine(img, cfg.layernorm_epsilon) * (1 + scale[:, None, :]) + shift[:, None, :]
         return self.proj_out(img)
 
     @staticmethod
-    def _joint_key_mask(text_mask, batch, text_len, n_img, text_lengths=None) -> Optional[torch.Tensor]:
-        """[B, L + N] bool key mask over [text, image] (image keys always valid), or None when nothing is
-        padded (lets SDPA use its fastest kernel)."""
-        if text_mask is None:
-            return None
-        if tuple(text_mask.shape) != (batch, text_len):
+    def _text_lengths(text_mask, text_lengths, batch, text_len) -> Optional[list[int]]:
+        """Valid text tokens per sample as host ints, or None when nothing is padded (one unmasked attention).
+        Valid tokens must come first (the mask is a prefix), as every tokenizer pads."""
+        if text_mask is not None and tuple(text_mask.shape) != (batch, text_len):
             raise ValueError(f"encoder_hidden_states_mask shape {tuple(text_mask.shape)} must be "
                              f"[{batch}, {text_len}]")
-        text_mask = text_mask.to(torch.bool)
-        if (all(n == text_len for n in text_lengths) if text_lengths is not None else bool(text_mask.all())):
-            return None
-        return torch.cat([text_mask, text_mask.new_ones(batch, n_img)], dim=1)
+        if text_lengths is None:
+            if text_mask is None:
+                return None
+            mask = text_mask.to(torch.bool)
+            text_lengths = mask.sum(dim=1).tolist()  # one host sync; the trainer passes the lengths instead
+            prefix = torch.arange(text_len, device=mask.device)[None, :] < mask.sum(dim=1, keepdim=True)
+            if not torch.equal(mask, prefix):
+                raise ValueError("encoder_hidden_states_mask must mark a prefix of valid tokens per sample "
+                                 "(padding at the end)")
+        text_lengths = [int(n) for n in text_lengths]
+        if len(text_lengths) != batch or not all(0 <= n <= text_len for n in text_lengths):
+            raise ValueError(f"text_lengths {text_lengths} must give one length in [0, {text_len}] per sample")
+        return None if all(n == text_len for n in text_lengths) else text_lengths
 
-    def _run_layers(self, img, txt, temb, key_mask, *rope):
+    def _run_layers(self, img, txt, temb, rope, text_lengths):
         cfg = self.config
         recompute = cfg.recompute_granularity == "full" and torch.is_grad_enabled()
         n = len(self.layers)
 
         def run(start, end):
-            def forward_chunk(img, txt, temb, key_mask, *rope):
+            def forward_chunk(img, txt, temb, *rope):  # tensors only, for checkpoint; text_lengths closed over
                 for layer in self.layers[start:end]:
-                    img, txt = layer(img, txt, temb, key_mask, *rope)
+                    img, txt = layer(img, txt, temb, *rope, text_lengths)
                 return img, txt
             return forward_chunk
 
         def checkpointed(start, end, img, txt):
-            return tensor_parallel.checkpoint(run(start, end), cfg.distribute_saved_activations,
-                                              img, txt, temb, key_mask, *rope)
+            return tensor_parallel.checkpoint(run(start, end), cfg.distribute_saved_activations, img, txt, temb, *rope)
 
         if not recompute:
-            return run(0, n)(img, txt, temb, key_mask, *rope)
+            return run(0, n)(img, txt, temb, *rope)
         if cfg.recompute_method == "uniform":
             for start in range(0, n, cfg.recompute_num_layers):
                 img, txt = checkpointed(start, min(start + cfg.recompute_num_layers, n), img, txt)
@@ -157,5 +182,5 @@ class QwenImageMMDiT(MegatronModule):
             if i < cfg.recompute_num_layers:
                 img, txt = checkpointed(i, i + 1, img, txt)
             else:
-                img, txt = run(i, i + 1)(img, txt, temb, key_mask, *rope)
+                img, txt = run(i, i + 1)(img, txt, temb, *rope)
         return img, txt

@@ -97,9 +97,10 @@ class QwenMSRoPE(torch.nn.Module):
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, S, H, D] by cos/sin [S, D // 2]; computed in float32 like diffusers."""
+    """Rotate interleaved pairs of x [S, B, H, D] (sequence-first) by cos/sin [S, D // 2]; computed in float32
+    like diffusers."""
     x_pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = x_pairs.unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[:, None, None, :], sin[:, None, None, :]
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(x.dtype)

@@ -44,7 +44,19 @@ def loss_of(out):
 def train_step(model, inputs):
     out = model(**inputs)
     loss_of(out).backward()
+    sum_sequence_parallel_grads(model)
     return out.detach(), grads_of(model)
+
+
+def sum_sequence_parallel_grads(model):
+    """What megatron's finalize_model_grads does for parameters marked `sequence_parallel` (the row-parallel
+    biases, added to token shards): all-reduce their gradients over TP. Nothing is marked without SP."""
+    if not model.config.sequence_parallel:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
 
 
 def main():
@@ -102,6 +114,27 @@ def main():
         out, grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **overrides).train(), inputs)
         errs = [rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads]
         result["recompute_rel_err"][name] = max(errs)
+
+    # -- sequence parallelism: the same outputs (every parity shape) and gradients, with and without recompute
+    sp = dict(sequence_parallel=True)
+    sp_model = megatron_from_diffusers(diff, tp, rank, **sp).eval()
+    result["sp_forward_rel_err"] = {}
+    for batch, h, w, lens, frames in PARITY_SHAPES:
+        inputs_sp = make_inputs(batch, h, w, lens, seed=h * 10 + w, frames=frames)
+        with torch.no_grad():
+            err = rel_max_err(sp_model(**inputs_sp), diffusers_forward(diff, inputs_sp))
+        result["sp_forward_rel_err"][f"{batch}x{frames}x{h}x{w}-{lens}"] = err
+    result["sp_marked_params"] = sorted(n for n, p in sp_model.named_parameters() if getattr(p, "sequence_parallel", False))
+    _, sp_grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp).train(), inputs)
+    result["sp_grad_rel_err"] = {n: rel_max_err(sp_grads[n], ref_grads[n]) for n in ref_grads}
+    result["sp_recompute_rel_err"] = {}
+    for name, overrides in {
+        "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        "selective-all": dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm", "mlp"]),
+    }.items():
+        out, grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp, **overrides).train(), inputs)
+        errs = [rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads]
+        result["sp_recompute_rel_err"][name] = max(errs)
 
     # -- mapping round trip through every rank's state dict
     rank_sds = [None] * tp
