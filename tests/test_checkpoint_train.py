@@ -171,9 +171,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
 
 
 def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
-    """TP=2 step-4 checkpoint -> TP=1 (1 process): same outputs, steps 5-6, save at 6 -> TP=2: steps 7-8."""
+    """TP=2 step-4 checkpoint -> TP=1 (1 process): same outputs, steps 5-6, save at 6 -> TP=2: steps 7-8.
+    The reference saves with sequence parallelism (configs/smoke_tp2.yaml), TP=1 runs without it, and the
+    TP=2 run loads the TP=1 checkpoint with it again: SP changes no parameter and no checkpoint."""
     tp1_root = run["tmp"] / "tp1"
-    (r,), probes = _worker(run, "tp1", 1, "parallelism.tensor_model_parallel_size=1", f"checkpoint.load={run['root'] / 'iter_0000004'}",
+    (r,), probes = _worker(run, "tp1", 1, "parallelism.tensor_model_parallel_size=1", "parallelism.sequence_parallel=false",
+                           f"checkpoint.load={run['root'] / 'iter_0000004'}",
                            f"checkpoint.save={tp1_root}", "checkpoint.save_interval=2", stop_at=6)
     assert r["loaded_step"] == 4 and (r["tp"], r["dp"]) == (1, 1)
     assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
@@ -190,7 +193,9 @@ def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
 
 
 def test_reshard_tp2dp1_to_tp2dp2_with_distributed_optimizer(run, exact):
-    ranks, probes = _worker(run, "dp2", 4, f"checkpoint.load={run['root'] / 'iter_0000004'}", stop_at=6)
+    # and TP=2 without sequence parallelism from the SP checkpoint
+    ranks, probes = _worker(run, "dp2", 4, "parallelism.sequence_parallel=false", f"checkpoint.load={run['root'] / 'iter_0000004'}",
+                            stop_at=6)
     assert len(ranks) == 4 and all((r["tp"], r["dp"]) == (2, 2) and r["loaded_step"] == 4 for r in ranks)
     assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in ranks[0]["losses"].items():

@@ -7,7 +7,8 @@ Placement across tensor-parallel ranks:
 - Everything else outside the blocks (timestep MLP, txt_norm, img_in, txt_in, proj_out: ~0.2 % of the
   parameters at full size) is replicated on every TP rank, as Megatron replicates layer norms. Replicated
   parameters get identical gradients on every TP rank because their inputs and output-gradients are
-  identical there, so they need no extra TP communication.
+  identical there (with sequence parallelism too: they run on whole sequences, outside the SP region), so
+  they need no extra TP communication.
 """
 from __future__ import annotations
 
