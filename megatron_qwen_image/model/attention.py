@@ -1,7 +1,8 @@
 """Joint (text + image) attention of a Qwen-Image dual-stream block, tensor-parallel over heads.
 
 Per stream: a fused q/k/v projection (column-parallel; rows laid out per head as [q_h; k_h; v_h] so that a
-contiguous TP split hands each rank whole heads), RMSNorm on q and k per head, MSRoPE; then ONE attention over
+contiguous TP split hands each rank whole heads), RMSNorm on q and k per head and MSRoPE (one elementwise group,
+fused.rms_norm_rope); then ONE attention over
 the concatenation of both streams on this rank's heads (not causal, text padding never attended), and
 per-stream output projections (row-parallel).
 
@@ -31,7 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import QwenImageConfig
 from .layers import HeadRMSNorm
-from .rope import apply_rotary_interleaved
+from .fused import EAGER, FusionBackend
 from .sequence import pad_tokens
 
 
@@ -39,9 +40,8 @@ class SDPACoreAttention(MegatronModule):
     """softmax(q k^T / sqrt(d)) v with torch SDPA. q, k, v: [S, B, H, D] sequence-first; `valid_lengths`: per
     sample, the length of its valid prefix (None: all S valid). Returns [S, B, H * D], zeros past each prefix.
 
-    On CPU SDPA is the math kernel, which keeps the [B, H, S, S] probabilities for backward (what selective
-    'core_attn' recompute drops); on GPU the flash / cuDNN / memory-efficient kernels keep only the output and
-    the log-sum-exp.
+    Without a mask SDPA takes a flash-style kernel on CPU (torch 2.13) as on GPU (flash / cuDNN), which keeps
+    only q, k, v, the output and the log-sum-exp for backward; selective 'core_attn' recompute drops those.
     """
 
     def __init__(self, config: QwenImageConfig):
@@ -76,8 +76,10 @@ class QwenJointAttention(MegatronModule):
     txt_k_norm, img_proj, txt_proj (diffusers: to_q/k/v, add_q/k/v_proj, norm_q/k, norm_added_q/k, to_out.0,
     to_add_out)."""
 
-    def __init__(self, config: QwenImageConfig, submodules: QwenJointAttentionSubmodules):
+    def __init__(self, config: QwenImageConfig, submodules: QwenJointAttentionSubmodules,
+                 fusion: FusionBackend = EAGER):
         super().__init__(config=config)
+        self.fusion = fusion
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
         self.heads_per_rank = config.num_attention_heads // tp
@@ -112,8 +114,9 @@ class QwenJointAttention(MegatronModule):
         out, _ = linear(x)  # [S, B, heads_per_rank * 3 * head_dim], per head [q; k; v] (SP: gathered, padded)
         out = out[:cos.shape[0]]  # drop the sequence-parallel pad tokens
         q, k, v = out.unflatten(-1, (self.heads_per_rank, 3, self.head_dim)).unbind(-2)  # [S, B, H, D]
-        q = apply_rotary_interleaved(q_norm(q), cos, sin)
-        k = apply_rotary_interleaved(k_norm(k), cos, sin)
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # over batch and heads
+        q = self.fusion.rms_norm_rope(q, q_norm.tp_weight(), cos, sin, q_norm.eps)
+        k = self.fusion.rms_norm_rope(k, k_norm.tp_weight(), cos, sin, k_norm.eps)
         return q, k, v
 
     def forward(self, img, txt, img_cos, img_sin, txt_cos, txt_sin, text_lengths: Optional[Sequence[int]] = None):

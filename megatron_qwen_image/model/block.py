@@ -21,7 +21,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .attention import QwenJointAttention, QwenJointAttentionSubmodules, SDPACoreAttention
 from .config import QwenImageConfig
-from .layers import AdaLNModulation, AdaLNModulationSubmodules, HeadRMSNorm, layer_norm_no_affine
+from .fused import EAGER, FusionBackend
+from .layers import AdaLNModulation, AdaLNModulationSubmodules, HeadRMSNorm
 
 
 @dataclass
@@ -36,13 +37,16 @@ def get_qwen_image_block_spec(
     row_parallel_linear: type = RowParallelLinear,
     qk_norm: type = HeadRMSNorm,
     core_attention: type = SDPACoreAttention,
+    fusion: FusionBackend = EAGER,
 ) -> ModuleSpec:
     """The block's ModuleSpec. The defaults are megatron-core's local tensor-parallel linears (they run on CPU
-    and GPU); on GPU a caller can pass Transformer Engine's TEColumnParallelLinear / TERowParallelLinear, which
-    take the same constructor arguments. A replacement `qk_norm` must all-reduce its weight gradient over the
-    TP group as HeadRMSNorm does (each rank normalises only its own heads)."""
+    and GPU) and eager elementwise groups; backends.block_spec_backend picks Transformer Engine's pieces when
+    TE is installed, fused.select_fusion the compiled groups on CUDA (the trainer chooses both once, from
+    the `kernels` config section). A replacement `qk_norm` must provide HeadRMSNorm's `tp_weight()` and `eps`
+    (its weight gradient is summed over TP: each rank normalises only its own heads)."""
     return ModuleSpec(
         module=QwenImageBlock,
+        params={"fusion": fusion},
         submodules=QwenImageBlockSubmodules(
             modulation=ModuleSpec(
                 module=AdaLNModulation,
@@ -50,6 +54,7 @@ def get_qwen_image_block_spec(
             ),
             attention=ModuleSpec(
                 module=QwenJointAttention,
+                params={"fusion": fusion},
                 submodules=QwenJointAttentionSubmodules(
                     linear_qkv=column_parallel_linear,
                     q_layernorm=qk_norm,
@@ -74,10 +79,12 @@ class QwenImageBlock(MegatronModule):
     tensor_parallel.checkpoint for full recompute (the caller closes over text_lengths).
     """
 
-    def __init__(self, config: QwenImageConfig, submodules: QwenImageBlockSubmodules, layer_number: int = 1):
+    def __init__(self, config: QwenImageConfig, submodules: QwenImageBlockSubmodules, layer_number: int = 1,
+                 fusion: FusionBackend = EAGER):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.eps = config.layernorm_epsilon
+        self.fusion = fusion
         selective = config.recompute_granularity == "selective"
         self.recompute_norm = selective and "layernorm" in config.recompute_modules
         self.recompute_mlp = selective and "mlp" in config.recompute_modules
@@ -92,7 +99,7 @@ class QwenImageBlock(MegatronModule):
         self.txt_mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
 
     def _norm_modulate(self, x, shift, scale):
-        return layer_norm_no_affine(x, self.eps) * (1 + scale) + shift  # [s, b, h] with [b, h]
+        return self.fusion.layer_norm_modulate(x, shift, scale, self.eps)  # [s, b, h] with [b, h]
 
     def _modulated(self, x, shift, scale):
         if self.recompute_norm and torch.is_grad_enabled():
@@ -117,11 +124,12 @@ class QwenImageBlock(MegatronModule):
             self._modulated(img, i_shift1, i_scale1), self._modulated(txt, t_shift1, t_scale1),
             img_cos, img_sin, txt_cos, txt_sin, text_lengths,
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
+        residual = self.fusion.gated_residual
+        img = residual(img, i_gate1, img_attn)
+        txt = residual(txt, t_gate1, txt_attn)
 
-        img = img + i_gate2 * self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2))
-        txt = txt + t_gate2 * self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2))
+        img = residual(img, i_gate2, self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2)))
+        txt = residual(txt, t_gate2, self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2)))
 
         if img.dtype == torch.float16:  # as diffusers: keep fp16 finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)

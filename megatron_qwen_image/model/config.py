@@ -108,6 +108,11 @@ class QwenImageConfig(TransformerConfig):
         require(self.num_query_groups in (None, self.num_attention_heads), "num_query_groups",
                 "Qwen-Image uses full multi-head attention: must equal num_attention_heads")
         require(not self.gated_linear_unit, "gated_linear_unit", "Qwen-Image's MLP is GELU(tanh), not gated")
+        act = self.activation_func
+        require(act is gelu_tanh or (act is F.gelu and self.bias_activation_fusion), "activation_func",
+                "Qwen-Image's MLP is GELU(tanh): gelu_tanh, or F.gelu with bias_activation_fusion=True (megatron's "
+                "fused tanh bias-GELU; fused.mlp_activation_fields); F.gelu without the fusion is erf-GELU")
+        require(not self.use_te_activation_func, "use_te_activation_func", "not supported: the MLP is GELU(tanh)")
         require(self.add_bias_linear, "add_bias_linear", "every Qwen-Image linear has a bias")
         require(not self.sequence_parallel or tp > 1, "sequence_parallel",
                 "needs tensor_model_parallel_size > 1 (it splits the token sequence over the TP group)")

@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_qwen_image.megatron_compat import GatherLastDim
 
 from .config import QwenImageConfig
+from .fused import rms_norm
 
 
 class RMSNorm(torch.nn.Module):
@@ -43,11 +44,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HeadRMSNorm(RMSNorm):
@@ -60,18 +57,13 @@ class HeadRMSNorm(RMSNorm):
     stays False so that one never runs twice).
     """
 
+    def tp_weight(self) -> torch.Tensor:
+        """The weight as this rank's computation must see it (identity forward, TP all-reduce backward); the
+        attention's fused RMSNorm + RoPE takes it as an argument."""
+        return copy_to_tensor_model_parallel_region(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        weight = copy_to_tensor_model_parallel_region(self.weight)
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(weight.dtype)
-        return x * weight
-
-
-def layer_norm_no_affine(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """nn.LayerNorm(elementwise_affine=False): the blocks' img/txt_norm1/2 and norm_out's norm."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+        return rms_norm(x, self.tp_weight(), self.eps)
 
 
 def replicated_linear(config: QwenImageConfig, in_features: int, out_features: int,

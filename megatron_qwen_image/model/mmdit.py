@@ -32,8 +32,8 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .block import get_qwen_image_block_spec
 from .config import QwenImageConfig
-from .layers import AdaLNModulation, AdaLNModulationSubmodules, RMSNorm, TimestepEmbedding, layer_norm_no_affine, \
-    replicated_linear
+from .fused import layer_norm_modulate
+from .layers import AdaLNModulation, AdaLNModulationSubmodules, RMSNorm, TimestepEmbedding, replicated_linear
 from .rope import QwenMSRoPE, normalize_img_shapes
 from .sequence import enter_sequence_parallel, leave_sequence_parallel
 
@@ -132,7 +132,7 @@ class QwenImageMMDiT(MegatronModule):
         img = img.transpose(0, 1)
 
         scale, shift = self.norm_out(temb).chunk(2, dim=-1)
-        img = layer_norm_no_affine(img, cfg.layernorm_epsilon) * (1 + scale[:, None, :]) + shift[:, None, :]
+        img = layer_norm_modulate(img, shift[:, None, :], scale[:, None, :], cfg.layernorm_epsilon)
         return self.proj_out(img)
 
     @staticmethod

@@ -94,13 +94,3 @@ class QwenMSRoPE(torch.nn.Module):
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = tuple(t.to(device) for t in (img_ang.cos(), img_ang.sin(), txt_ang.cos(), txt_ang.sin()))
         return self._cache[key]
-
-
-def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [S, B, H, D] (sequence-first) by cos/sin [S, D // 2]; computed in float32
-    like diffusers."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x_pairs.unbind(-1)
-    c, s = cos[:, None, None, :], sin[:, None, None, :]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
-    return out.to(x.dtype)
