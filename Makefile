@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 
-.PHONY: install demo test test-fast test-stress bench docs clean
+.PHONY: install demo test test-fast test-stress bench bench-gpu docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ docs: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# One-GPU step benchmark (<= 5 min on an H100/H200) -> benchmarks/results/gpu_step.json; docs/performance.md.
+# Without a GPU: $(PY) -m benchmarks.gpu --dry-run (FLOP counts and planned memory).
+bench-gpu: install
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -18,24 +18,36 @@ from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image.cache import BucketedLoader
 from megatron_qwen_image.cache.loader import NoTrainableDataError
 from megatron_qwen_image.config import ConfigError
-from megatron_qwen_image.model import QwenImageMMDiT
+from megatron_qwen_image.megatron_compat import use_sync_free_grad_norm
+from megatron_qwen_image.model import QwenImageMMDiT, get_qwen_image_block_spec
+from megatron_qwen_image.model.backends import BackendChoice
+from megatron_qwen_image.model.fused import EAGER, FusionBackend
 from megatron_qwen_image.parallel import ParallelContext
 
 
-def build_model(model_config, device: torch.device):
-    """The unwrapped QwenImageMMDiT on `device` (initialised on CPU first when use_cpu_initialization)."""
-    model = QwenImageMMDiT(model_config)
-    return model.to(device)
+def build_model(model_config, device: torch.device, fusion: FusionBackend = EAGER,
+                layers: BackendChoice | None = None):
+    """The unwrapped QwenImageMMDiT on `device` (initialised on CPU first when use_cpu_initialization), its
+    blocks built from the chosen layer backend and elementwise fusion (TrainConfig.kernels)."""
+    spec = get_qwen_image_block_spec(**(layers.spec_kwargs() if layers else {}), fusion=fusion)
+    return QwenImageMMDiT(model_config, block_spec=spec).to(device)
 
 
-def wrap_ddp(model, model_config, cfg: TrainConfig):
-    """megatron DistributedDataParallel: contiguous fp32 grad buffer, reduce(-scatter) in finish_grad_sync."""
-    return DistributedDataParallel(config=model_config, ddp_config=cfg.ddp_config(), module=model)
+def wrap_ddp(model, model_config, cfg: TrainConfig, data_parallel_size: int):
+    """megatron DistributedDataParallel: contiguous fp32 grad buffer; gradient buckets reduce(-scattered)
+    during the last micro-batch's backward with overlap_grad_reduce (else all at once in finish_grad_sync);
+    with overlap_param_gather, forward pre-hooks that all-gather the updated params bucket by bucket."""
+    return DistributedDataParallel(config=model_config, ddp_config=cfg.ddp_config(data_parallel_size), module=model)
 
 
 def build_optimizer(ddp_model, cfg: TrainConfig, bf16: bool):
-    """megatron's optimizer: DistributedOptimizer (state sharded over DP) or Float16/FP32 optimizer."""
-    return get_megatron_optimizer(cfg.optimizer_config(bf16), [ddp_model])
+    """megatron's optimizer: DistributedOptimizer (state sharded over DP) or Float16/FP32 optimizer. Its
+    grad norm without TE/apex is megatron_compat's, which needs no host sync per gradient tensor."""
+    use_sync_free_grad_norm()
+    config = cfg.optimizer_config(bf16)
+    # megatron keeps this copy of the DDP key "intended to have the same value" (OptimizerConfig's doc).
+    config.overlap_param_gather = ddp_model.ddp_config.overlap_param_gather
+    return get_megatron_optimizer(config, [ddp_model])
 
 
 def build_scheduler(optimizer, cfg: TrainConfig):

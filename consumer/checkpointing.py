@@ -18,7 +18,10 @@ every step, `close()`). What a checkpoint holds (docs/checkpoints.md has the ful
 
 Saving is synchronous; `latest` moves only after the checkpoint is complete (see
 megatron_qwen_image.checkpoint_format). SIGTERM (SLURM preemption) is answered by a save at the end of the
-current step, agreed by all ranks, after which `maybe_save` tells the loop to stop.
+current step, agreed by all ranks, after which `maybe_save` tells the loop to stop. With
+ddp.overlap_param_gather a save first all-gathers the last step's params (DDP's forward pre-hooks would
+only do that in the next forward), with the hooks off, and a load runs with them off, as megatron-LM's
+training loop does (`disable_pre_hooks` / `pre_hooks_disabled`).
 
 Loading: `--load DIR` resumes everything from DIR's latest complete checkpoint (DIR may also be one
 checkpoint directory); a DIR that holds none yet is accepted only as the `--save` root too (the requeue
@@ -34,6 +37,7 @@ megatron_qwen_image.megatron_compat; the generators' states in consumer.rng_stat
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -69,6 +73,41 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# ------------------------------------------------------------- the overlapped param all-gather's hooks
+# With ddp.overlap_param_gather, megatron's DDP all-gathers the distributed optimizer's updated params in
+# forward pre-hooks, bucket by bucket, during the NEXT forward: between optimizer.step() and that forward
+# every DP rank holds only its own shard of the update. megatron-LM's training loop therefore syncs the
+# params before a checkpoint save and keeps the hooks off around loads, evaluation and the first step.
+def disable_pre_hooks(model, param_sync: bool) -> bool:
+    """Turn megatron DDP's param all-gather pre-hooks off (if on); with `param_sync`, all-gather every
+    bucket now (synchronously), hooks on or off, so that every DP rank holds the complete params. Returns
+    whether the hooks were on. Does nothing without overlap_param_gather."""
+    if not getattr(model, "use_forward_hook", False):
+        return False
+    enabled = bool(model.remove_forward_pre_hook_handles)
+    if enabled:
+        model.disable_forward_pre_hook(param_sync=param_sync)
+    elif param_sync:
+        model.start_param_sync(force_sync=True)
+    return enabled
+
+
+def enable_pre_hooks(model) -> None:
+    """Turn the param all-gather pre-hooks back on (after disable_pre_hooks returned True)."""
+    model.enable_forward_pre_hook()
+
+
+@contextlib.contextmanager
+def pre_hooks_disabled(model, param_sync: bool):
+    """disable_pre_hooks for the duration; the hooks come back on afterwards if they were on."""
+    enabled = disable_pre_hooks(model, param_sync)
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_pre_hooks(model)
 
 
 def sharded_metadata() -> dict:
@@ -178,7 +217,12 @@ class Checkpointer:
     # -------------------------------------------------------------- loading
     def load(self, state) -> bool:
         """Load what consumer.start_point names: the full state from `load`, or the model weights of
-        `pretrained`. Returns True when something was loaded."""
+        `pretrained`. Returns True when something was loaded. The param all-gather pre-hooks are off
+        meanwhile (megatron-LM loads with none of them dispatched)."""
+        with pre_hooks_disabled(state.model, param_sync=False):
+            return self._load_start(state)
+
+    def _load_start(self, state) -> bool:
         start = start_point(self.cfg.checkpoint)
         if start.resume:
             self._load(state, start.resume)
@@ -305,7 +349,13 @@ class Checkpointer:
         }
 
     def save(self, state) -> str:
-        """Write iter_<step>/ under the save root, mark it complete, move `latest`, prune. Collective."""
+        """Write iter_<step>/ under the save root, mark it complete, move `latest`, prune. Collective. With
+        overlap_param_gather the last step's params are all-gathered first and the pre-hooks are off
+        meanwhile (as megatron-LM saves), so the model tensors written are the updated ones on every rank."""
+        with pre_hooks_disabled(state.model, param_sync=True):
+            return self._save(state)
+
+    def _save(self, state) -> str:
         t0 = time.perf_counter()
         name = checkpoint_format.iteration_dir_name(state.step)
         path = os.path.join(self.save_root, name)

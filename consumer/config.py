@@ -31,7 +31,9 @@ from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
 from megatron_qwen_image.flow_matching import SigmaSampling
+from megatron_qwen_image.model.backends import TRANSFORMER_IMPLS, BackendChoice, block_spec_backend
 from megatron_qwen_image.model.config import ModelConfigError, QwenImageConfig
+from megatron_qwen_image.model.fused import EAGER, FUSION_MODES, FusionBackend, select_fusion
 
 ModelSection = section("ModelSection", QwenImageConfig, {
     "num_layers": "dual-stream MMDiT blocks",
@@ -75,12 +77,48 @@ OptimizerSection = section("OptimizerSection", OptimizerConfig, {
 }, defaults={"lr": 1e-4, "min_lr": 0.0, "weight_decay": 0.0, "use_distributed_optimizer": True},
     choices={"optimizer": ("adam", "sgd")}, doc="megatron's OptimizerConfig.")
 
-DDPSection = section("DDPSection", DistributedDataParallelConfig, {
+_DDPKeys = section("_DDPKeys", DistributedDataParallelConfig, {
     "grad_reduce_in_fp32": "keep the gradient buffer and its reductions in fp32",
     "check_for_nan_in_grad": "stop on a NaN or Inf gradient",
-    "bucket_size": "elements per gradient bucket (null: megatron's default)",
-}, defaults={"grad_reduce_in_fp32": True, "check_for_nan_in_grad": True},
-    doc="megatron's DistributedDataParallelConfig.")
+    "bucket_size": "elements per gradient bucket, with overlap_grad_reduce (null: megatron's default, "
+                   "max(40M, 1M x DP)); without it the whole buffer is one bucket",
+}, defaults={"grad_reduce_in_fp32": True, "check_for_nan_in_grad": True})
+
+
+def _automatic(help_text: str):
+    """A bool key of DistributedDataParallelConfig that may be null (automatic); resolved by resolve_overlap."""
+    return field(default=None, metadata={"help": help_text, "from": DistributedDataParallelConfig.__name__})
+
+
+@dataclass
+class DDPSection(_DDPKeys):
+    """megatron's DistributedDataParallelConfig."""
+
+    # megatron's fields are plain bools; null (automatic) needs Optional, hence declared here.
+    overlap_grad_reduce: Optional[bool] = _automatic(
+        "reduce(-scatter) gradient buckets during the backward of the last micro-batch (null: on when "
+        "data-parallel size > 1 or overlap_param_gather=true)")
+    overlap_param_gather: Optional[bool] = _automatic(
+        "all-gather the distributed optimizer's updated params bucket by bucket in the next forward "
+        "(null: on when data-parallel size > 1 with optimizer.use_distributed_optimizer and overlap_grad_reduce)")
+
+
+def resolve_overlap(ddp: DDPSection, use_distributed_optimizer: bool, data_parallel_size: int) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather) with null (automatic) filled in for this DP size. Raises
+    ConfigError for what megatron-LM refuses: the param all-gather overlap without the distributed optimizer
+    (there is no all-gather to overlap) or without overlap_grad_reduce."""
+    param_gather = ddp.overlap_param_gather
+    require(not (param_gather and not use_distributed_optimizer), "ddp.overlap_param_gather",
+            "true needs optimizer.use_distributed_optimizer=true (it overlaps that optimizer's all-gather of "
+            "updated params); set it to null or false")
+    require(not (param_gather and ddp.overlap_grad_reduce is False), "ddp.overlap_param_gather",
+            "true needs ddp.overlap_grad_reduce=true or null (megatron-LM's rule)")
+    grad_reduce = (data_parallel_size > 1 or bool(param_gather)) if ddp.overlap_grad_reduce is None \
+        else ddp.overlap_grad_reduce
+    if param_gather is None:
+        param_gather = data_parallel_size > 1 and use_distributed_optimizer and grad_reduce
+    return grad_reduce, param_gather
+
 
 LoaderSection = section("LoaderSection", BucketedLoader, {
     "streaming": "follow the manifest while producers write; epoch mode once the cache is sealed",
@@ -94,7 +132,8 @@ LoaderSection = section("LoaderSection", BucketedLoader, {
     "stream_timeout_s": "streaming: give up after waiting this long for producers (null: wait)",
     "wait_log_interval_s": "streaming: while waiting for producers, log what for every this many seconds",
     "max_open_shards": "memory-mapped shards kept open",
-    "pin_memory": "build batches in pinned host memory (faster host-to-GPU copies)",
+    "pin_memory": "build batches in pinned host memory, for asynchronous host-to-GPU copies (null: when a GPU "
+                  "is visible)",
 }, choices={"verify": VERIFY_MODES}, doc="The latent cache's BucketedLoader (megatron_qwen_image.cache).")
 
 SyntheticSection = section("SyntheticSection", SyntheticLatentBatches, {
@@ -103,6 +142,27 @@ SyntheticSection = section("SyntheticSection", SyntheticLatentBatches, {
     "num_classes": "distinct learnable patterns",
 }, defaults={"resolutions": [[64, 64]], "text_len": [4, 16]},
     doc="The flagged SYNTHETIC stand-in data (consumer.synthetic_data).")
+
+
+@dataclass
+class KernelsSection:
+    """Which implementations run the model, chosen once at start-up and named in the banner."""
+
+    fusion: str = option("auto", "the blocks' elementwise groups (adaLN norm + modulate, gated residual, q/k RMSNorm "
+                                 "+ RoPE) and megatron's fused bias-GELU: compile (torch.compile), eager, or auto "
+                                 "(compile on CUDA, eager on CPU)", choices=FUSION_MODES)
+    transformer_impl: str = option("auto", "the blocks' linears and attention: transformer_engine, local "
+                                           "(megatron-core's), or auto (Transformer Engine when it imports on a "
+                                           "CUDA machine)", choices=TRANSFORMER_IMPLS)
+
+    def fusion_backend(self, device_type: str) -> FusionBackend:
+        return select_fusion(self.fusion, device_type)
+
+    def layer_backend(self, device_type: str) -> BackendChoice:
+        try:
+            return block_spec_backend(self.transformer_impl, device_type)
+        except ValueError as e:
+            raise ConfigError("kernels.transformer_impl", str(e).split(": ", 1)[-1]) from None
 
 
 @dataclass
@@ -177,6 +237,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
     recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -203,13 +264,14 @@ class TrainConfig:
 
     # ---- megatron-core's own config objects, built from the sections ----------------------------
     def model_config(self, bf16: bool, use_cpu_initialization: bool | None = None, tp_size: int | None = None,
-                     perform_initialization: bool = True) -> QwenImageConfig:
+                     perform_initialization: bool = True, fusion: FusionBackend = EAGER) -> QwenImageConfig:
         parallel = self.parallelism.build_kwargs()
         parallel["use_cpu_initialization"] = use_cpu_initialization
         if tp_size is not None:  # another layout of the same model (the planner builds it at TP=1)
             parallel["tensor_model_parallel_size"] = tp_size
             parallel["sequence_parallel"] = parallel["sequence_parallel"] and tp_size > 1
-        return QwenImageConfig(**self.model.build_kwargs(), **parallel, **self.recompute.build_kwargs(), bf16=bf16,
+        return QwenImageConfig(**self.model.build_kwargs(), **parallel, **self.recompute.build_kwargs(),
+                               **fusion.mlp_activation_fields(), bf16=bf16,
                                params_dtype=torch.bfloat16 if bf16 else torch.float32,
                                perform_initialization=perform_initialization)
 
@@ -217,9 +279,12 @@ class TrainConfig:
         return OptimizerConfig(**self.optimizer.build_kwargs(), bf16=bf16, fp16=False,
                                params_dtype=torch.bfloat16 if bf16 else torch.float32)
 
-    def ddp_config(self) -> DistributedDataParallelConfig:
-        return DistributedDataParallelConfig(**self.ddp.build_kwargs(),
-                                             use_distributed_optimizer=self.optimizer.use_distributed_optimizer)
+    def ddp_config(self, data_parallel_size: int) -> DistributedDataParallelConfig:
+        """megatron's DDP config, with the overlap keys' automatic (null) values resolved for this DP size."""
+        distributed = self.optimizer.use_distributed_optimizer
+        grad_reduce, param_gather = resolve_overlap(self.ddp, distributed, data_parallel_size)
+        kwargs = {**self.ddp.build_kwargs(), "overlap_grad_reduce": grad_reduce, "overlap_param_gather": param_gather}
+        return DistributedDataParallelConfig(**kwargs, use_distributed_optimizer=distributed)
 
 
 # Where each QwenImageConfig field lives in this config (for naming the key of a model error).
@@ -260,6 +325,9 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
         require(0 <= getattr(o, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(o, key)}")
     require(o.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
     require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+    require(cfg.ddp.bucket_size is None or cfg.ddp.bucket_size >= 1, "ddp.bucket_size",
+            f"must be >= 1 or null, got {cfg.ddp.bucket_size}")
+    resolve_overlap(cfg.ddp, o.use_distributed_optimizer, 1)  # its refusals do not depend on the DP size
 
     require(0 <= s.lr_warmup_init <= o.lr, "schedule.lr_warmup_init", f"must be in [0, optimizer.lr={o.lr}]")
     decay = cfg.lr_decay_iters

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -43,6 +44,18 @@ def world_size(args) -> int:
         raise ValueError(f"--nnodes {args.nnodes}: the trainer's layout is checked for one world size; give a fixed "
                          f"node count (or use torchrun directly)")
     return max_nodes * torchrun.determine_local_world_size(args.nproc_per_node)
+
+
+# What the workers' environment gets unless the user set it: one hardware queue per GPU, so that megatron's
+# tensor-parallel communication runs in launch order and overlaps with compute as megatron schedules it
+# (megatron-LM requires it with TP). torchrun's workers inherit this process's environment.
+WORKER_ENV_DEFAULTS = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def worker_environment(env) -> None:
+    """Set WORKER_ENV_DEFAULTS in `env` (os.environ) where not already set."""
+    for key, value in WORKER_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
 
 
 def failure_line(error: ChildFailedError) -> tuple[str, int]:
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e, printed=args.node_rank == 0)  # every node finds the same; the first says it
     if mine.check_only:
         return 0
+    worker_environment(os.environ)
     try:
         torchrun.run(args)
     except ChildFailedError as e:

@@ -12,8 +12,10 @@ Accounting per rank, matching megatron-core's DistributedDataParallel + Distribu
              rank (reduce-scatter happens inside it)
   optimizer  Adam exp_avg + exp_avg_sq (8 B) plus, with bf16 params, the fp32 main copy (4 B);
              divided by DP with the distributed optimizer, not divided without it
-Activations are not included (they depend on resolution, micro-batch and recompute). megatron pads each
-param to a 64-element boundary and each bucket to a multiple of DP inside its buffers: a few KB, not shown.
+Activations depend on resolution, micro-batch, recompute and sequence parallelism: consumer.activation_plan
+counts them; `dry_run_activations` adds them to this plan (the dry run's --resolution etc.) and, for a GPU size,
+recommends the cheapest recompute setting that fits. megatron pads each param to a 64-element boundary and each
+bucket to a multiple of DP inside its buffers: a few KB, not shown.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from consumer.activation_plan import (PlanInputError, activation_plan, format_activation_plan, format_block_terms,
+                                      format_recommendation, parse_bytes, parse_resolution, recommend_recompute,
+                                      worst_case_text_lengths)
 from consumer.config import TrainConfig
 from megatron_qwen_image.model import QwenImageMMDiT
 from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
@@ -136,3 +141,29 @@ def format_memory_plan(p: MemoryPlan, note: str = "") -> str:
     lines = [head, "", "| per rank | elements | bytes/element | bytes | |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     return "\n".join(lines)
+
+
+DEFAULT_TEXT_LEN = 1024  # the most caption tokens Qwen-Image takes (Qwen2.5-VL features)
+
+
+def dry_run_activations(cfg: TrainConfig, memory: MemoryPlan, resolution: str | None, micro_batch: int | None = None,
+                        text_len: int | None = None, gpu_memory: str | None = None) -> str:
+    """The dry run's activation part for `memory`'s layout: one block's terms, the summary with the total per GPU
+    and, with `gpu_memory` ('80GB'), the recompute recommendation. Raises PlanInputError for a bad flag."""
+    if resolution is None:
+        if gpu_memory is not None or micro_batch is not None or text_len is not None:
+            raise PlanInputError("--micro-batch, --text-len and --gpu-memory need --resolution (the image size "
+                                 "in pixels, e.g. 1328 or 928x1664)", key="--resolution")
+        return "(activations: add --resolution PIXELS, e.g. --resolution 1328 --gpu-memory 80GB)"
+    height, width = parse_resolution(resolution)
+    micro_batch = cfg.train.micro_batch_size if micro_batch is None else micro_batch
+    text_len = DEFAULT_TEXT_LEN if text_len is None else text_len
+    lengths = worst_case_text_lengths(micro_batch, text_len) if micro_batch >= 1 else None
+    kw = dict(tp=memory.tp, bf16=memory.bf16, text_lengths=lengths)
+    plan = activation_plan(cfg, height, width, micro_batch, text_len, **kw)
+    parts = [format_activation_plan(plan, memory.total_bytes), "", format_block_terms(plan)]
+    if gpu_memory is not None:
+        rec = recommend_recompute(cfg, height, width, micro_batch, text_len, gpu_bytes=parse_bytes(gpu_memory),
+                                  static_bytes=memory.total_bytes, **kw)
+        parts += ["", format_recommendation(rec)]
+    return "\n".join(parts)

@@ -9,8 +9,12 @@ One iteration: take this rank's share of the global batch from the data iterator
 micro-batches; for each: pack latents 2x2, draw noise and logit-normal sigma per sample, x_t, forward,
 MSE against v = noise - x0 on the image tokens, backward (grad sync deferred to the last micro-batch);
 then megatron's finalize_model_grads (reduce-scatter / all-reduce over DP), optimizer.step (clip, Adam,
-all-gather of the updated shards), LR scheduler step. Works the same on GPUs (bf16) and CPU (fp32, gloo,
-megatron_qwen_image.cpu_emulation).
+all-gather of the updated shards), LR scheduler step. With ddp.overlap_grad_reduce (automatic at DP > 1) the
+last micro-batch's backward already reduces each gradient bucket as it fills, and finalize_model_grads only
+waits; with ddp.overlap_param_gather the all-gather moves from optimizer.step into the next forward's
+pre-hooks (consumer.checkpointing syncs the params before a save). No host sync inside the micro-batch loop
+(loss, grad norm and the stop flag are read once per step). Works the same on GPUs (bf16) and CPU (fp32,
+gloo, megatron_qwen_image.cpu_emulation).
 
 Checkpoints: everything a checkpoint needs lives in one `TrainState`; the loop calls
 `checkpointer.load(state)` once and `checkpointer.maybe_save(state)` after every step. The checkpointer
@@ -38,16 +42,17 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
 
 from consumer import builders
-from consumer.checkpointing import Checkpointer
+from consumer.checkpointing import Checkpointer, disable_pre_hooks, enable_pre_hooks
 from consumer.config import TrainConfig, load_config, resolve_precision, validate
 from consumer.metrics import MetricsLogger, data_summary
-from consumer.planner import format_memory_plan, plan_memory
+from consumer.planner import PlanInputError, dry_run_activations, format_memory_plan, plan_memory
 from consumer.rank_logging import configure_logging
 from consumer.start_point import start_point
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
                                                noisy_latents, velocity_target)
+from megatron_qwen_image.megatron_compat import mark_gradless_params_ready
 from megatron_qwen_image.model import pack_latents
 from megatron_qwen_image.parallel import destroy_parallel, init_parallel
 
@@ -73,10 +78,31 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------
 # One iteration
 # --------------------------------------------------------------------------------------------------
+def host_text_lengths(text_mask: torch.Tensor) -> list[int]:
+    """Valid text tokens per sample, read from the mask where the loader made it: on the host (no device
+    sync). The valid tokens must come first, as every tokenizer pads (checked here, on the host)."""
+    lengths = text_mask.sum(dim=1)
+    prefix = torch.arange(text_mask.shape[1], device=text_mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(text_mask.to(torch.bool), prefix):
+        raise ValueError("batch['text_mask'] must mark a prefix of valid tokens per sample (padding at the end)")
+    return lengths.tolist()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A non-blocking copy (asynchronous from the loader's pinned buffers). Safe with the loader's buffer
+    pool: a buffer is reused only after the batch is dropped, by which time train_step's loss.item() has
+    waited for every copy of that step."""
+    return t.to(device, non_blocking=True)
+
+
 def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, spec: SigmaSampling,
                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The flow-matching loss of the micro-batch `sl`, without a host sync: the text lengths come from the
+    host mask, the tensors are copied as stored and cast on the device."""
     p = cfg.model.patch_size
-    z = batch["latents"][sl].to(device=device, dtype=torch.float32)
+    lengths = host_text_lengths(batch["text_mask"][sl])
+    longest = max(max(lengths), 1)  # drop columns that are padding for every sample here
+    z = to_device(batch["latents"][sl], device).to(torch.float32)
     b, c, h, w = z.shape
     x0 = pack_latents(z, p)
     noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.train.seed, (c, h, w), x0.shape[1], spec,
@@ -84,10 +110,13 @@ def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, 
     noise = pack_latents(noise, p)
     x_t = noisy_latents(x0, noise, sigma)
     target = velocity_target(x0, noise)
-    mask = batch["text_mask"][sl].to(device)
-    length = max(int(mask.sum(dim=1).max()), 1)  # drop columns that are padding for every sample here
-    text = batch["text_embeds"][sl, :length].to(device=device, dtype=dtype)
-    pred = model(x_t.to(dtype), text, mask[:, :length], sigma, img_shapes=[(1, h // p, w // p)] * b)
+    text = batch["text_embeds"][sl, :longest]
+    if text.is_contiguous():
+        text = to_device(text, device)
+    else:  # copy whole rows and cut on the device: a strided host slice would be staged through unpinned memory
+        text = to_device(batch["text_embeds"][sl], device)[:, :longest]
+    text = text.to(dtype)
+    pred = model(x_t.to(dtype), text, None, sigma, img_shapes=[(1, h // p, w // p)] * b, text_lengths=lengths)
     return flow_matching_loss(pred, target).mean()
 
 
@@ -109,6 +138,7 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
             loss = microbatch_loss(model, batch, slice(i * mb, (i + 1) * mb), state.step, cfg, spec, ctx.device, dtype)
             (loss / num_micro).backward()
         losses.append(loss.detach())
+    mark_gradless_params_ready(model)  # overlap_grad_reduce: the buckets of params without a gradient
     finalize_model_grads([model])
     ok, grad_norm, _ = optimizer.step()
     if ok:
@@ -161,9 +191,10 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
     ctx = init_parallel(cfg.parallelism.tensor_model_parallel_size, cfg.train.seed)
     data = data_iterator if data_iterator is not None else builders.build_data_iterator(cfg, ctx)
     bf16, cpu_init = resolve_precision(cfg, cuda)
-    model_config = cfg.model_config(bf16, cpu_init)
-    model = builders.build_model(model_config, ctx.device)
-    ddp_model = builders.wrap_ddp(model, model_config, cfg)
+    fusion, layers = cfg.kernels.fusion_backend(ctx.device.type), cfg.kernels.layer_backend(ctx.device.type)
+    model_config = cfg.model_config(bf16, cpu_init, fusion=fusion)
+    model = builders.build_model(model_config, ctx.device, fusion, layers)
+    ddp_model = builders.wrap_ddp(model, model_config, cfg, ctx.dp_size)
     optimizer = builders.build_optimizer(ddp_model, cfg, bf16)
     scheduler = builders.build_scheduler(optimizer, cfg)
     state = TrainState(cfg=cfg, model=ddp_model, optimizer=optimizer, scheduler=scheduler, data_iterator=data)
@@ -175,6 +206,10 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
               f"{' (CPU emulation of megatron-core CUDA placements)' if ctx.cpu_emulation else ''} | "
               f"{n_local:,} params on rank 0 | distributed optimizer {cfg.optimizer.use_distributed_optimizer} | "
               f"recompute {cfg.recompute.recompute_granularity or 'off'} | "
+              f"sequence parallel {_on(model_config.sequence_parallel)} | "
+              f"layers {layers.name} ({layers.reason}) | elementwise {fusion.name} | "
+              f"overlap grad-reduce {_on(ddp_model.ddp_config.overlap_grad_reduce)}, "
+              f"param-gather {_on(ddp_model.ddp_config.overlap_param_gather)} | "
               f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch "
               f"{t.global_batch_size} = micro {t.micro_batch_size} x DP {ctx.dp_size} x "
               f"{cfg.num_microbatches(ctx.world_size)} accumulation | {start_point(cfg.checkpoint).describe()}",
@@ -182,11 +217,18 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make_checkpointer=Checkpointer) -> list[dict]:
     """Run training to train.train_iters; return the per-step records (every rank gets the same losses).
     `data_iterator` replaces the configured data; `make_checkpointer(cfg, ctx)` builds the checkpointer."""
     state, ctx, dtype = setup(cfg, data_iterator)
     checkpointer = make_checkpointer(cfg, ctx)
+    # As megatron-LM's loop: with overlap_param_gather the all-gather pre-hooks stay off until a step has
+    # succeeded, so that a bad load or initialisation is not all-gathered into the other DP ranks.
+    hooks_paused = disable_pre_hooks(state.model, param_sync=False)
     checkpointer.load(state)
     log, iters, gbs = cfg.logging, cfg.train.train_iters, cfg.train.global_batch_size
     jsonl = log.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
@@ -200,6 +242,9 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
             t0 = time.perf_counter()
             batch = next(state.data_iterator)
             stats = train_step(state, batch, ctx, cfg.flow_matching, dtype)
+            if hooks_paused and not stats["skipped"]:
+                enable_pre_hooks(state.model)
+                hooks_paused = False
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -211,6 +256,7 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
             logger.log(record)
             if checkpointer.maybe_save(state):
                 break
+        disable_pre_hooks(state.model, param_sync=True)  # as megatron-LM ends: complete params on every rank
     finally:
         logger.close()
         checkpointer.close()
@@ -244,6 +290,13 @@ def parse_args(argv=None):
                                         "(checkpoint.pretrained)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
     p.add_argument("--dp", type=int, help="data-parallel size for --dry-run (default: WORLD_SIZE / TP)")
+    p.add_argument("--resolution", help="--dry-run: also plan activations for images of this many pixels: 1328 "
+                                        "(square) or HEIGHTxWIDTH, e.g. 928x1664")
+    p.add_argument("--micro-batch", type=int,
+                   help="--dry-run: samples per micro-batch (default: train.micro_batch_size)")
+    p.add_argument("--text-len", type=int, help="--dry-run: caption tokens per sample (default: 1024, the most)")
+    p.add_argument("--gpu-memory", help="--dry-run: memory of one GPU, e.g. 80GB or 80GiB: recommend the cheapest "
+                                        "recompute setting that fits")
     args = p.parse_args(rest)
     args.overrides = overrides
     return args
@@ -269,11 +322,18 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", 0))  # torchrun's; every rank finds the same error, rank 0 says it
     try:
         cfg = config_from_args(args)
-        if args.dry_run:
+        planner_flags = (args.resolution, args.micro_batch, args.text_len, args.gpu_memory)
+        if args.dry_run or any(flag is not None for flag in planner_flags):
+            if not args.dry_run:
+                raise PlanInputError("--resolution, --micro-batch, --text-len and --gpu-memory only apply with "
+                                     "--dry-run", key="--dry-run")
             dp = args.dp or max(int(os.environ.get("WORLD_SIZE", 1)) // cfg.parallelism.tensor_model_parallel_size, 1)
             note = ("(precision.bf16=null: planned as a GPU run in bf16; pass precision.bf16=false for an fp32 plan)"
                     if cfg.precision.bf16 is None else "")
-            print(format_memory_plan(plan_memory(cfg, dp=dp), note))
+            memory = plan_memory(cfg, dp=dp)
+            activations = dry_run_activations(cfg, memory, args.resolution, args.micro_batch, args.text_len,
+                                              args.gpu_memory)  # checked before anything is printed
+            print(format_memory_plan(memory, note) + "\n\n" + activations)
             return 0
         configure_logging(f"rank {rank}", rank == 0 or cfg.logging.all_ranks)
         try:

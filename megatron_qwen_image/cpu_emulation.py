@@ -26,6 +26,10 @@ Under emulation the "CUDA" default generator IS the CPU default generator: the R
 states, ``model_parallel_cuda_manual_seed`` and recompute's RNG save/restore all act on ``torch``'s CPU
 generator, which keeps their semantics (forked streams are reproducible and restored afterwards).
 
+Needs nothing: DDP's overlap_grad_reduce / overlap_param_gather with one distributed-optimizer instance
+(megatron issues async coalesced reduce-scatters / all-gathers and waits on their handles; gloo runs them
+as they are, and no CUDA stream or event is involved on that path).
+
 Not emulated (refused elsewhere or unused here): fp16/bf16 mixed precision on CPU (CPU runs are fp32),
 multiple distributed-optimizer instances (CUDA streams), NCCL user buffers, MXFP8, CUDA graphs,
 optimizer CPU offload.

@@ -13,6 +13,12 @@ release means reading one file.
   optimizer's `state_dict()` needs and torch's Adam creates only at its first step.
 * `load_optimizer_state(optimizer, loaded)`: the distributed optimizer's load without its 'step' bugs with
   torch's Adam (KeyError on load, one step tensor shared by every param).
+* `mark_gradless_params_ready(ddp_model)`: with overlap_grad_reduce, count the params that got no gradient
+  (the last block's text-stream output projection and MLP: their output is discarded) as ready, without
+  which megatron never reduces their bucket.
+* `use_sync_free_grad_norm()`: megatron's gradient-norm call site without TE/apex uses `multi_tensor_l2_norm`,
+  which keeps the norm on the device, instead of `local_multi_tensor_l2_norm`, which syncs the host once per
+  gradient tensor (consumer.builders.build_optimizer applies it).
 
 megatron-core is imported inside the functions, not here: `consumer/__init__.py` imports this module to call
 `quiet_known_warnings()` BEFORE megatron-core is first imported, and importing megatron-core prints some of
@@ -28,7 +34,8 @@ import torch.distributed as dist
 from megatron_qwen_image.cpu_emulation import PINNED_MEGATRON_CORE
 
 __all__ = ["PINNED_MEGATRON_CORE", "GatherLastDim", "apply_tp_replica_rule", "load_optimizer_state",
-           "materialize_adam_state", "quiet_known_warnings"]
+           "mark_gradless_params_ready", "materialize_adam_state", "multi_tensor_l2_norm", "quiet_known_warnings",
+           "use_sync_free_grad_norm"]
 
 _KNOWN_WARNINGS = (
     ("Transformer Engine and Apex are not installed", UserWarning),      # -> torch AdamW, local multi-tensor ops
@@ -145,3 +152,58 @@ def load_optimizer_state(optimizer, loaded: dict) -> None:
         for st in (inner.state.values() if inner is not None else ()):
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
+
+
+# ---------------------------------------------------------------------------------------------- grad norm
+def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """The L2 norm over every tensor of `tensor_lists`: a float32 tensor of shape [1] on their device, and None
+    (no per-tensor norms), as megatron.core.utils.local_multi_tensor_l2_norm returns; no host sync.
+
+    megatron-core 0.16.1's version builds `torch.tensor(l2)` from the per-tensor 0-dim norms: one
+    device-to-host copy (and stream sync) per gradient tensor, hundreds per step, and then puts the result
+    on the literal "cuda" device. Here the per-tensor norms are stacked on the device instead and reduced
+    there, in fp32: the same value for fp32 tensors (what megatron passes: the fp32 main grads); for 16-bit
+    tensors a more exact one (megatron's `torch.tensor` keeps their dtype and reduces in 16 bits).
+    """
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    if not tensors:  # megatron's call site never passes none; the flag buffer knows the device
+        return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors, dtype=torch.float32)  # one fused kernel per device and dtype on a GPU
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def use_sync_free_grad_norm() -> bool:
+    """Point megatron's gradient-norm call site (`clip_grads.l2_norm_impl`, used by get_grad_norm_fp32) at
+    `multi_tensor_l2_norm` when megatron fell back to its local implementation (no TE, no apex; the CPU
+    emulation's copy of it too). With TE or apex their fused kernel stays. Idempotent; True when in use.
+
+    Only the call site is rebound, not megatron.core.utils.local_multi_tensor_l2_norm itself, so this does not
+    interfere with megatron_qwen_image.cpu_emulation, which edits that function's source."""
+    from megatron.core.optimizer import clip_grads
+
+    current = getattr(clip_grads, "l2_norm_impl", None)
+    if getattr(current, "__name__", None) == "local_multi_tensor_l2_norm":
+        clip_grads.l2_norm_impl = multi_tensor_l2_norm
+    return clip_grads.l2_norm_impl is multi_tensor_l2_norm
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def mark_gradless_params_ready(ddp_model) -> None:
+    """Call after the last micro-batch's backward: with overlap_grad_reduce, register every param whose
+    gradient hook did not fire as ready (its gradient is zero), so that its bucket is reduced too.
+
+    megatron-core 0.16.1's DDP dispatches a bucket's reduce(-scatter) from the gradient hooks, once every
+    param of the bucket has reported a gradient in the last micro-batch; it has no notion of unused params.
+    The MMDiT's last block computes a text-stream output that nothing reads (as diffusers' does), so its
+    text out-projection and MLP get no gradient: the first step's bookkeeping then fails (`assert
+    len(self.per_param_grad_ready_counts) == len(self.params)` in reset), and later steps would never
+    dispatch that bucket. Params are visited in bucket order, the same on every rank, so the collectives
+    this may dispatch are issued in the same order everywhere.
+    """
+    if not ddp_model.ddp_config.overlap_grad_reduce:
+        return
+    for group in ddp_model.bucket_groups + ddp_model.expert_parallel_bucket_groups:
+        for bucket in group.buckets:
+            for param in bucket.params_list:
+                if param not in group.per_param_grad_ready_counts:
+                    group.register_grad_ready(param, ddp_model.force_all_reduce)

@@ -193,14 +193,28 @@ def test_reshard_tp2_to_tp1_and_back_to_tp2(run, exact):
 
 
 def test_reshard_tp2dp1_to_tp2dp2_with_distributed_optimizer(run, exact):
-    # and TP=2 without sequence parallelism from the SP checkpoint
+    """And TP=2 without sequence parallelism from the SP checkpoint. At DP=2 both communication overlaps are
+    on (automatic); with overlap_param_gather each DP rank holds only its shard of a step's update until the
+    next forward, so the step-6 save must all-gather first: its model tensors equal those of the reference's
+    step-6 checkpoint (DP=1, no overlap)."""
+    from megatron_qwen_image.convert.streaming import DcpTensorReader
+
+    dp2_root = run["tmp"] / "dp2_saved"
     ranks, probes = _worker(run, "dp2", 4, "parallelism.sequence_parallel=false", f"checkpoint.load={run['root'] / 'iter_0000004'}",
-                            stop_at=6)
+                            f"checkpoint.save={dp2_root}", "checkpoint.save_interval=2", stop_at=6)
     assert len(ranks) == 4 and all((r["tp"], r["dp"]) == (2, 2) and r["loaded_step"] == 4 for r in ranks)
+    assert all(r["overlap"] == [True, True] for r in ranks)
     assert _rel(probes["load"], exact["probe_step4"]) <= 1e-5
     for step, loss in ranks[0]["losses"].items():
         assert abs(loss - run["losses"][int(step)]) <= 1e-5 * abs(run["losses"][int(step)]), step
     assert sorted(int(s) for s in ranks[0]["losses"]) == [5, 6]
+
+    saved, ref = DcpTensorReader(str(dp2_root / "iter_0000006")), DcpTensorReader(str(run["root"] / "iter_0000006"))
+    names = [k for k in ref.tensor_keys() if not k.startswith(("optimizer", "rng"))]
+    assert len(names) > 20 and set(names) <= set(saved.tensor_keys())
+    worst = max(_rel(saved.read(k), ref.read(k)) for k in names)
+    print(f"step-6 model tensors, TP2xDP2 with overlap vs TP2xDP1 reference: max relative difference {worst:.1e}")
+    assert worst <= 1e-5, worst
 
 
 def test_export_of_a_training_checkpoint_loads_in_diffusers(run, exact):

@@ -161,8 +161,9 @@ def test_sections_of_megatron_objects_build_them():
     cfg = load_config(SMOKE, ["optimizer.adam_eps=1e-6", "ddp.bucket_size=1000"])
     opt = cfg.optimizer_config(bf16=False)
     assert (opt.lr, opt.adam_beta2, opt.adam_eps, opt.use_distributed_optimizer) == (5e-3, 0.95, 1e-6, True)
-    ddp = cfg.ddp_config()
+    ddp = cfg.ddp_config(data_parallel_size=2)
     assert ddp.bucket_size == 1000 and ddp.use_distributed_optimizer and ddp.grad_reduce_in_fp32
+    assert ddp.overlap_grad_reduce and ddp.overlap_param_gather  # automatic at DP > 1 (tests/test_overlap.py)
     model = cfg.model_config(bf16=False, use_cpu_initialization=True)
     assert (model.num_layers, model.hidden_size, model.axes_dims_rope, model.tensor_model_parallel_size,
             model.recompute_granularity) == (2, 64, (4, 6, 6), 2, "full")

@@ -68,6 +68,19 @@ def test_tp2_sequence_parallel_recompute_matches_no_recompute(ranks):
             assert err <= 1e-5, (result["rank"], name, err)
 
 
+def test_tp2_activation_plan_matches_what_autograd_saves_with_and_without_sp(ranks):
+    """The dry-run planner's per-block activation bytes (consumer.activation_plan) within 10 % of the bytes
+    autograd keeps on each TP rank; sequence parallelism keeps less."""
+    for result in ranks:
+        acts = result["activations"]
+        for key in ("sp=False", "sp=True"):
+            measured, planned = acts[key]["measured"], acts[key]["planned"]
+            assert len(measured) == TINY_DIFFUSERS_CONFIG["num_layers"]
+            for got in measured:
+                assert abs(planned - got) <= 0.10 * got, (result["rank"], key, planned, measured)
+        assert max(acts["sp=True"]["measured"]) < min(acts["sp=False"]["measured"])
+
+
 def test_tp2_modulation_is_sharded_and_parameter_count(ranks):
     diff = build_tiny_diffusers_transformer(seed=0)
     total = sum(p.numel() for p in diff.parameters())

@@ -105,7 +105,8 @@ class BucketedLoader:
         many seconds.
       num_entries: epoch mode: use exactly the first N manifest entries (default: the sealed count,
         else all visible at construction).
-      pin_memory: build batches in pinned host memory (for fast, asynchronous copies to a GPU).
+      pin_memory: build latents and text embeddings in pinned host memory, so that the train step's
+        non-blocking copies to a GPU are asynchronous (None: when a GPU is visible).
     Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
     it (collate.BufferPool), so keeping a batch is always safe.
     """
@@ -115,7 +116,8 @@ class BucketedLoader:
                  output_dtype: torch.dtype | None = torch.float32, base_resolution: int | None = None,
                  buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
-                 wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128, pin_memory: bool = False):
+                 wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
+                 pin_memory: bool | None = None):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -158,7 +160,8 @@ class BucketedLoader:
         self._bad: dict[str, str] = {}
         self._verified_rows: dict[str, np.ndarray] = {}
         self._counters = _Counters()
-        self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=pin_memory)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=self.pin_memory)
         self._pipeline: _Pipeline | None = None  # call close() when done
         self._sync_gen = None   # prefetch=0
 

@@ -3,7 +3,8 @@ plus probes of the model's output on fixed inputs after a load and after each sa
 
     ckpt_worker.py --out PREFIX [--stop-at STEP] [key=value ...]   (config: configs/smoke_tp2.yaml + overrides)
 
-Writes PREFIX.rank<r>.json ({"losses": {step: loss}, "loaded_step", "tp", "dp"}) and, from rank 0,
+Writes PREFIX.rank<r>.json ({"losses": {step: loss}, "loaded_step", "overlap": [grad reduce, param gather],
+"tp", "dp"}) and, from rank 0,
 PREFIX.probes.safetensors with "load" (output right after the checkpoint was loaded) and "save@<step>".
 --stop-at STEP ends training after STEP (through the checkpoint seam's stop signal).
 """
@@ -46,6 +47,8 @@ def main():
         def load(self, state):
             loaded = super().load(state)
             info["loaded_step"] = state.step
+            ddp = state.model.ddp_config
+            info["overlap"] = [ddp.overlap_grad_reduce, ddp.overlap_param_gather]
             if loaded:
                 probes["load"] = probe_output(state.model)
             return loaded
@@ -66,6 +69,7 @@ def main():
 
     rank = dist.get_rank()
     result = {"rank": rank, "losses": {r["step"]: r["loss"] for r in records}, "loaded_step": info["loaded_step"],
+              "overlap": info["overlap"],
               "tp": parallel_state.get_tensor_model_parallel_world_size(),
               "dp": parallel_state.get_data_parallel_world_size()}
     with open(f"{args.out}.rank{rank}.json", "w") as f:

@@ -15,6 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megatron.core import parallel_state  # noqa: E402
 
+from consumer.activation_plan import FLASH, activation_plan  # noqa: E402
+from consumer.config import load_config  # noqa: E402
+
 from megatron_qwen_image.model.diffusers_mapping import (  # noqa: E402
     diffusers_to_megatron,
     megatron_shapes,
@@ -30,6 +33,7 @@ from tests.reference_models import (  # noqa: E402
     megatron_from_diffusers,
     rel_max_err,
 )
+from tests.support.saved_tensors import measure_saved_bytes  # noqa: E402
 
 
 def grads_of(model):
@@ -135,6 +139,22 @@ def main():
         out, grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp, **overrides).train(), inputs)
         errs = [rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads]
         result["sp_recompute_rel_err"][name] = max(errs)
+
+    # -- activation memory: what autograd saves per block, with and without SP, against the planner
+    result["activations"] = {}
+    h, w, lens = 5, 3, [7, 4]  # 15 image and 7 text tokens: SP pads both streams
+    for sp_on in (False, True):
+        act_model = megatron_from_diffusers(diff_train, tp, rank, sequence_parallel=sp_on).train()
+        act_inputs = {**make_inputs(2, h, w, lens, seed=3), "text_lengths": lens}
+        measured = measure_saved_bytes(act_model, lambda: loss_of(act_model(**act_inputs)))
+        cfg = load_config(os.path.join("configs", "model", "tiny.yaml"),
+                          ["precision.bf16=false", f"parallelism.tensor_model_parallel_size={tp}",
+                           f"parallelism.sequence_parallel={str(sp_on).lower()}"])
+        plan = activation_plan(cfg, 16 * h, 16 * w, 2, max(lens), tp=tp, sequence_parallel=sp_on, bf16=False,
+                               attention_kernel=FLASH, text_lengths=lens)
+        result["activations"][f"sp={sp_on}"] = {
+            "measured": [measured.per_block[i] for i in sorted(measured.per_block)],
+            "planned": plan.per_layer_bytes}
 
     # -- mapping round trip through every rank's state dict
     rank_sds = [None] * tp

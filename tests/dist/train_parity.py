@@ -1,8 +1,10 @@
-"""torchrun worker for tests/test_distributed_optimizer.py: a few training steps through consumer.train.train.
+"""torchrun worker for tests/test_distributed_optimizer.py and tests/test_overlap.py: a few training steps
+through consumer.train.train.
 
 Runs the real training path (megatron DDP, megatron optimizer, scheduler, recompute as configured) on the
 tiny model and synthetic data, and writes one JSON per rank with the per-step losses / grad norms, the
-sample keys it trained on, its local parameter count and the bytes of optimizer state it holds.
+sample keys it trained on, its local parameter count, the bytes of optimizer state it holds and the number
+of DDP bucket groups.
 
 --save-init FILE  (TP=1 only) write the freshly initialised full weights (safetensors) before training
 --load-init FILE  load those full weights, taking this rank's TP shard of each tensor (model's weight mapping)
@@ -43,6 +45,7 @@ class InitAndInspect:
         self.save_init, self.load_init = save_init, load_init
         self.optimizer_state_bytes = None
         self.local_params = None
+        self.bucket_groups = None
 
     def load(self, state):
         from megatron.core import parallel_state
@@ -51,6 +54,7 @@ class InitAndInspect:
 
         model = state.model.module
         self.local_params = sum(p.numel() for p in model.parameters())
+        self.bucket_groups = len(state.model.bucket_groups)
         if self.save_init:
             assert parallel_state.get_tensor_model_parallel_world_size() == 1
             if dist.get_rank() == 0:
@@ -105,6 +109,7 @@ def main():
         "rank": rank, "tp_rank": parallel_state.get_tensor_model_parallel_rank(), "dp_rank": dp_rank,
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
         "keys": data.keys, "local_params": hook.local_params, "optimizer_state_bytes": hook.optimizer_state_bytes,
+        "bucket_groups": hook.bucket_groups,
     }
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
