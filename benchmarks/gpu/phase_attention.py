@@ -140,10 +140,7 @@ def run_attention(settings: Settings, budget: Budget) -> dict:
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     cases, notes = [], []
-    for case in attention_cases(settings):
-        if budget.expired:
-            notes.append(budget.skip_note(f"attention {case.name} {case.resolution}"))
-            continue
+    for case in budget.items(attention_cases(settings), notes, lambda c: f"attention {c.name} {c.resolution}"):
         cases.append(run_case(case, settings, device, dtype, budget))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the math backend's S^2 buffers

@@ -41,10 +41,9 @@ from benchmarks.gpu.trainer_setup import bench_config, ensure_world
 class BlockStack(torch.nn.Module):
     """num_layers QwenImageBlocks in sequence; with full recompute each block is one checkpoint."""
 
-    def __init__(self, model_config):
+    def __init__(self, model_config, spec):
         super().__init__()
         self.config = model_config
-        spec = get_qwen_image_block_spec()
         self.layers = torch.nn.ModuleList([build_module(spec, config=model_config, layer_number=i + 1)
                                            for i in range(model_config.num_layers)])
 
@@ -153,18 +152,16 @@ def run_blocks(settings: Settings, budget: Budget) -> dict:
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     ensure_world(settings)
     results, notes = [], []
-    for mode in settings.recompute_modes:
-        if budget.expired:
-            notes.append(budget.skip_note(f"recompute {mode.name}"))
-            continue
+    for mode in budget.items(settings.recompute_modes, notes, lambda m: f"recompute {m.name}"):
         cfg = bench_config(settings, mode)
-        model_config = cfg.model_config(bf16=settings.bf16, use_cpu_initialization=device.type == "cpu")
-        stack = BlockStack(model_config).to(device)
+        # the trainer's choices (kernels section): compiled elementwise groups on CUDA, TE layers when installed
+        fusion, layers = cfg.kernels.fusion_backend(device.type), cfg.kernels.layer_backend(device.type)
+        model_config = cfg.model_config(bf16=settings.bf16, use_cpu_initialization=device.type == "cpu", fusion=fusion)
+        spec = get_qwen_image_block_spec(**layers.spec_kwargs(), fusion=fusion)
+        stack = BlockStack(model_config, spec).to(device)
+        notes.append(f"recompute {mode.name}: layers {layers.name}, elementwise {fusion.name}")
         params = sum(p.numel() for p in stack.parameters())
-        for res in settings.resolutions:
-            if budget.expired:
-                notes.append(budget.skip_note(f"recompute {mode.name} at {res[0]}x{res[1]}"))
-                continue
+        for res in budget.items(settings.resolutions, notes, lambda r: f"recompute {mode.name} at {r[0]}x{r[1]}"):
             inputs = block_inputs(settings, model_config, res, device, dtype)
             try:
                 r = measure(stack, inputs, settings, mode, res, device, budget)

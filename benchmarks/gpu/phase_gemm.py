@@ -47,10 +47,7 @@ def run_gemm(settings: Settings, budget: Budget) -> dict:
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if settings.bf16 else torch.float32
     rows, notes = [], []
-    for shape in gemm_shapes(settings):
-        if budget.expired:
-            notes.append(budget.skip_note(f"GEMM {shape.name} {shape.resolution}"))
-            continue
+    for shape in budget.items(gemm_shapes(settings), notes, lambda g: f"GEMM {g.name} {g.resolution}"):
         x = torch.randn(shape.m, shape.k, device=device, dtype=dtype)
         w = torch.randn(shape.n, shape.k, device=device, dtype=dtype)  # [out, in], as a linear layer's weight
         probe = time_calls(lambda: torch.matmul(x, w.t()), device, warmup=settings.warmup, iters=1)

@@ -9,8 +9,8 @@ around each part:
   backward              loss.backward() (the gradients land in DDP's fp32 main_grad buffer)
   finalize_model_grads  megatron's finalize_model_grads (the DP reduce-scatter: a no-op-sized one at DP=1),
                         after train_step's mark_gradless_params_ready
-  optimizer_step        optimizer.step(): grad norm + clip (without TE/apex megatron syncs the host per
-                        tensor), Adam on the fp32 main params, copy back to bf16
+  optimizer_step        optimizer.step(): grad norm + clip (megatron_compat's sync-free norm without
+                        TE/apex), Adam on the fp32 main params, copy back to bf16
   scheduler_step        the LR scheduler
 The batch is one fixed micro-batch at --step resolution (latents bf16 as the cache stores them, on the host
 like the loader's), text padded to the longest caption. Memory, above what earlier phases left allocated:

@@ -38,6 +38,14 @@ class Budget:
     def skip_note(self, what: str) -> str:
         return f"{what} skipped: the time budget of {self.total_s:.0f} s was spent ({self.elapsed:.0f} s elapsed)"
 
+    def items(self, items, notes: list, describe):
+        """Yield the items while time is left; for each one after that, a skip note `describe(item)` in notes."""
+        for item in items:
+            if self.expired:
+                notes.append(self.skip_note(describe(item)))
+            else:
+                yield item
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

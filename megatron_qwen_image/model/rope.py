@@ -67,7 +67,7 @@ def msrope_positions(images: Sequence[tuple[int, int, int]], text_len: int) -> t
 class QwenMSRoPE(torch.nn.Module):
     """Produces (img_cos, img_sin, txt_cos, txt_sin), each [S, head_dim // 2] float32, for a batch layout."""
 
-    CACHE_SIZE = 32  # batches are bucketed by size, so a training run sees few distinct layouts
+    CACHE_SIZE = 32  # image layouts; batches are bucketed by size, so a training run sees few distinct ones
 
     def __init__(self, axes_dims: Sequence[int], theta: int = 10000):
         super().__init__()
@@ -86,11 +86,20 @@ class QwenMSRoPE(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Sequence[tuple[int, int, int]], text_len: int, device=None):
-        key = (tuple(tuple(fhw) for fhw in images), int(text_len), str(device))
-        if key not in self._cache:
-            img_pos, txt_pos = msrope_positions(images, text_len)
+        """(img_cos, img_sin, txt_cos, txt_sin) for this image layout and text length.
+
+        Cached per image layout and device; the text tables are kept for the longest text seen so far (grown
+        to a multiple of 256 positions) and sliced, so the varying caption lengths of a run cause no new
+        host-to-device copy (each copy from pageable memory would block the host)."""
+        key = (tuple(tuple(fhw) for fhw in images), str(device))
+        entry = self._cache.get(key)
+        if entry is None or entry[2].shape[0] < text_len:
+            capacity = -(-max(int(text_len), 1) // 256) * 256
+            img_pos, txt_pos = msrope_positions(images, capacity)
             img_ang, txt_ang = self.angles(img_pos), self.angles(txt_pos)
-            if len(self._cache) >= self.CACHE_SIZE:
+            if entry is None and len(self._cache) >= self.CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = tuple(t.to(device) for t in (img_ang.cos(), img_ang.sin(), txt_ang.cos(), txt_ang.sin()))
-        return self._cache[key]
+            entry = tuple(t.to(device) for t in (img_ang.cos(), img_ang.sin(), txt_ang.cos(), txt_ang.sin()))
+            self._cache[key] = entry
+        img_cos, img_sin, txt_cos, txt_sin = entry
+        return img_cos, img_sin, txt_cos[:text_len], txt_sin[:text_len]

@@ -63,6 +63,31 @@ def sum_sequence_parallel_grads(model):
             dist.all_reduce(p.grad, group=group)
 
 
+def forward_errors(model, diff) -> dict:
+    """max relative error of our forward against diffusers' on every parity shape."""
+    errors = {}
+    for batch, h, w, lens, frames in PARITY_SHAPES:
+        inputs = make_inputs(batch, h, w, lens, seed=h * 10 + w, frames=frames)
+        with torch.no_grad():
+            errors[f"{batch}x{frames}x{h}x{w}-{lens}"] = rel_max_err(model(**inputs), diffusers_forward(diff, inputs))
+    return errors
+
+
+RECOMPUTE = {
+    "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "selective-all": dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm", "mlp"]),
+}
+
+
+def recompute_errors(diff, tp, rank, inputs, base_out, base_grads, **overrides) -> dict:
+    """Per recompute setting, the worst relative difference of output and gradients from the no-recompute run."""
+    errors = {}
+    for name, recompute in RECOMPUTE.items():
+        out, grads = train_step(megatron_from_diffusers(diff, tp, rank, **overrides, **recompute).train(), inputs)
+        errors[name] = max([rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads])
+    return errors
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -80,12 +105,7 @@ def main():
     # -- forward parity on every shape
     diff = build_tiny_diffusers_transformer(seed=0)
     model = megatron_from_diffusers(diff, tp, rank).eval()
-    result["forward_rel_err"] = {}
-    for batch, h, w, lens, frames in PARITY_SHAPES:
-        inputs = make_inputs(batch, h, w, lens, seed=h * 10 + w, frames=frames)
-        with torch.no_grad():
-            err = rel_max_err(model(**inputs), diffusers_forward(diff, inputs))
-        result["forward_rel_err"][f"{batch}x{frames}x{h}x{w}-{lens}"] = err
+    result["forward_rel_err"] = forward_errors(model, diff)
 
     # -- sharding of the modulation projections and parameter count of this rank
     hidden = model.config.hidden_size
@@ -110,35 +130,16 @@ def main():
 
     # -- recompute at TP>1: same outputs and grads as without
     base_out, base_grads = train_step(megatron_from_diffusers(diff_train, tp, rank).train(), inputs)
-    result["recompute_rel_err"] = {}
-    for name, overrides in {
-        "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-        "selective-all": dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm", "mlp"]),
-    }.items():
-        out, grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **overrides).train(), inputs)
-        errs = [rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads]
-        result["recompute_rel_err"][name] = max(errs)
+    result["recompute_rel_err"] = recompute_errors(diff_train, tp, rank, inputs, base_out, base_grads)
 
     # -- sequence parallelism: the same outputs (every parity shape) and gradients, with and without recompute
     sp = dict(sequence_parallel=True)
     sp_model = megatron_from_diffusers(diff, tp, rank, **sp).eval()
-    result["sp_forward_rel_err"] = {}
-    for batch, h, w, lens, frames in PARITY_SHAPES:
-        inputs_sp = make_inputs(batch, h, w, lens, seed=h * 10 + w, frames=frames)
-        with torch.no_grad():
-            err = rel_max_err(sp_model(**inputs_sp), diffusers_forward(diff, inputs_sp))
-        result["sp_forward_rel_err"][f"{batch}x{frames}x{h}x{w}-{lens}"] = err
+    result["sp_forward_rel_err"] = forward_errors(sp_model, diff)
     result["sp_marked_params"] = sorted(n for n, p in sp_model.named_parameters() if getattr(p, "sequence_parallel", False))
     _, sp_grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp).train(), inputs)
     result["sp_grad_rel_err"] = {n: rel_max_err(sp_grads[n], ref_grads[n]) for n in ref_grads}
-    result["sp_recompute_rel_err"] = {}
-    for name, overrides in {
-        "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-        "selective-all": dict(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm", "mlp"]),
-    }.items():
-        out, grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp, **overrides).train(), inputs)
-        errs = [rel_max_err(out, base_out)] + [rel_max_err(grads[n], base_grads[n]) for n in base_grads]
-        result["sp_recompute_rel_err"][name] = max(errs)
+    result["sp_recompute_rel_err"] = recompute_errors(diff_train, tp, rank, inputs, base_out, base_grads, **sp)
 
     # -- activation memory: what autograd saves per block, with and without SP, against the planner
     result["activations"] = {}
