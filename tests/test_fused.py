@@ -125,10 +125,14 @@ def test_mlp_activation_fields_make_megatron_mlp_compute_gelu_tanh(monkeypatch, 
     assert bias is not None and len(calls) == (1 if fused_flag else 0)
 
 
-def test_f_gelu_without_the_fusion_flag_is_erf_gelu():
-    """The trap mlp_activation_fields avoids: activation_func=F.gelu, bias_activation_fusion=False."""
-    out, _, expected = mlp_forward(tiny_config(activation_func=F.gelu, bias_activation_fusion=False),
-                                   torch.randn(S, B, HIDDEN) * 3)
+def test_f_gelu_without_the_fusion_flag_is_erf_gelu_and_refused():
+    """The trap mlp_activation_fields avoids: activation_func=F.gelu, bias_activation_fusion=False makes
+    megatron's MLP compute erf-GELU, so QwenImageConfig refuses the pair."""
+    with pytest.raises(ValueError, match="activation_func"):
+        tiny_config(activation_func=F.gelu, bias_activation_fusion=False)
+    config = tiny_config(activation_func=F.gelu, bias_activation_fusion=True)
+    config.bias_activation_fusion = False  # what the check prevents
+    out, _, expected = mlp_forward(config, torch.randn(S, B, HIDDEN) * 3)
     assert (out - expected).abs().max() > 1e-3
 
 
