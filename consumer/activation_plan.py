@@ -65,6 +65,7 @@ from typing import Sequence
 
 from consumer.config import TrainConfig
 from megatron_qwen_image.config import ConfigError
+from megatron_qwen_image.model.rope import TEXT_TABLE_STEP
 
 FLASH, MATH = "flash", "math"        # attention kernels: GPU (and torch's CPU flash) kernels, or the math one
 RECOMPUTE_KEYS = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
@@ -377,7 +378,9 @@ def activation_plan(cfg: TrainConfig, height: int, width: int, micro_batch: int,
         T("txt_norm: normalised, saved by its weight multiply", "text token", B * L, m.joint_attention_dim),
         T("txt_in input", "text token", B * L, m.joint_attention_dim),
         T("timestep MLP: inputs of linear_1, SiLU, linear_2 and temb", "sample", B, 256 + 3 * h),
-        T("MSRoPE cos/sin tables (fp32, shared by blocks and samples)", "token of one sample", N + L, D, FP32),
+        # the text tables are cached for a multiple of TEXT_TABLE_STEP positions (rope.QwenMSRoPE) and sliced
+        T("MSRoPE cos/sin tables (fp32, shared by blocks and samples)", "token of one sample",
+          N + -(-L // TEXT_TABLE_STEP) * TEXT_TABLE_STEP, D, FP32),
         T("norm_out: SiLU output and (1 + scale)", "sample", B, 2 * h),
         T("norm_out: LayerNorm input (last block's image stream)", "image token", B * pad(N), h),
         T("norm_out: LayerNorm mean + rstd (fp32)", "image token", B * N, 2, FP32),

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 ImageShape = tuple  # (frames, height, width) in patch units
+TEXT_TABLE_STEP = 256  # text RoPE tables are cached for a multiple of this many positions
 
 
 def normalize_img_shapes(img_shapes, batch_size: int) -> list[tuple[int, int, int]]:
@@ -89,12 +90,12 @@ class QwenMSRoPE(torch.nn.Module):
         """(img_cos, img_sin, txt_cos, txt_sin) for this image layout and text length.
 
         Cached per image layout and device; the text tables are kept for the longest text seen so far (grown
-        to a multiple of 256 positions) and sliced, so the varying caption lengths of a run cause no new
+        to a multiple of TEXT_TABLE_STEP positions) and sliced, so the varying caption lengths of a run cause no new
         host-to-device copy (each copy from pageable memory would block the host)."""
         key = (tuple(tuple(fhw) for fhw in images), str(device))
         entry = self._cache.get(key)
         if entry is None or entry[2].shape[0] < text_len:
-            capacity = -(-max(int(text_len), 1) // 256) * 256
+            capacity = -(-max(int(text_len), 1) // TEXT_TABLE_STEP) * TEXT_TABLE_STEP
             img_pos, txt_pos = msrope_positions(images, capacity)
             img_ang, txt_ang = self.angles(img_pos), self.angles(txt_pos)
             if entry is None and len(self._cache) >= self.CACHE_SIZE:
