@@ -100,7 +100,7 @@ def run_phase(name: str, settings: Settings, budget: Budget) -> PhaseResult:
         result = PhaseResult(name, "error", error=f"{type(e).__name__}: {str(e)[:1000]}",
                              traceback=traceback.format_exc()[-6000:])
     try:
-        free_device_memory(torch.device(settings.device))
+        free_device_memory(settings.torch_device)
     except Exception:  # a device left unusable by this phase's error: the next phase records its own
         pass
     result.seconds = time.perf_counter() - t0

@@ -137,8 +137,7 @@ def run_case(case: AttentionCase, settings: Settings, device, dtype, budget: Bud
 
 
 def run_attention(settings: Settings, budget: Budget) -> dict:
-    device = torch.device(settings.device)
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    device, dtype = settings.torch_device, settings.dtype
     cases, notes = [], []
     for case in budget.items(attention_cases(settings), notes, lambda c: f"attention {c.name} {c.resolution}"):
         cases.append(run_case(case, settings, device, dtype, budget))

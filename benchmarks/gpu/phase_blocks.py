@@ -148,8 +148,7 @@ def measure(stack: BlockStack, inputs: BlockInputs, settings: Settings, mode: Re
 
 
 def run_blocks(settings: Settings, budget: Budget) -> dict:
-    device = torch.device(settings.device)
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    device, dtype = settings.torch_device, settings.dtype
     ensure_world(settings)
     results, notes = [], []
     for mode in budget.items(settings.recompute_modes, notes, lambda m: f"recompute {m.name}"):

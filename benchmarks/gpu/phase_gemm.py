@@ -44,8 +44,7 @@ def gemm_shapes(settings: Settings) -> list[GemmShape]:
 
 
 def run_gemm(settings: Settings, budget: Budget) -> dict:
-    device = torch.device(settings.device)
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    device, dtype = settings.torch_device, settings.dtype
     rows, notes = [], []
     for shape in budget.items(gemm_shapes(settings), notes, lambda g: f"GEMM {g.name} {g.resolution}"):
         x = torch.randn(shape.m, shape.k, device=device, dtype=dtype)

@@ -46,7 +46,7 @@ def fixed_batch(settings: Settings, text_dim: int) -> dict:
     latents = torch.randn(b, LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR, generator=g)
     text = torch.randn(b, settings.text_len, text_dim, generator=g)
     mask = torch.arange(settings.text_len)[None, :] < torch.tensor(settings.text_valid)[:, None]
-    store = torch.bfloat16 if settings.bf16 else torch.float32
+    store = settings.dtype
     return {"latents": latents.to(store), "text_embeds": (text * mask[..., None]).to(store), "text_mask": mask,
             "keys": [f"bench/{i:06d}" for i in range(b)]}
 
@@ -70,7 +70,7 @@ def run_step(settings: Settings, budget: Budget) -> dict:
         f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}", "train.train_iters=1000000",
         "data.source=synthetic"])
     batch = fixed_batch(settings, cfg.model.joint_attention_dim)
-    device = torch.device(settings.device)
+    device = settings.torch_device
     free_device_memory(device)
     before = allocated_bytes(device) or 0  # what earlier phases left: not this phase's
     state, ctx, dtype = setup(cfg, RepeatBatch(batch))

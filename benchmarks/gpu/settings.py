@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from benchmarks.gpu.flops import VAE_FACTOR, ModelDims, image_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,6 +88,14 @@ class Settings:
     @property
     def bf16(self) -> bool:
         return self.device == "cuda"  # CPU runs are fp32, as the trainer's
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def image_tokens(self, resolution) -> int:
         return image_tokens(*resolution, self.dims)
