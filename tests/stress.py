@@ -5,7 +5,8 @@
 
 Each busy loop is a process spinning on one core (nice 0, the same priority as the tests), so on a
 2-core machine 2 of them leave the suite about half the CPU it would have on a quiet machine. The loops
-live in their own process group and are killed when the runs end, also on Ctrl-C. Every run's pytest
+live in their own process group and are killed when the runs end, also on Ctrl-C or SIGTERM; they end by
+themselves when this process is gone. Every run's pytest
 summary line is printed at the end; the exit status is the first failing run's (0 if all passed).
 """
 from __future__ import annotations
@@ -18,22 +19,29 @@ import subprocess
 import sys
 import time
 
+from tests.support.processes import kill_process_group
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed|error).*) in [\d.]+s.*$")
 
 
+# Spins until its parent is gone: a stress run that is itself killed (SIGKILL, a closed terminal) leaves no
+# busy loop eating the machine's cores behind it.
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 def start_busy_loops(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
-            for _ in range(n)]
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True) for _ in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_process_group(p)
         p.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def run_suite(pytest_args: list[str]) -> tuple[int, str, float]:
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--busy must be >= 0 and --runs >= 1")
     pytest_args = args.pytest_args or ["-q", "tests"]
     results = []
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the loops are stopped below
     loops = start_busy_loops(args.busy)
     print(f"[stress] {args.busy} busy-loop process(es) on {os.cpu_count()} core(s): "
           f"{' '.join(str(p.pid) for p in loops) or 'none'}", flush=True)

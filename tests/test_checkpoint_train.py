@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_qwen_image import checkpoint_format
+from tests.support.processes import kill_process_group
 from tests.torchrun import REPO, torchrun
 from tests.waiting import wait_for
 
@@ -156,10 +157,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(run):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_process_group(proc)
     out = log.read_text()
     steps = sorted(_losses(jsonl))
     assert "SIGTERM received" in out and "stopping after step" in out, out[-5000:]

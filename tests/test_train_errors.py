@@ -25,6 +25,7 @@ from consumer.start_point import StartPoint, start_point
 from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.cache import CacheReader, CacheWriter, seal
 from megatron_qwen_image.config import ConfigError
+from tests.support.processes import kill_process_group
 from tests.torchrun import REPO
 from tests.waiting import wait_for
 
@@ -236,10 +237,7 @@ def test_streaming_trainer_says_what_it_waits_for_and_trains_past_a_lost_bucket(
         seal(str(cache))  # the last round takes what is left, then epoch mode
         assert proc.wait(timeout=240) == 0, log.read_text()[-5000:]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_process_group(proc)
     out = log.read_text()
     assert re.search(rf"^\[rank 0\] INFO megatron_qwen_image\.cache\.loader: waiting for producers: 2 shards \(32 samples\) "
                      rf"committed to {re.escape(str(cache))} so far; round 0 has 16 of the 32 new samples it takes, and 16 "

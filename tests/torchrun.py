@@ -1,8 +1,9 @@
 """Launch a multi-process test under torchrun (gloo on CPU) and always clean up its processes."""
 import os
-import signal
 import subprocess
 import sys
+
+from tests.support.processes import kill_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,14 +27,11 @@ def torchrun(nproc: int, target: list[str], timeout: float = 600, env: dict | No
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_process_group(proc)
         out, _ = proc.communicate()
         raise AssertionError(f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n{out[-20000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_process_group(proc)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n{out[-20000:]}")
     return out
