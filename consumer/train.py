@@ -54,6 +54,7 @@ from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sig
                                                noisy_latents, velocity_target)
 from megatron_qwen_image.megatron_compat import mark_gradless_params_ready
 from megatron_qwen_image.model import pack_latents
+from megatron_qwen_image.model.mmdit import prefix_lengths
 from megatron_qwen_image.parallel import destroy_parallel, init_parallel
 
 
@@ -81,11 +82,7 @@ class TrainState:
 def host_text_lengths(text_mask: torch.Tensor) -> list[int]:
     """Valid text tokens per sample, read from the mask where the loader made it: on the host (no device
     sync). The valid tokens must come first, as every tokenizer pads (checked here, on the host)."""
-    lengths = text_mask.sum(dim=1)
-    prefix = torch.arange(text_mask.shape[1], device=text_mask.device)[None, :] < lengths[:, None]
-    if not torch.equal(text_mask.to(torch.bool), prefix):
-        raise ValueError("batch['text_mask'] must mark a prefix of valid tokens per sample (padding at the end)")
-    return lengths.tolist()
+    return prefix_lengths(text_mask, "batch['text_mask']")
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -38,6 +38,17 @@ from .rope import QwenMSRoPE, normalize_img_shapes
 from .sequence import enter_sequence_parallel, leave_sequence_parallel
 
 
+def prefix_lengths(mask: torch.Tensor, name: str) -> list[int]:
+    """The valid tokens of each row of a [B, L] padding mask (True/1 = valid), as host ints; refuses a mask
+    whose valid tokens are not a prefix (every tokenizer pads at the end). Syncs the host only for a device
+    mask: read from the loader's CPU mask it costs none."""
+    mask = mask.to(torch.bool)
+    lengths = mask.sum(dim=1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
+        raise ValueError(f"{name} must mark a prefix of valid tokens per sample (padding at the end)")
+    return lengths.tolist()
+
+
 class QwenImageMMDiT(MegatronModule):
     """The Qwen-Image MMDiT. Parameter layout: time_embed.linear_{1,2}, txt_norm, img_in, txt_in,
     layers.{i}.(img_mod|txt_mod).linear, layers.{i}.attention.*, layers.{i}.(img_mlp|txt_mlp).linear_fc{1,2},
@@ -145,12 +156,8 @@ class QwenImageMMDiT(MegatronModule):
         if text_lengths is None:
             if text_mask is None:
                 return None
-            mask = text_mask.to(torch.bool)
-            text_lengths = mask.sum(dim=1).tolist()  # one host sync; the trainer passes the lengths instead
-            prefix = torch.arange(text_len, device=mask.device)[None, :] < mask.sum(dim=1, keepdim=True)
-            if not torch.equal(mask, prefix):
-                raise ValueError("encoder_hidden_states_mask must mark a prefix of valid tokens per sample "
-                                 "(padding at the end)")
+            # one host sync for a device mask; the trainer passes the lengths instead
+            text_lengths = prefix_lengths(text_mask, "encoder_hidden_states_mask")
         text_lengths = [int(n) for n in text_lengths]
         if len(text_lengths) != batch or not all(0 <= n <= text_len for n in text_lengths):
             raise ValueError(f"text_lengths {text_lengths} must give one length in [0, {text_len}] per sample")
