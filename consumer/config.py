@@ -30,10 +30,12 @@ from megatron_qwen_image.cache import BucketedLoader
 from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
+from megatron_qwen_image.encoders.local_dir import VAE, EncoderDirError, component_dir
 from megatron_qwen_image.flow_matching import SigmaSampling
 from megatron_qwen_image.model.backends import TRANSFORMER_IMPLS, BackendChoice, block_spec_backend
 from megatron_qwen_image.model.config import ModelConfigError, QwenImageConfig
 from megatron_qwen_image.model.fused import EAGER, FUSION_MODES, FusionBackend, select_fusion
+from megatron_qwen_image.prompts import PromptsFileError, check_encoded, load_encoded
 
 ModelSection = section("ModelSection", QwenImageConfig, {
     "num_layers": "dual-stream MMDiT blocks",
@@ -132,6 +134,8 @@ LoaderSection = section("LoaderSection", BucketedLoader, {
     "stream_timeout_s": "streaming: give up after waiting this long for producers (null: wait)",
     "wait_log_interval_s": "streaming: while waiting for producers, log what for every this many seconds",
     "max_open_shards": "memory-mapped shards kept open",
+    "holdout_fraction": "hold out this fraction of the cache's sample keys (a fixed hash split) for the "
+                        "validation loss; training never sees them",
     "pin_memory": "build batches in pinned host memory, for asynchronous host-to-GPU copies (null: when a GPU "
                   "is visible)",
 }, choices={"verify": VERIFY_MODES}, doc="The latent cache's BucketedLoader (megatron_qwen_image.cache).")
@@ -220,6 +224,28 @@ class CheckpointSection:
 
 
 @dataclass
+class ValidationSection:
+    """Every eval_interval steps: images of fixed prompts (grid PNG + TensorBoard) and a held-out loss at fixed
+    sigmas (docs/training.md, "Validation"). Never changes training: a run with validation trains the same."""
+
+    eval_interval: Optional[int] = option(None, "validate every K steps (--eval-interval; null: never)")
+    prompts: Optional[str] = option(None, "encoded validation prompts: `python -m megatron_qwen_image.prompts encode "
+                                    "PROMPTS --encoders DIR --out FILE` (null: no images)")
+    encoders: Optional[str] = option(None, "Qwen-Image pipeline directory whose vae/ decodes the images (only the "
+                                     "VAE decoder is loaded, by one process per data-parallel group)")
+    steps: int = option(20, "sampling steps per image")
+    guidance: float = option(4.0, "true classifier-free guidance scale for prompts with a negative prompt (<= 1: off)")
+    batch_size: int = option(4, "images per sampling forward")
+    samples_dir: Optional[str] = option(None, "where step_NNNNNN.png grids go (null: samples/ beside the stats JSONL)")
+    loss_cache_dir: Optional[str] = option(None, "a held-out latent cache for the validation loss (null: the "
+                                           "training cache's held-out keys when data.cache.holdout_fraction > 0)")
+    loss_sigmas: list = option([0.1, 0.3, 0.5, 0.7, 0.9], "sigmas the validation loss is evaluated at")
+    loss_samples: int = option(64, "held-out samples evaluated (the first in key-hash order)")
+    loss_micro_batch_size: Optional[int] = option(None, "samples per validation-loss forward (null: "
+                                                  "train.micro_batch_size)")
+
+
+@dataclass
 class LoggingSection:
     """Console, Python logging, JSONL and TensorBoard output."""
 
@@ -246,6 +272,7 @@ class TrainConfig:
     flow_matching: SigmaSampling = field(default_factory=SigmaSampling)
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -367,6 +394,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
         require(ck.save_interval >= 1, "checkpoint.save_interval", "must be >= 1")
         require(ck.save is not None, "checkpoint.save_interval", "needs checkpoint.save=DIR (--save)")
 
+    validate_validation(cfg, world_size is not None)
+
     if cuda_available is not None:
         require(not (cfg.precision.bf16 and not cuda_available), "precision.bf16",
                 "bf16=true needs a GPU; CPU runs are fp32 (set precision.bf16=null for automatic)")
@@ -390,6 +419,48 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
         require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of micro_batch_size x data-parallel size "
                 f"= {t.micro_batch_size} x {dp}")
+
+
+def validate_validation(cfg: TrainConfig, at_start: bool) -> None:
+    """The `validation` section (and data.cache.holdout_fraction); `at_start`: also the files it names."""
+    v, d = cfg.validation, cfg.data
+    fraction = d.cache.holdout_fraction
+    require(0 <= fraction < 1, "data.cache.holdout_fraction", f"must be in [0, 1), got {fraction}")
+    require(not (fraction > 0 and d.source != "cache"), "data.cache.holdout_fraction",
+            "holds out keys of the latent cache: needs data.source=cache")
+    for key, lo in (("steps", 1), ("batch_size", 1), ("loss_samples", 1)):
+        require(getattr(v, key) >= lo, f"validation.{key}", f"must be >= {lo}, got {getattr(v, key)}")
+    require(v.guidance >= 0, "validation.guidance", f"must be >= 0, got {v.guidance}")
+    require(v.loss_micro_batch_size is None or v.loss_micro_batch_size >= 1, "validation.loss_micro_batch_size",
+            f"must be >= 1 or null, got {v.loss_micro_batch_size}")
+    require(len(v.loss_sigmas) >= 1 and all(isinstance(s, (int, float)) and 0 < s <= 1 for s in v.loss_sigmas),
+            "validation.loss_sigmas", f"must be a non-empty list of sigmas in (0, 1], got {v.loss_sigmas}")
+    if v.eval_interval is None:
+        return
+    require(v.eval_interval >= 1, "validation.eval_interval", f"must be >= 1 or null, got {v.eval_interval}")
+    has_loss = v.loss_cache_dir is not None or fraction > 0
+    require(bool(v.prompts) or has_loss, "validation.eval_interval",
+            f"is {v.eval_interval} but there is nothing to validate: give validation.prompts (an encoded prompts file: "
+            "`python -m megatron_qwen_image.prompts encode PROMPTS --encoders DIR --out FILE`) and/or a held-out "
+            "set (validation.loss_cache_dir, or data.cache.holdout_fraction)")
+    require(not v.prompts or bool(v.encoders), "validation.encoders",
+            "is required with validation.prompts: the Qwen-Image pipeline directory whose vae/ decodes the images")
+    if not at_start:
+        return
+    if v.prompts:
+        try:
+            check_encoded(load_encoded(v.prompts), cfg.model.joint_attention_dim)
+        except PromptsFileError as e:
+            raise ConfigError("validation.prompts", str(e)) from None
+        try:
+            component_dir(v.encoders, VAE)
+        except EncoderDirError as e:
+            raise ConfigError("validation.encoders", str(e)) from None
+    if v.loss_cache_dir:
+        try:
+            read_cache_file(v.loss_cache_dir)
+        except CacheFormatError as e:
+            raise ConfigError("validation.loss_cache_dir", str(e)) from None
 
 
 def resolve_precision(cfg: TrainConfig, cuda_available: bool) -> tuple[bool, bool]:

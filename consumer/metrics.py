@@ -6,6 +6,8 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
+
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -14,8 +16,10 @@ class MetricsLogger:
 
     JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, consumed_samples, skipped,
     latent_hw (the batch's latent height/width); with the latent cache also, counted since the start of
-    this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters). One JSON
-    object per line, flushed each step, so a crashed or running job's file is always readable.
+    this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters); at a validation
+    step (consumer.validation) also val_s (seconds it took), val_images, val_loss and val_loss_sigma_<s> per
+    sigma. One JSON object per line, flushed each step, so a crashed or running job's file is always readable.
+    Validation goes to TensorBoard as val/* scalars and the grid as the image `validation/samples`.
     """
 
     def __init__(self, enabled: bool, train_iters: int, log_interval: int = 1,
@@ -33,7 +37,8 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
             self._jsonl = open(jsonl_path, "a")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, grid: Optional[np.ndarray] = None) -> None:
+        """One step's record; `grid` (HxWx3 uint8): the validation images of this step."""
         if not self.enabled:
             return
         step = record["step"]
@@ -47,6 +52,12 @@ class MetricsLogger:
             for key in ("loss", "grad_norm", "lr", "step_time_s", "samples_per_s"):
                 if record.get(key) is not None:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
+            for key in sorted(k for k, v in record.items() if k.startswith("val_") and isinstance(v, float)):
+                self._tb.add_scalar(f"val/{key[4:]}", record[key], step)
+            if grid is not None:
+                self._tb.add_image("validation/samples", grid, step, dataformats="HWC")
+            if "val_s" in record:  # rare and worth seeing at once
+                self._tb.flush()
         if step % self.log_interval == 0 or step == self.train_iters:
             done = step - self._first_step
             elapsed = time.perf_counter() - self._start
@@ -56,12 +67,25 @@ class MetricsLogger:
                   f"lr {record['lr']:.3e} | {record['step_time_s']:.3f} s/step | "
                   f"{record['samples_per_s']:.2f} samples/s | ETA {eta:.0f} s"
                   + (" | SKIPPED (inf/nan grads)" if record.get("skipped") else ""), flush=True)
+        if "val_s" in record:
+            print(validation_line(record), flush=True)
 
     def close(self) -> None:
         if self._tb:
             self._tb.close()
         if self._jsonl:
             self._jsonl.close()
+
+
+def validation_line(record: dict) -> str:
+    parts = [f"validation at step {record['step']}"]
+    if "val_loss" in record:
+        by_sigma = ", ".join(f"{k[len('val_loss_sigma_'):]}: {v:.4f}" for k, v in record.items()
+                             if k.startswith("val_loss_sigma_"))
+        parts.append(f"loss {record['val_loss']:.5f} (by sigma {by_sigma})")
+    if "val_images" in record:
+        parts.append(f"{record['val_images']} images" + (f" -> {record['val_grid']}" if "val_grid" in record else ""))
+    return " | ".join(parts + [f"{record['val_s']:.1f} s"])
 
 
 def data_summary(record: dict) -> str:

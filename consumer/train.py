@@ -48,6 +48,7 @@ from consumer.metrics import MetricsLogger, data_summary
 from consumer.planner import PlanInputError, dry_run_activations, format_memory_plan, plan_memory
 from consumer.rank_logging import configure_logging
 from consumer.start_point import start_point
+from consumer.validation import Validation
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
@@ -230,6 +231,7 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
     log, iters, gbs = cfg.logging, cfg.train.train_iters, cfg.train.global_batch_size
     jsonl = log.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
     logger = MetricsLogger(ctx.is_main, iters, log.log_interval, log.tensorboard_dir, jsonl)
+    validation = Validation(cfg, ctx, run_dir=os.path.dirname(os.path.abspath(jsonl)))
     if ctx.is_main:
         print(f"stats -> {jsonl}" + (f" | tensorboard -> {log.tensorboard_dir}" if log.tensorboard_dir else ""),
               flush=True)
@@ -249,8 +251,12 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
             state.consumed_samples += gbs
             record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": gbs / dt,
                       "consumed_samples": state.consumed_samples, **data_counters(state.data_iterator, ctx.device)}
+            grid = None
+            if validation.due(state.step):
+                val_stats, grid = validation.run(state.model, state.step, dtype)
+                record.update(val_stats)
             records.append(record)
-            logger.log(record)
+            logger.log(record, grid)
             if checkpointer.maybe_save(state):
                 break
         disable_pre_hooks(state.model, param_sync=True)  # as megatron-LM ends: complete params on every rank
@@ -265,7 +271,8 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
 # Command-line flags: shorthands for config keys (any key can also be set as key=value).
 FLAGS = {"data": "data.source", "cache_dir": "data.cache_dir", "tensorboard_dir": "logging.tensorboard_dir",
          "log_jsonl": "logging.log_jsonl", "save": "checkpoint.save", "save_interval": "checkpoint.save_interval",
-         "keep_last": "checkpoint.keep_last", "load": "checkpoint.load", "pretrained": "checkpoint.pretrained"}
+         "keep_last": "checkpoint.keep_last", "load": "checkpoint.load", "pretrained": "checkpoint.pretrained",
+         "eval_interval": "validation.eval_interval"}
 
 
 def parse_args(argv=None):
@@ -285,6 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--load", help="resume from this checkpoint root/dir if it holds one (checkpoint.load)")
     p.add_argument("--pretrained", help="start from these model weights only, e.g. imported diffusers weights "
                                         "(checkpoint.pretrained)")
+    p.add_argument("--eval-interval", type=int, help="validate every K steps: sample the validation prompts, "
+                                                     "evaluate the held-out loss (validation.eval_interval)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
     p.add_argument("--dp", type=int, help="data-parallel size for --dry-run (default: WORLD_SIZE / TP)")
     p.add_argument("--resolution", help="--dry-run: also plan activations for images of this many pixels: 1328 "

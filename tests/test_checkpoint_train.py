@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_qwen_image import checkpoint_format
+from tests.support.caches import small_cache
 from tests.support.processes import kill_process_group
 from tests.torchrun import REPO, torchrun
 from tests.waiting import wait_for
@@ -26,21 +27,6 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-
-
-def _cache(root):
-    """A small finished latent cache (32 samples, two buckets), written by the cache's own writer."""
-    from consumer.synthetic_data import SyntheticLatentBatches
-    from megatron_qwen_image.cache import CacheWriter
-
-    source = SyntheticLatentBatches(16, 0, 1, seed=5, text_dim=64, resolutions=[[64, 64], [48, 80]], text_len=[3, 9])
-    for unit in range(2):
-        batch = next(source)
-        with CacheWriter(str(root), work_unit=f"unit-{unit}", latent_dtype="fp32", text_dtype="fp32") as writer:
-            for key, latent, text, mask in zip(batch["keys"], batch["latents"], batch["text_embeds"], batch["text_mask"]):
-                writer.add(key, latent, text[mask], caption="synthetic", source="test")
-            writer.commit()
-    return str(root)
 
 
 def _losses(jsonl):
@@ -66,7 +52,7 @@ def run(tmp_path_factory):
     """The uninterrupted reference: TP=2 (2 processes), 8 steps, saves every 2 steps, keeps the last 3; with
     --load of the --save root, which does not exist yet (the requeue idiom's first run)."""
     tmp = tmp_path_factory.mktemp("ckpt_train")
-    cache = _cache(tmp / "cache")
+    cache = small_cache(tmp / "cache")
     common = [f"train.train_iters={STEPS}", "data.source=cache", f"data.cache_dir={cache}", "train.seed=21"]
     root, jsonl = tmp / "ref", tmp / "ref.jsonl"
     out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", *common, "--save", str(root),

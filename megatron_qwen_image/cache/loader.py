@@ -14,6 +14,10 @@ that is missing or has another size than the manifest's is left out of the plan 
 planning step, counted in `stats`), and a bucket left with no readable shard drops out of training.
 Every rank sees the same files, so every rank leaves out the same shards. Shards that pass this check
 but fail their integrity checks while reading are skipped then, their samples replaced (`_build`).
+
+Held-out samples (holdout_fraction > 0): the samples whose key holdout.held_out selects for validation are
+left out of the plan like excluded ones. Each wanted shard's key column is read once, when its entry is first
+planned; a shard that fails to open then is left out of the plan as unreadable.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 from .collate import BufferPool, collate
 from .exclusions import read_exclusions
 from .format import CorruptShardError, parse_bucket_name
+from .holdout import check_fraction, held_out
 from .manifest import ManifestLog, ShardInfo
 from .plan import plan_epoch_batches, plan_round_batches, replacement_candidates, sample_ids, split_id
 from .shard import VERIFY_MODES, ShardFile
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _END = object()
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,8 @@ class BucketedLoader:
         else all visible at construction).
       pin_memory: build latents and text embeddings in pinned host memory, so that the train step's
         non-blocking copies to a GPU are asynchronous (None: when a GPU is visible).
+      holdout_fraction: leave out the samples whose key is held out for validation (holdout.held_out: a
+        stable hash of the key below this fraction, in [0, 1)); 0: train on every sample.
     Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
     it (collate.BufferPool), so keeping a batch is always safe.
     """
@@ -117,7 +125,7 @@ class BucketedLoader:
                  buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
                  wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, holdout_fraction: float = 0.0):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -131,6 +139,7 @@ class BucketedLoader:
             raise ValueError(f"verify={verify!r}; use one of {VERIFY_MODES}")
         if not wait_log_interval_s > 0:
             raise ValueError(f"wait_log_interval_s={wait_log_interval_s!r} must be > 0")
+        self.holdout_fraction = check_fraction(holdout_fraction)
         self.root = os.path.abspath(root)
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.micro = global_batch_size // dp_size
@@ -159,6 +168,7 @@ class BucketedLoader:
         self._open: OrderedDict[str, ShardFile] = OrderedDict()
         self._bad: dict[str, str] = {}
         self._verified_rows: dict[str, np.ndarray] = {}
+        self._held_out: dict[str, np.ndarray] = {}  # shard path -> its held-out rows (read once per shard)
         self._counters = _Counters()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=self.pin_memory)
@@ -192,15 +202,16 @@ class BucketedLoader:
                 "base_resolution": self.base_resolution,
                 "buckets": None if self.bucket_filter is None else sorted(list(b) for b in self.bucket_filter),
                 "stream_round_samples": self.round_samples, "exclusions": self.exclusions.number,
-                "position": dict(self._position)}
+                "holdout_fraction": self.holdout_fraction, "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue exactly after the batch the state was taken at (dp_size may differ; the global
         batches are the same)."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
+        sd = {"holdout_fraction": 0.0, **sd}  # states saved before the held-out split trained on everything
         mine = self.state_dict()
-        keys = ["seed", "global_batch_size", "base_resolution", "buckets"]
+        keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction"]
         if sd["position"].get("mode") == "stream":
             keys.append("stream_round_samples")  # rounds are cut by it
         for key in keys:
@@ -221,13 +232,15 @@ class BucketedLoader:
     def stats(self) -> dict:
         """Counters: batches/samples returned, shards left out of the plan as unreadable (and why, and
         their samples), corrupt shards skipped while reading (and why), samples skipped and replaced,
-        duplicate/corrupt manifest entries, seconds waited for producers, and the exclusion list in use
-        (its number and how many samples it lists)."""
+        duplicate/corrupt manifest entries, seconds waited for producers, the exclusion list in use
+        (its number and how many samples it lists), and the held-out samples left out of the shards planned
+        so far."""
         with self._lock:
             return {**asdict(self._counters), "unreadable_shards": len(self._unreadable),
                     "unreadable_shard_reasons": dict(self._unreadable),
                     "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
                     "exclusion_list": self.exclusions.number, "excluded_samples": self.exclusions.num_samples,
+                    "held_out_samples": int(sum(len(r) for r in self._held_out.values())),
                     "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
                     "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
 
@@ -292,14 +305,42 @@ class BucketedLoader:
         added = 0
         for sid in range(a, b):
             s = self._shards[sid]
-            if self._wanted(s) and s.path not in self._unreadable:
-                ids = sample_ids(sid, s.num_samples)
-                excluded = self.exclusions.rows.get(s.path)
-                if excluded is not None:
-                    ids = np.delete(ids, excluded[excluded < s.num_samples])
-                new[s.bucket].append(ids)
-                added += len(ids)
+            if not self._wanted(s) or s.path in self._unreadable:
+                continue
+            left_out = self._held_out_rows(s)
+            if left_out is None:  # it failed to open: now unreadable
+                continue
+            excluded = self.exclusions.rows.get(s.path)
+            if excluded is not None:
+                left_out = np.union1d(left_out, excluded[excluded < s.num_samples])
+            ids = np.delete(sample_ids(sid, s.num_samples), left_out)
+            new[s.bucket].append(ids)
+            added += len(ids)
         return added
+
+    def _held_out_rows(self, s: ShardInfo) -> np.ndarray | None:
+        """The rows of shard `s` whose key is held out (sorted), from its key column, read once; nothing is
+        opened at holdout_fraction=0. None if the shard fails to open: it is then left out of the plan as
+        unreadable, on every rank alike (they all see the same file)."""
+        if self.holdout_fraction == 0:
+            return _NO_ROWS
+        rows = self._held_out.get(s.path)
+        if rows is None:
+            try:
+                # verify="none": the open-time structure checks still run; the rows' checksums are checked
+                # when they are read for a batch, and no shard is hashed whole twice (verify="full").
+                keys = ShardFile(self.root, s, "none").column("key")
+            except CorruptShardError as e:
+                with self._lock:
+                    self._unreadable[s.path] = str(e)
+                    self._counters.unreadable_samples += s.num_samples
+                log.warning("shard left out of the plan: it fails to open (%d unreadable so far): %s",
+                            len(self._unreadable), e)
+                return None
+            rows = np.flatnonzero([held_out(key, self.holdout_fraction) for key in keys]).astype(np.int64)
+            with self._lock:  # `stats` reads it from another thread
+                self._held_out[s.path] = rows
+        return rows
 
     def _wait_for_entry(self, k: int, stop: threading.Event | None, wait: _RoundWait, need) -> bool:
         """Block until manifest entry k exists (True) or the sealed log ends before it (False). Every

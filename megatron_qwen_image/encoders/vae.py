@@ -1,4 +1,4 @@
-"""Qwen-Image VAE latents, normalised exactly as diffusers' Qwen-Image pipelines do.
+"""Qwen-Image VAE latents, normalised exactly as diffusers' Qwen-Image pipelines do, and their decoding.
 
 Path (diffusers 0.42.1, pipeline_qwenimage_img2img.py `_encode_vae_image` and the `VaeImageProcessor`
 it preprocesses with): PIL RGB -> float32 / 255 -> 2x - 1 -> [B, 3, 1, H, W] (one frame: the VAE is the
@@ -8,6 +8,10 @@ to-image pipeline inverts exactly this (`latents / (1 / std) + mean`) before dec
 
 Images must already be resized/cropped to their bucket (the cache's `resize_to_bucket`), so
 H and W are multiples of 16 (VAE factor 8 x patch 2) and the pipeline's preprocessing does no resize.
+
+Decoding (`decode`, `to_pil`) is QwenImagePipeline.__call__'s last steps: de-normalise, decode the one frame,
+clamp, VaeImageProcessor.postprocess. A trainer that only decodes validation samples loads the VAE with
+`decoder_only=True`: the encoder half's weights are dropped after loading.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage
+from diffusers.image_processor import VaeImageProcessor
 
 from megatron_qwen_image.encoders.local_dir import VAE, component_dir
 
@@ -58,10 +63,14 @@ class QwenVAEEncoder:
 
     @classmethod
     def from_pretrained(cls, local_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        **kwargs) -> "QwenVAEEncoder":
-        """Load from a local HF-layout directory: a Qwen-Image repo (vae/) or the VAE directory itself."""
+                        decoder_only: bool = False, **kwargs) -> "QwenVAEEncoder":
+        """Load from a local HF-layout directory: a Qwen-Image repo (vae/) or the VAE directory itself.
+        `decoder_only`: drop the encoder half (about half the weights) for a process that only decodes."""
         vae = AutoencoderKLQwenImage.from_pretrained(component_dir(local_dir, VAE), torch_dtype=dtype,
                                                      local_files_only=True)
+        if decoder_only:
+            # decode() never touches these; clear_cache() only counts the encoder's convolutions (none left).
+            vae.encoder, vae.quant_conv = torch.nn.Module(), None
         return cls(vae.to(device), **kwargs)
 
     @property
@@ -79,6 +88,16 @@ class QwenVAEEncoder:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalize`, written as QwenImagePipeline.__call__ does before decoding."""
         return z / self._inv_std.to(z.device, z.dtype) + self._mean.to(z.device, z.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, z_dim, h, w] -> images [B, 3, 8h, 8w] in [-1, 1], in the VAE's dtype."""
+        z = self.denormalize(latents.to(self.device, self.dtype)[:, :, None])
+        return self.vae.decode(z, return_dict=False)[0][:, :, 0]
+
+    def to_pil(self, images: torch.Tensor) -> list:
+        """decode()'s output -> PIL images, as the pipeline's output_type='pil'."""
+        return VaeImageProcessor(vae_scale_factor=self.spatial_factor * 2).postprocess(images, output_type="pil")
 
     @torch.no_grad()
     def encode_batch(self, images: Sequence, keys: Sequence[str] | None = None) -> torch.Tensor:
