@@ -3,16 +3,19 @@
     python -m launch.demo [--out outputs/demo] [--steps 40] [--samples 96] [--clean] [--quiet]
     make demo                                   # the same, after installing what is missing
 
-Five stages, each the project's real command line run as a subprocess with this same Python (so a
+Six stages, each the project's real command line run as a subprocess with this same Python (so a
 failure names its stage, and Ray and torchrun stay isolated from each other and from this script); each
 prints the commands it runs, and docs/demo.md lists them:
 
-  1 encoders  tiny random Qwen2.5-VL text encoder + tokenizer + Qwen-Image VAE, in Hugging Face layout
+  1 encoders  tiny random Qwen2.5-VL text encoder + tokenizer + Qwen-Image VAE, in Hugging Face layout;
+              the validation prompts (configs/prompts/demo.yaml) encoded with them
   2 shards    synthetic text-rendering images with captions, as WebDataset tars (img2dataset layout)
   3 producer  a local Ray: filter, encode, bucket by aspect ratio into the latent cache; then
               deduplicate across shards, seal the cache (declare it complete) and inspect it
-  4 train     the tiny MMDiT at TP=2 on 2 CPU processes (torchrun, gloo) from the cache, with checkpoints
-  5 plot      the loss curve
+  4 train     the tiny MMDiT at TP=2 on 2 CPU processes (torchrun, gloo) from the cache, with checkpoints,
+              validation images and a held-out validation loss half-way and at the end
+  5 sample    images of the validation prompts from the last checkpoint (python -m consumer.sample, TP=1)
+  6 plot      the loss curve
 
 Everything lands under --out. A re-run reuses a stage whose outputs are there, as long as every stage
 before it was reused too: the encoders' model_index.json (written last), the shards of this --samples,
@@ -49,6 +52,9 @@ from megatron_qwen_image.cache.manifest import sealed_count
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = "configs/smoke_tp2.yaml"
 PRODUCER_CONFIG = "configs/producer/default.yaml"
+PROMPTS = "configs/prompts/demo.yaml"
+HOLDOUT_FRACTION = 0.1  # of the cache's keys, for the validation loss
+SAMPLE_STEPS = 20
 MARKER_FILE = "demo_output.txt"  # says "the demo made this directory": only then may it write into or clean it
 SUMMARY_FILE = "demo_summary.json"
 MAX_PER_SHARD = 32  # samples per synthetic WebDataset shard (one producer work unit each)
@@ -67,6 +73,7 @@ class DemoPaths:
         self.root = os.path.abspath(root)
         self.marker = os.path.join(self.root, MARKER_FILE)
         self.encoders = os.path.join(self.root, "encoders")
+        self.prompts = os.path.join(self.root, "prompts.safetensors")
         self.shards = os.path.join(self.root, "shards")
         self.cache = os.path.join(self.root, "cache")
         self.report = os.path.join(self.root, "producer_report.json")
@@ -75,6 +82,8 @@ class DemoPaths:
         self.stats = os.path.join(self.train, "stats.jsonl")
         self.tensorboard = os.path.join(self.train, "tensorboard")
         self.checkpoints = os.path.join(self.train, "checkpoints")
+        self.validation = os.path.join(self.train, "samples")  # the trainer's default: beside the stats
+        self.samples = os.path.join(self.root, "samples")
         self.loss_png = os.path.join(self.root, "loss.png")
         self.logs = os.path.join(self.root, "logs")
         self.summary = os.path.join(self.root, SUMMARY_FILE)
@@ -196,9 +205,13 @@ def global_batch_size() -> int:
 def encoders_stage(L: DemoPaths, args) -> Stage:
     # --no-clip: the demo's producer runs only the rule-based filters; the CLIP model filter is optional.
     # Without CLIP, make_tiny writes model_index.json last.
-    return Stage("encoders", "Build tiny random encoders (Qwen2.5-VL text encoder, tokenizer, VAE) locally",
-                 [py("-m", "megatron_qwen_image.encoders.make_tiny", L.encoders, "--seed", str(SEED), "--no-clip")],
-                 outputs=[L.encoders], done=os.path.isfile(os.path.join(L.encoders, "model_index.json")),
+    return Stage("encoders", "Build tiny random encoders (Qwen2.5-VL text encoder, tokenizer, VAE) locally; "
+                 "encode the validation prompts",
+                 [py("-m", "megatron_qwen_image.encoders.make_tiny", L.encoders, "--seed", str(SEED), "--no-clip"),
+                  py("-m", "megatron_qwen_image.prompts", "encode", PROMPTS, "--encoders", L.encoders, "--out",
+                     L.prompts)],
+                 outputs=[L.encoders, L.prompts],
+                 done=os.path.isfile(os.path.join(L.encoders, "model_index.json")) and os.path.isfile(L.prompts),
                  timeout_s=600)
 
 
@@ -245,16 +258,28 @@ def train_stage(L: DemoPaths, args) -> Stage:
     if not producer["trainable_buckets"]:
         raise DemoError(f"stage 'producer': no cache bucket holds a whole global batch ({global_batch_size()} "
                         f"samples, {TRAIN_CONFIG}): {producer['buckets']}; raise --samples (got {args.samples})")
-    save_interval = max(1, args.steps // 2)  # a checkpoint half-way and one at the end (saved at the last step)
+    # A checkpoint and a validation half-way and at the end (the last step is always saved; validation runs
+    # at multiples of the interval).
+    interval = max(1, args.steps // 2)
     final_checkpoint = os.path.join(L.checkpoints, f"iter_{args.steps:07d}")
     return Stage("train", "Consumer: tiny MMDiT, TP=2 on 2 CPU processes (torchrun, gloo) from the cache", [
         py("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "consumer.train", "--config", TRAIN_CONFIG, "--data", "cache", "--cache-dir", L.cache,
            "--log-jsonl", L.stats, "--tensorboard-dir", L.tensorboard,
-           "--save", L.checkpoints, "--save-interval", str(save_interval),
+           "--save", L.checkpoints, "--save-interval", str(interval), "--eval-interval", str(interval),
+           f"validation.prompts={L.prompts}", f"validation.encoders={L.encoders}",
+           f"validation.steps={SAMPLE_STEPS}", f"data.cache.holdout_fraction={HOLDOUT_FRACTION}",
            f"train.train_iters={args.steps}", "logging.log_interval=5"),
     ], outputs=[L.train], done=os.path.isfile(L.stats) and latest_checkpoint(L.checkpoints) == final_checkpoint,
         timeout_s=1800)
+
+
+def sample_stage(L: DemoPaths, args) -> Stage:
+    # One process: the TP=2 checkpoint loads at TP=1 (dist_checkpointing reshards on load).
+    return Stage("sample", "Images of the validation prompts from the last checkpoint", [
+        py("-m", "consumer.sample", "--load", L.checkpoints, "--encoders", L.encoders, "--prompts", PROMPTS,
+           "--steps", str(SAMPLE_STEPS), "--out", L.samples),
+    ], outputs=[L.samples], done=os.path.isfile(os.path.join(L.samples, "grid.png")), timeout_s=600)
 
 
 def plot_stage(L: DemoPaths, args) -> Stage:
@@ -265,7 +290,7 @@ def plot_stage(L: DemoPaths, args) -> Stage:
 
 # Built one at a time, when the stages before have finished: a stage's done-check and the train stage's
 # bucket check read what the earlier stages wrote.
-STAGES = [encoders_stage, shards_stage, producer_stage, train_stage, plot_stage]
+STAGES = [encoders_stage, shards_stage, producer_stage, train_stage, sample_stage, plot_stage]
 
 
 def latest_checkpoint(checkpoints: str) -> str | None:
@@ -352,13 +377,29 @@ def build_summary(L: DemoPaths, args, results: list[StageResult], wall_s: float)
             "encoders": L.encoders, "shards": L.shards, "cache": L.cache,
             "producer_report": L.report, "producer_report_txt": L.report_txt, "train_stats": L.stats,
             "tensorboard": L.tensorboard, "checkpoints": L.checkpoints,
-            "checkpoint_latest": latest_checkpoint(L.checkpoints), "loss_png": L.loss_png, "logs": L.logs,
+            "checkpoint_latest": latest_checkpoint(L.checkpoints),
+            "validation_grid": last_validation_grid(L.validation), "samples_grid": os.path.join(L.samples, "grid.png"),
+            "loss_png": L.loss_png, "logs": L.logs,
             "summary": L.summary,
         },
         "shards": {"tars": shards, "per_shard": per_shard},
         "producer": producer_summary(L),
         "loss": summarize(read_stats(L.stats)),
+        "validation": validation_summary(L.stats),
     }
+
+
+def last_validation_grid(directory: str) -> str | None:
+    """The newest step_NNNNNN.png the trainer's validation wrote."""
+    grids = sorted(n for n in os.listdir(directory) if re.fullmatch(r"step_\d+\.png", n)) if os.path.isdir(directory) else []
+    return os.path.join(directory, grids[-1]) if grids else None
+
+
+def validation_summary(stats: str) -> list[dict]:
+    """Step, validation loss and seconds of every validation the run made."""
+    with open(stats) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [{"step": r["step"], "val_loss": r.get("val_loss"), "val_s": r["val_s"]} for r in records if "val_s" in r]
 
 
 def print_summary(s: dict) -> None:
@@ -374,8 +415,10 @@ def print_summary(s: dict) -> None:
           f"{p['cross_shard_duplicates']} duplicates across shards")
     print("Buckets (w x h: samples): " + "  ".join(f"{k}:{v}" for k, v in p["buckets"].items()))
     print(f"Loss over {loss['steps']} steps: {loss['first_loss']:.3f} -> {loss['last_loss']:.3f} (mean of the "
-          f"first/last {loss['window']} steps: {loss['mean_first_window']:.3f} -> {loss['mean_last_window']:.3f})",
-          flush=True)
+          f"first/last {loss['window']} steps: {loss['mean_first_window']:.3f} -> {loss['mean_last_window']:.3f})")
+    print("Validation loss (held-out keys, fixed sigmas and noise): " + ", ".join(
+        f"step {v['step']}: {v['val_loss']:.3f} ({v['val_s']:.1f} s)" for v in s["validation"]))
+    print(f"Validation grid: {s['outputs']['validation_grid']}", flush=True)
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 """The one-command demo (launch/demo.py) end to end, and the loss-curve plotter (launch/plot.py).
 
 The end-to-end test runs the real demo (tiny encoders -> synthetic shards -> producer on a local Ray ->
-cache -> torchrun TP=2 training -> plot) with small numbers and checks its outputs against each other:
+cache -> torchrun TP=2 training with validation -> sampling -> plot) with small numbers and checks its outputs against each other:
 the cache holds exactly what the producer's report says it wrote, every training step's batch has the
 latent size of a cache bucket (so training read the cache, not synthetic data), the stats have one record
 per requested step, the checkpoint is the last step's, the PNG decodes. A second run must reuse every
@@ -88,13 +88,26 @@ def test_demo_end_to_end(tmp_path):
     with Image.open(o["loss_png"]) as im:
         assert im.format == "PNG" and im.size[0] >= 400 and im.size[1] >= 300
 
+    # Validation half-way and at the end (images and the held-out loss), and the sample command's images.
+    assert [v["step"] for v in summary["validation"]] == [STEPS // 2, STEPS]
+    assert all(math.isfinite(v["val_loss"]) and v["val_loss"] > 0 for v in summary["validation"])
+    assert o["validation_grid"] == os.path.join(out, "train", "samples", f"step_{STEPS:06d}.png")
+    assert f"Validation grid: {o['validation_grid']}" in proc.stdout
+    prompts = len(open(os.path.join(REPO, demo.PROMPTS)).read().split("- prompt:")) - 1
+    with open(os.path.join(out, "samples", "samples.jsonl")) as f:
+        assert len(f.readlines()) == prompts
+    for grid in (o["validation_grid"], o["samples_grid"]):
+        with Image.open(grid) as im:
+            assert im.format == "PNG" and im.size[0] >= 2 * 192
+
     # Re-running reuses every finished stage (only the plot is redrawn) and changes nothing.
     stats_before = open(o["train_stats"]).read()
     run_demo(out, timeout=120)
     with open(os.path.join(out, demo.SUMMARY_FILE)) as f:
         again = json.load(f)
     assert {s["name"]: s["status"] for s in again["stages"]} == {
-        "encoders": "reused", "shards": "reused", "producer": "reused", "train": "reused", "plot": "ran"}
+        "encoders": "reused", "shards": "reused", "producer": "reused", "train": "reused", "sample": "reused",
+        "plot": "ran"}
     assert open(o["train_stats"]).read() == stats_before
 
 
