@@ -457,6 +457,8 @@ def validate_validation(cfg: TrainConfig, at_start: bool) -> None:
         except EncoderDirError as e:
             raise ConfigError("validation.encoders", str(e)) from None
     if v.loss_cache_dir:
+        require(os.path.isdir(v.loss_cache_dir), "validation.loss_cache_dir",
+                f"{v.loss_cache_dir} is not a directory (a held-out latent cache, written by `python -m producer`)")
         try:
             read_cache_file(v.loss_cache_dir)
         except CacheFormatError as e:

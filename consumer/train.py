@@ -48,7 +48,7 @@ from consumer.metrics import MetricsLogger, data_summary
 from consumer.planner import PlanInputError, dry_run_activations, format_memory_plan, plan_memory
 from consumer.rank_logging import configure_logging
 from consumer.start_point import start_point
-from consumer.validation import Validation
+from consumer.validation import Validation, held_out_samples, loss_enabled
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
@@ -173,12 +173,15 @@ def data_counters(data_iterator, device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------------
 def check_start(cfg: TrainConfig, world_size: int, cuda_available: Optional[bool]) -> None:
     """Every check of a start that needs no process group, for a world of `world_size` processes: the
-    configuration and layout, the cache (it is one, and it can give a batch), the checkpoint to load, and
-    the precision against `cuda_available` (None: not checked). consumer.launch runs it before torchrun
+    configuration and layout, the cache (it is one, and it can give a batch), the checkpoint to load, the
+    validation inputs (an encoded prompts file, a VAE, a held-out set that is not empty), and the precision
+    against `cuda_available` (None: not checked). consumer.launch runs it before torchrun
     starts; raises ConfigError or CacheFormatError."""
     validate(cfg, world_size=world_size, cuda_available=cuda_available)
     if cfg.data.source == "cache":
         builders.build_cache_loader(cfg, 0, cfg.data_parallel_size(world_size)).close()
+    if cfg.validation.eval_interval and loss_enabled(cfg):
+        held_out_samples(cfg)
 
 
 def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):

@@ -29,7 +29,8 @@ from PIL import Image
 
 from consumer.checkpointing import pre_hooks_disabled, unwrap_model
 from consumer.config import TrainConfig
-from consumer.validation_loss import load_held_out, validation_loss
+from consumer.validation_loss import HeldOutSample, load_held_out, validation_loss
+from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.encoders import QwenVAEEncoder
 from megatron_qwen_image.image_grid import image_grid, save_png
 from megatron_qwen_image.parallel import ParallelContext
@@ -41,6 +42,17 @@ def loss_enabled(cfg: TrainConfig) -> bool:
     """A held-out set exists: a separate cache, or held-out keys of the training cache."""
     return cfg.validation.loss_cache_dir is not None or (
         cfg.data.source == "cache" and cfg.data.cache.holdout_fraction > 0)
+
+
+def held_out_samples(cfg: TrainConfig) -> list[HeldOutSample]:
+    """The validation loss's samples; ConfigError (naming the key) when the held-out set is empty."""
+    v, c = cfg.validation, cfg.data.cache
+    key = "validation.loss_cache_dir" if v.loss_cache_dir else "data.cache.holdout_fraction"
+    try:
+        return load_held_out(v.loss_cache_dir or cfg.data.cache_dir, None if v.loss_cache_dir else c.holdout_fraction,
+                             v.loss_samples, base_resolution=c.base_resolution, buckets=c.buckets)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 class Validation:
@@ -55,12 +67,7 @@ class Validation:
         self.mine = [] if self.prompts is None else list(range(len(self.prompts.prompts)))[ctx.dp_rank::ctx.dp_size]
         self.scheduler = load_scheduler(v.encoders) if self.prompts is not None else None
         self._vae: Optional[QwenVAEEncoder] = None
-        self.held_out = None
-        if self.interval and loss_enabled(cfg):
-            fraction = None if v.loss_cache_dir else cfg.data.cache.holdout_fraction
-            c = cfg.data.cache
-            self.held_out = load_held_out(v.loss_cache_dir or cfg.data.cache_dir, fraction, v.loss_samples,
-                                          base_resolution=c.base_resolution, buckets=c.buckets)
+        self.held_out = held_out_samples(cfg) if self.interval and loss_enabled(cfg) else None
 
     def due(self, step: int) -> bool:
         return bool(self.interval) and step % self.interval == 0

@@ -50,6 +50,7 @@ PROMPTS_VERSION = 1
 DEFAULT_SIZE = 1024  # QwenImagePipeline's default height and width
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
 FIELDS = ("prompt", "negative_prompt", "width", "height", "seed")
+PROMPTS_FILE_EXTENSIONS = (".yaml", ".yml", ".json", ".jsonl")
 _MAX_SEED = 2**64  # torch.Generator.manual_seed's range
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,7 +95,7 @@ def read_prompts_file(path: str, default_width: int = DEFAULT_SIZE, default_heig
             raise PromptsFileError(f"{where}: {name} must be a positive integer divisible by {SIZE_MULTIPLE}, "
                                    f"got {value!r}")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".yaml", ".yml", ".json", ".jsonl"):
+    if ext not in PROMPTS_FILE_EXTENSIONS:
         raise PromptsFileError(f"{where}: unknown file type {ext or '(none)'!r}; use .yaml/.yml/.json (a list of "
                                "prompts) or .jsonl (one JSON object per line)")
     if not os.path.isfile(path):
@@ -282,7 +283,9 @@ def load_encoded(path: str) -> EncodedPrompts:
                                        f"({PROMPTS_VERSION}); update megatron_qwen_image")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise PromptsFileError(f"{where}: not a readable safetensors file: {e}") from None
+        hint = (": it looks like a prompts file; encode it first with `python -m megatron_qwen_image.prompts encode "
+                f"{path} --encoders DIR --out FILE`" if path.endswith(PROMPTS_FILE_EXTENSIONS) else f": {e}")
+        raise PromptsFileError(f"{where}: not a readable safetensors file{hint}") from None
     try:
         info = json.loads(metadata["info"])
         width = int(info["hidden_size"])

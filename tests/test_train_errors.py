@@ -1,7 +1,8 @@
 """The trainer fails loudly, early and once, and says what it is doing while it waits:
 
 * refusals (a --cache-dir that is a file, an empty cache, a cache whose every bucket is lost, a YAML syntax
-  error, a --load that names no checkpoint) are one line `error: config key '...'` and exit code 2 from
+  error, a --load that names no checkpoint, validation with nothing to validate, validation prompts not
+  encoded, an encoders directory without a VAE) are one line `error: config key '...'` and exit code 2 from
   `python -m consumer.launch`, before torchrun starts any worker; under plain torchrun only rank 0 prints it;
 * `--load` resolution (consumer.start_point): a typo or a file is refused, a missing --load that is also the
   --save root (the requeue idiom) starts fresh;
@@ -25,6 +26,9 @@ from consumer.start_point import StartPoint, start_point
 from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.cache import CacheReader, CacheWriter, seal
 from megatron_qwen_image.config import ConfigError
+from megatron_qwen_image.encoders import QwenTextEncoder
+from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+from megatron_qwen_image.prompts import encode_prompts, read_prompts_file, save_encoded
 from tests.support.processes import kill_process_group
 from tests.torchrun import REPO
 from tests.waiting import wait_for
@@ -119,8 +123,18 @@ def caches(tmp_path_factory):
                    env=ENV, capture_output=True)
     write_unit(tmp / "lost", 0, [64, 64])
     lose_bucket(tmp / "lost", (64, 64))
+    write_unit(tmp / "one", 0, [64, 64])
     (tmp / "file").write_text("not a cache")
     (tmp / "bad.yaml").write_text("optimizer:\n  lr: [1e-3\n")
+    # validation inputs: a prompts file, the same encoded, and an encoders directory without a VAE
+    (tmp / "prompts.yaml").write_text("- a cat\n")
+    tiny = ensure_tiny()
+    save_encoded(str(tmp / "prompts.safetensors"), encode_prompts(read_prompts_file(str(tmp / "prompts.yaml"), 64, 64),
+                                                                   QwenTextEncoder.from_pretrained(tiny)))
+    (tmp / "novae").mkdir()
+    for part in ("tokenizer", "text_encoder"):
+        os.symlink(os.path.join(tiny, part), tmp / "novae" / part)
+    (tmp / "tiny").symlink_to(tiny)
     return tmp
 
 
@@ -134,6 +148,22 @@ def caches(tmp_path_factory):
     (["--load", "{tmp}/typo"], "checkpoint.load", "{tmp}/typo does not exist"),
     (["--load", "{tmp}/file"], "checkpoint.load", "{tmp}/file is a file, not a checkpoint root"),
     (["--load", "{tmp}/empty"], "checkpoint.load", "{tmp}/empty holds no complete checkpoint"),
+    (["--eval-interval", "5"], "validation.eval_interval", "is 5 but there is nothing to validate: give "
+     "validation.prompts"),
+    (["--eval-interval", "5", "validation.prompts={tmp}/prompts.safetensors"], "validation.encoders",
+     "is required with validation.prompts"),
+    (["--eval-interval", "5", "validation.prompts={tmp}/prompts.yaml", "validation.encoders={tmp}/tiny"],
+     "validation.prompts", "encoded prompts {tmp}/prompts.yaml: not a readable safetensors file: it looks like a "
+     "prompts file; encode it first"),
+    (["--eval-interval", "5", "validation.prompts={tmp}/prompts.safetensors", "validation.encoders={tmp}/novae"],
+     "validation.encoders", "no Qwen-Image VAE"),
+    (["--eval-interval", "5", "validation.loss_cache_dir={tmp}/file"], "validation.loss_cache_dir",
+     "{tmp}/file is not a directory"),
+    (["--data", "cache", "--cache-dir", "{tmp}/one", "--eval-interval", "5", "data.cache.holdout_fraction=1e-9"],
+     "data.cache.holdout_fraction", "no held-out samples in {tmp}/one (holdout_fraction=1e-09 of 16 samples selects "
+     "none): raise the fraction or give validation.loss_cache_dir"),
+    (["data.cache.holdout_fraction=0.1"], "data.cache.holdout_fraction", "holds out keys of the latent cache: "
+     "needs data.source=cache"),
 ])
 def test_launch_refuses_in_one_line_before_any_worker_starts(launch_main, caches, capsys, args, key, words):
     args = [a.format(tmp=caches) for a in args]
