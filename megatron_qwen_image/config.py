@@ -252,8 +252,10 @@ def _leaves(schema, data: dict, prefix: str, source: str) -> Iterator[tuple[str,
         key = f"{prefix}{k}"
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; {prefix.rstrip('.') or 'the top level'} " \
-                   f"has {', '.join(names)}"
+            inside = [f"{prefix}{n}.{k}" for n in names if is_dataclass(hints[n]) and k in
+                      {f.name for f in fields(hints[n])}]  # a key given without its section
+            hint = (f"; did you mean '{prefix}{close[0]}'?" if close else f"; did you mean '{inside[0]}'?"
+                    if len(inside) == 1 else f"; {prefix.rstrip('.') or 'the top level'} has {', '.join(names)}")
             raise ConfigError(key, f"unknown key{hint}", source)
         typ = hints[k]
         convert = getattr(typ, "from_config_value", None)  # a section that also takes a shorthand

@@ -26,6 +26,9 @@ def test_all_shipped_configs_load():
     (["lerning_rate=1e-3"], "lerning_rate", "unknown key"),
     (["optimizer.lerning_rate=1e-3"], "optimizer.lerning_rate", "unknown key"),
     (["model.num_layer=3"], "model.num_layer", "did you mean 'model.num_layers'"),
+    (["eval_interval=10"], "eval_interval", "did you mean 'validation.eval_interval'"),  # its section left out
+    (["validation.loss_sigmas=[0, 0.5]"], "validation.loss_sigmas", "a non-empty list of sigmas in (0, 1]"),
+    (["validation.steps=0"], "validation.steps", "must be >= 1"),
     (["parallelism.tensor_model_parallel_size=3"], "parallelism.tensor_model_parallel_size",
      "does not divide num_attention_heads=4"),
     (["recompute.recompute_granularity=partial"], "recompute.recompute_granularity", "must be one of"),
