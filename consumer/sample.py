@@ -29,13 +29,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 from tqdm import tqdm
 
 from consumer.checkpointing import load_model_weights
-from consumer.config import KernelsSection
 from consumer.builders import build_model
+from consumer.config import KernelsSection
 from megatron_qwen_image import checkpoint_format
-from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+from megatron_qwen_image.encoders.text import QwenTextEncoder
+from megatron_qwen_image.encoders.vae import QwenVAEEncoder
 from megatron_qwen_image.encoders.local_dir import TEXT_ENCODER, TOKENIZER, VAE, EncoderDirError, check_encoders_dir
 from megatron_qwen_image.image_grid import image_grid, save_png
 from megatron_qwen_image.model.diffusers_mapping import config_from_diffusers
@@ -71,8 +73,7 @@ def resolve_checkpoint(load: Optional[str], pretrained: Optional[str]) -> str:
 def load_model(ckpt_dir: str, tp: int, device: torch.device, bf16: bool):
     """Our QwenImageMMDiT at TP=`tp` (megatron parallel state initialised), with the checkpoint's weights, in
     eval mode. The model shape comes from the checkpoint itself (its diffusers config)."""
-    common = torch.load(os.path.join(ckpt_dir, "common.pt"), map_location="cpu", weights_only=False)
-    dconfig = common.get("diffusers_config")
+    dconfig = dist_checkpointing.load_common_state_dict(ckpt_dir).get("diffusers_config")
     if not dconfig:
         raise SampleError(f"{ckpt_dir}: the checkpoint records no model configuration (diffusers_config)")
     kernels = KernelsSection()

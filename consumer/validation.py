@@ -31,7 +31,6 @@ from consumer.checkpointing import pre_hooks_disabled, unwrap_model
 from consumer.config import TrainConfig
 from consumer.validation_loss import HeldOutSample, load_held_out, validation_loss
 from megatron_qwen_image.config import ConfigError
-from megatron_qwen_image.encoders import QwenVAEEncoder
 from megatron_qwen_image.image_grid import image_grid, save_png
 from megatron_qwen_image.parallel import ParallelContext
 from megatron_qwen_image.prompts import load_encoded
@@ -42,6 +41,15 @@ def loss_enabled(cfg: TrainConfig) -> bool:
     """A held-out set exists: a separate cache, or held-out keys of the training cache."""
     return cfg.validation.loss_cache_dir is not None or (
         cfg.data.source == "cache" and cfg.data.cache.holdout_fraction > 0)
+
+
+def load_decoder(encoders_dir: str, device: torch.device):
+    """The VAE decoder (a QwenVAEEncoder without its encoder half)."""
+    # Imported here, not at the top: every training rank imports this module, and only the ranks that decode
+    # validation images should pay for importing diffusers' VAE (most of a second per process).
+    from megatron_qwen_image.encoders.vae import QwenVAEEncoder
+
+    return QwenVAEEncoder.from_pretrained(encoders_dir, device=device, decoder_only=True)
 
 
 def held_out_samples(cfg: TrainConfig) -> list[HeldOutSample]:
@@ -66,7 +74,7 @@ class Validation:
         self.prompts = load_encoded(v.prompts) if (self.interval and v.prompts) else None
         self.mine = [] if self.prompts is None else list(range(len(self.prompts.prompts)))[ctx.dp_rank::ctx.dp_size]
         self.scheduler = load_scheduler(v.encoders) if self.prompts is not None else None
-        self._vae: Optional[QwenVAEEncoder] = None
+        self._vae = None  # load_decoder's, on the first validation of a decoding rank
         self.held_out = held_out_samples(cfg) if self.interval and loss_enabled(cfg) else None
 
     def due(self, step: int) -> bool:
@@ -103,7 +111,7 @@ class Validation:
         mine = []
         if self.ctx.tp_rank == 0:
             if self._vae is None:
-                self._vae = QwenVAEEncoder.from_pretrained(v.encoders, device=self.ctx.device, decoder_only=True)
+                self._vae = load_decoder(v.encoders, self.ctx.device)
             mine = [(i, np.asarray(decode_images(self._vae, lat[None], items[i].spec.width, items[i].spec.height)[0]))
                     for i, lat in zip(self.mine, latents)]
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import yaml
@@ -42,8 +42,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from megatron_qwen_image.config import yaml_load
 from megatron_qwen_image.encoders.local_dir import EncoderDirError
-from megatron_qwen_image.encoders.text import QwenTextEncoder
 from megatron_qwen_image.fsutil import atomic_replace
+
+if TYPE_CHECKING:  # only for annotations: the trainer reads encoded files through this module without transformers
+    from megatron_qwen_image.encoders.text import QwenTextEncoder
 
 PROMPTS_FORMAT = "megatron-qwen-image-prompts"
 PROMPTS_VERSION = 1
@@ -322,6 +324,10 @@ def _encode(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise PromptsFileError("--device cuda: no CUDA device is visible")
     dtype = _DTYPES.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)  # auto
+    # Imported here, not at the top: every training rank imports this module for the encoded-file format, and must
+    # not pay for importing transformers (seconds per process), which only this command needs.
+    from megatron_qwen_image.encoders.text import QwenTextEncoder
+
     t0 = time.time()
     encoder = QwenTextEncoder.from_pretrained(args.encoders, device=device, dtype=dtype)
     encoded = encode_prompts(specs, encoder)

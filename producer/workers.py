@@ -130,7 +130,8 @@ class EncoderWorker:
     def __init__(self, cfg: ProducerConfig, cache_dir: str):
         # Imported here, not at the top: the driver and every CPU actor import this module too, and must
         # not pay for transformers and diffusers (~5 s and ~150 MB more per process) that only encoders run.
-        from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+        from megatron_qwen_image.encoders.text import QwenTextEncoder
+        from megatron_qwen_image.encoders.vae import QwenVAEEncoder
         from producer.model_filters import build_model_filter
 
         set_threads(cfg.pools.threads_per_actor)

@@ -17,3 +17,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """The tiny random encoders and pipeline parts of make_tiny (built once per machine, then reused)."""
+    from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    """diffusers' QwenImagePipeline on the tiny encoders (the reference the encoder tests compare with)."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(tiny_dir)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_qwen_image.encoders import PROMPT_TEMPLATE, QwenTextEncoder, QwenVAEEncoder, image_to_tensor
-from megatron_qwen_image.encoders.make_tiny import TEXT_HIDDEN, Z_DIM, ensure_tiny
+from megatron_qwen_image.encoders.text import PROMPT_TEMPLATE, QwenTextEncoder
+from megatron_qwen_image.encoders.vae import QwenVAEEncoder, image_to_tensor
+from megatron_qwen_image.encoders.make_tiny import TEXT_HIDDEN, Z_DIM
 from megatron_qwen_image.encoders.text import template_drop_index
 from megatron_qwen_image.encoders.vae import key_generator
 
@@ -22,18 +23,6 @@ PROMPTS = [
     "A poster with the text \"OPEN DAILY / Fresh Coffee\" written in dark blue letters on a cream background, "
     "with a small cup drawn in the corner and a gradient sky above it.",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    return ensure_tiny()
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from megatron_qwen_image.cache import CacheReader, CacheWriter
-from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+from megatron_qwen_image.encoders.text import QwenTextEncoder
+from megatron_qwen_image.encoders.vae import QwenVAEEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.config import load_config
 import producer.sources as sources

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_qwen_image.encoders import QwenTextEncoder
-from megatron_qwen_image.encoders.make_tiny import TEXT_HIDDEN, ensure_tiny
+from megatron_qwen_image.encoders.text import QwenTextEncoder
+from megatron_qwen_image.encoders.make_tiny import TEXT_HIDDEN
 from megatron_qwen_image.prompts import (PROMPTS_FORMAT, PROMPTS_VERSION, PromptsFileError, PromptSpec, check_encoded,
                                          encode_prompts, load_encoded, main, read_prompts_file, save_encoded)
 
@@ -24,18 +24,6 @@ YAML = """\
   seed: 7
 - {prompt: hello, height: 32}
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    return ensure_tiny()
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from consumer.sample import load_model, main as sample_main
 from megatron_qwen_image.convert.exporter import export_diffusers
-from megatron_qwen_image.encoders import QwenTextEncoder, QwenVAEEncoder
+from megatron_qwen_image.encoders.text import QwenTextEncoder
+from megatron_qwen_image.encoders.vae import QwenVAEEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from megatron_qwen_image.sampling import TextBatch, initial_noise, load_scheduler, sample_latents
 from tests.reference_models import rel_max_err, single_process_model_parallel
@@ -42,7 +43,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(trained):
+def exported(trained):
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(trained["pipeline_dir"])
@@ -50,17 +51,17 @@ def pipe(trained):
     return pipe
 
 
-def _pipeline(pipe, text, negative, latents, guidance, output_type):
+def _pipeline(exported, text, negative, latents, guidance, output_type):
     kwargs = dict(prompt_embeds=text.embeds, prompt_embeds_mask=text.mask, latents=latents, width=WIDTH,
                   height=HEIGHT, num_inference_steps=3, true_cfg_scale=guidance, output_type=output_type)
     if negative is not None:
         kwargs.update(negative_prompt_embeds=negative.embeds, negative_prompt_embeds_mask=negative.mask)
-    return pipe(**kwargs).images
+    return exported(**kwargs).images
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["no-guidance", "true-cfg"])
-def test_sampler_equals_the_pipeline_at_tp1(trained, pipe, guidance):
-    encoder = QwenTextEncoder(pipe.text_encoder, pipe.tokenizer)
+def test_sampler_equals_the_pipeline_at_tp1(trained, exported, guidance):
+    encoder = QwenTextEncoder(exported.text_encoder, exported.tokenizer)
     text = TextBatch.from_list(encoder.encode(PROMPTS))
     assert len(set(text.lengths)) == 2  # a padded batch
     negative = TextBatch.from_list(encoder.encode(NEGATIVES)) if guidance > 1 else None
@@ -68,20 +69,20 @@ def test_sampler_equals_the_pipeline_at_tp1(trained, pipe, guidance):
     with single_process_model_parallel():
         model = load_model(trained["ckpt"], tp=1, device=torch.device("cpu"), bf16=False)
         ours = sample_latents(model, text, noise, WIDTH, HEIGHT, 3, load_scheduler(trained["tiny"]), negative, guidance)
-    ref = _pipeline(pipe, text, negative, noise, guidance, "latent")
+    ref = _pipeline(exported, text, negative, noise, guidance, "latent")
     assert rel_max_err(ours, ref) <= 1e-5
     assert rel_max_err(ours, noise) > 0.05  # the loop moved the latents
 
-    vae = QwenVAEEncoder(pipe.vae)
+    vae = QwenVAEEncoder(exported.vae)
     from megatron_qwen_image.model import unpack_latents
 
     images = vae.decode(unpack_latents(ours, HEIGHT // 8, WIDTH // 8))
-    ref_images = _pipeline(pipe, text, negative, noise, guidance, "pt")  # in [0, 1]
+    ref_images = _pipeline(exported, text, negative, noise, guidance, "pt")  # in [0, 1]
     assert images.shape == ref_images.shape == (2, 3, HEIGHT, WIDTH)
     assert rel_max_err((images / 2 + 0.5).clamp(0, 1), ref_images) <= 1e-5
 
 
-def test_sample_command_at_tp2_reproduces_the_pipeline_from_seeds(trained, pipe, tmp_path):
+def test_sample_command_at_tp2_reproduces_the_pipeline_from_seeds(trained, exported, tmp_path):
     """torchrun 2 x consumer.sample (TP=2) from the training checkpoint: two prompts with negative prompts
     (guided) and one without (unguided); the pipeline gets the same prompts as text and generators seeded as
     the command documents; latents within 1e-5, PNGs within one grey level."""
@@ -103,9 +104,9 @@ def test_sample_command_at_tp2_reproduces_the_pipeline_from_seeds(trained, pipe,
     unguided = dict(prompt=["a green tree"], **common)
     for kwargs, seeds, idx in ((guided, (3, 4), [0, 1]), (unguided, (5,), [2])):
         gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-        ref = pipe(**kwargs, generator=gens(), output_type="latent").images
+        ref = exported(**kwargs, generator=gens(), output_type="latent").images
         assert rel_max_err(torch.stack([latents[i] for i in idx]), ref) <= 1e-5
-        ref_png = pipe(**kwargs, generator=gens(), output_type="pil").images
+        ref_png = exported(**kwargs, generator=gens(), output_type="pil").images
         for i, ref_image in zip(idx, ref_png):
             ours = np.asarray(Image.open(out / records[i]["file"]), dtype=np.int16)
             assert ours.shape == (HEIGHT, WIDTH, 3)
@@ -123,7 +124,7 @@ def test_sample_command_refuses_bad_arguments_in_one_line(trained, capsys, args,
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
 
 
-def test_sample_command_refuses_a_missing_vae_and_a_missing_checkpoint(trained, tmp_path, capsys):
+def test_sample_command_refuses_a_missing_vae_and_checkpoints_that_are_not_there(trained, tmp_path, capsys):
     no_vae = tmp_path / "encoders"
     no_vae.mkdir()
     for part in ("tokenizer", "text_encoder"):
@@ -131,6 +132,7 @@ def test_sample_command_refuses_a_missing_vae_and_a_missing_checkpoint(trained, 
     assert sample_main(["--load", str(trained["root"] / "ckpt"), "--encoders", str(no_vae), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "VAE" in err, err
-    assert sample_main(["--load", str(tmp_path / "nothing"), "--encoders", trained["tiny"], "--prompt", "x"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--load" in err, err
+    for flag in ("--load", "--pretrained"):
+        assert sample_main([flag, str(tmp_path / "nothing"), "--encoders", trained["tiny"], "--prompt", "x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flag} {tmp_path / 'nothing'}: no complete checkpoint" in err, err

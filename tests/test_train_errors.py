@@ -26,7 +26,7 @@ from consumer.start_point import StartPoint, start_point
 from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.cache import CacheReader, CacheWriter, seal
 from megatron_qwen_image.config import ConfigError
-from megatron_qwen_image.encoders import QwenTextEncoder
+from megatron_qwen_image.encoders.text import QwenTextEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from megatron_qwen_image.prompts import encode_prompts, read_prompts_file, save_encoded
 from tests.support.processes import kill_process_group

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_qwen_image.encoders import QwenTextEncoder
+from megatron_qwen_image.encoders.text import QwenTextEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from megatron_qwen_image.prompts import encode_prompts, read_prompts_file, save_encoded
 from tests.support.caches import small_cache
