@@ -5,7 +5,9 @@
 * it writes samples/step_000002.png and step_000004.png, TensorBoard images and val/* scalars, and val_* keys
   in the stats JSONL;
 * resumed from its step-2 checkpoint (with validation on), the run reproduces the uninterrupted losses, the
-  step-4 validation loss and the step-4 image grid.
+  step-4 validation loss and the step-4 image grid;
+* at TP=1 x DP=2, where megatron DDP overlaps the parameter all-gather with the next forward (validation
+  syncs the parameters first and turns its hooks off), validating after every step still trains the same.
 """
 import json
 
@@ -55,7 +57,8 @@ def runs(tmp_path_factory):
                             "--tensorboard-dir", str(tmp / "tb"), "validation.samples_dir=" + str(tmp / "samples"))
     resumed, _ = _train(tmp, "resumed", *common, *validation, "--load", str(ckpt / "iter_0000002"),
                         "validation.samples_dir=" + str(tmp / "samples_resumed"))
-    return {"tmp": tmp, "plain": plain, "validated": validated, "resumed": resumed, "log": log}
+    return {"tmp": tmp, "plain": plain, "validated": validated, "resumed": resumed, "log": log, "common": common,
+            "validation": validation}
 
 
 def test_validation_does_not_change_training(runs):
@@ -96,3 +99,13 @@ def test_resumed_run_with_validation_reproduces_losses_validation_and_images(run
     ours = np.asarray(Image.open(tmp / "samples_resumed" / "step_000004.png"), dtype=np.int16)
     ref = np.asarray(Image.open(tmp / "samples" / "step_000004.png"), dtype=np.int16)
     assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1
+
+
+def test_validation_after_every_step_with_overlapped_param_gather_does_not_change_training(runs):
+    dp2 = ["parallelism.tensor_model_parallel_size=1", "parallelism.sequence_parallel=false", "train.train_iters=3"]
+    plain, log = _train(runs["tmp"], "dp2_plain", *runs["common"], *dp2)
+    validated, _ = _train(runs["tmp"], "dp2_validated", *runs["common"], *runs["validation"], *dp2,
+                          "--eval-interval", "1", "validation.samples_dir=" + str(runs["tmp"] / "samples_dp2"))
+    assert "TP 1 x DP 2" in log and "overlap grad-reduce on, param-gather on" in log
+    assert [s for s in validated if "val_s" in validated[s]] == [1, 2, 3]
+    assert [plain[s]["loss"] for s in sorted(plain)] == [validated[s]["loss"] for s in sorted(validated)]
