@@ -230,6 +230,9 @@ class Checkpointer:
         if self.load_path:
             _log(f"no checkpoint in {self.load_path} yet: starting "
                  f"{'from --pretrained ' + self.pretrained if self.pretrained else 'from scratch'}")
+        if start.pretrained and start.with_optimizer:
+            self._load(state, start.pretrained, resume=False)
+            return True
         if start.pretrained:
             t0 = time.perf_counter()
             load_model_weights(state.model, start.pretrained, state.optimizer)
@@ -238,7 +241,9 @@ class Checkpointer:
             return True
         return False
 
-    def _load(self, state, path: str) -> None:
+    def _load(self, state, path: str, resume: bool = True) -> None:
+        """Load a training checkpoint: everything (`resume`), or only the model and the optimizer state (the
+        hand-off to the next curriculum stage: its LR schedule, step, data position and RNG start fresh)."""
         t0 = time.perf_counter()
         ctx = self.ctx
         common = dist_checkpointing.load_common_state_dict(path)
@@ -259,10 +264,15 @@ class Checkpointer:
         if load_optimizer:
             materialize_adam_state(state.optimizer)
             request["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
+        elif not resume:  # asked for explicitly (checkpoint.pretrained_optimizer): not silently skipped
+            raise ConfigError("checkpoint.pretrained_optimizer", f"{path} was saved with use_distributed_optimizer="
+                                                                 f"{saved['use_distributed_optimizer']}, this run has "
+                                                                 f"{self.cfg.optimizer.use_distributed_optimizer}: its "
+                                                                 f"optimizer state does not load here")
         else:
             _log(f"optimizer state NOT loaded: saved with use_distributed_optimizer="
                  f"{saved['use_distributed_optimizer']}, now {self.cfg.optimizer.use_distributed_optimizer}")
-        if same_layout:
+        if same_layout and resume:
             request["rng_state"] = rng_sharded_object(ctx, None)
         loaded = dist_checkpointing.load(request, path)
 
@@ -271,6 +281,14 @@ class Checkpointer:
             load_optimizer_state(state.optimizer, loaded["optimizer"])
         else:
             state.optimizer.reload_model_params()
+        if not resume:
+            # The optimizer state carries the old stage's param-group LR and weight decay: set the new stage's
+            # (its schedule at step 0) again.
+            state.scheduler.step(increment=0)
+            _log(f"loaded model weights {'and optimizer state ' if load_optimizer else ''}from {path} (step "
+                 f"{common['train']['step']} there) for a new stage: LR schedule, step and data start fresh, in "
+                 f"{time.perf_counter() - t0:.1f}s")
+            return
         try:
             state.scheduler.load_state_dict(common["scheduler"])
         except AssertionError as e:  # megatron's _check_and_set: the schedule changed since the save

@@ -221,6 +221,9 @@ class CheckpointSection:
     load: Optional[str] = option(None, "resume everything from this root's latest complete checkpoint (--load)")
     pretrained: Optional[str] = option(None, "start from these model weights only, e.g. imported diffusers "
                                        "weights, when load holds no checkpoint (--pretrained)")
+    pretrained_optimizer: bool = option(False, "with pretrained: also take that training checkpoint's optimizer "
+                                        "state (the next curriculum stage, docs/curriculum.md); the LR schedule, "
+                                        "step and data position still start fresh (--pretrained-optimizer)")
 
 
 @dataclass

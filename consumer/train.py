@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
 FLAGS = {"data": "data.source", "cache_dir": "data.cache_dir", "tensorboard_dir": "logging.tensorboard_dir",
          "log_jsonl": "logging.log_jsonl", "save": "checkpoint.save", "save_interval": "checkpoint.save_interval",
          "keep_last": "checkpoint.keep_last", "load": "checkpoint.load", "pretrained": "checkpoint.pretrained",
-         "eval_interval": "validation.eval_interval"}
+         "pretrained_optimizer": "checkpoint.pretrained_optimizer", "eval_interval": "validation.eval_interval"}
 
 
 def parse_args(argv=None):
@@ -295,6 +295,9 @@ def parse_args(argv=None):
     p.add_argument("--load", help="resume from this checkpoint root/dir if it holds one (checkpoint.load)")
     p.add_argument("--pretrained", help="start from these model weights only, e.g. imported diffusers weights "
                                         "(checkpoint.pretrained)")
+    p.add_argument("--pretrained-optimizer", action="store_true", default=None,
+                   help="with --pretrained: also take its optimizer state, for the next curriculum stage "
+                        "(checkpoint.pretrained_optimizer)")
     p.add_argument("--eval-interval", type=int, help="validate every K steps: sample the validation prompts, "
                                                      "evaluate the held-out loss (validation.eval_interval)")
     p.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit (no allocation)")
