@@ -18,8 +18,27 @@ def test_smoke_config_inherits_the_tiny_model_and_overrides_apply():
 
 
 def test_all_shipped_configs_load():
-    for name in ("model/tiny.yaml", "model/qwen_image_20b.yaml", "smoke_tp2.yaml", "stage_256p.yaml"):
-        load_config(os.path.join(REPO, "configs", name))
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")) + glob.glob(os.path.join(REPO, "configs", "model",
+                                                                                                "*.yaml")))
+    assert len(paths) >= 6
+    for path in paths:
+        load_config(path)
+
+
+@pytest.mark.parametrize("stage, base_resolution", [("stage_256p", 256), ("stage_640p", 640), ("stage_1328p", 1328)])
+def test_stage_configs_read_their_bucket_family_and_fit_the_20b_layout(stage, base_resolution, capsys):
+    """Each curriculum stage's trainer config (docs/curriculum.md): its bucket family, and a dry run at its
+    resolution on TP 4 x DP 8 that fits 80 GB GPUs."""
+    from consumer.train import main
+
+    cfg = load_config(os.path.join(REPO, "configs", f"{stage}.yaml"))
+    assert cfg.data.cache.base_resolution == base_resolution and cfg.parallelism.tensor_model_parallel_size == 4
+    resolution = stage.split("_")[1].rstrip("p")
+    assert main(["--config", os.path.join(REPO, "configs", f"{stage}.yaml"), "--dry-run", "--dp", "8", "--resolution",
+                 resolution, "--gpu-memory", "80GB"]) == 0
+    assert "\nrecommended: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, key, words", [
