@@ -68,7 +68,8 @@ def build_cache_loader(cfg: TrainConfig, dp_rank: int, dp_size: int) -> Bucketed
     # Keep the stored dtype (bf16 by default): the train step casts on the device, which is exact
     # (bf16 -> fp32) and moves half the bytes through host memory.
     loader = BucketedLoader(d.cache_dir, global_batch_size=t.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                            seed=t.seed, output_dtype=None, **d.cache.build_kwargs())
+                            seed=t.seed, output_dtype=None, batching=cfg.balanced_batches(dp_size),
+                            **d.cache.build_kwargs())
     try:
         loader.check_trainable()
     except NoTrainableDataError as e:

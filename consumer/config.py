@@ -27,6 +27,7 @@ from consumer.start_point import start_point
 from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image import config as layer
 from megatron_qwen_image.cache import BucketedLoader
+from megatron_qwen_image.cache.batching import BalancedBatches
 from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
@@ -184,6 +185,12 @@ class TrainSection:
     global_batch_size: int = option(1, "samples per step over all DP ranks = micro x DP x accumulation steps")
     train_iters: int = option(100, "training steps")
     seed: int = option(1234, "seed of the weights' initialisation and of every sample's noise and sigma")
+    batching: str = option("fixed", "fixed: global_batch_size samples in every step; balanced: as many samples "
+                           "as cost global_batch_size samples at balance_resolution (linear layers ~ tokens, "
+                           "attention ~ tokens^2), micro-batches likewise from micro_batch_size (docs/curriculum.md)",
+                           choices=("fixed", "balanced"))
+    balance_resolution: int = option(640, "balanced batching: the reference sample is this many pixels squared")
+    balance_text_tokens: int = option(512, "balanced batching: caption tokens per sample assumed in the cost")
 
 
 @dataclass
@@ -282,6 +289,14 @@ class TrainConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallelism.tensor_model_parallel_size
 
+    def balanced_batches(self, data_parallel_size: int) -> Optional[BalancedBatches]:
+        """The per-bucket batch sizes of train.batching=balanced (None: fixed)."""
+        t = self.train
+        if t.batching != "balanced":
+            return None
+        return BalancedBatches(t.global_batch_size, t.micro_batch_size, t.balance_resolution, t.balance_text_tokens,
+                               self.model.hidden_size, data_parallel_size)
+
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
@@ -346,6 +361,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
             f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     require(t.train_iters >= 1, "train.train_iters", f"must be >= 1, got {t.train_iters}")
     require(t.seed >= 0, "train.seed", "must be >= 0")
+    if t.batching == "balanced":
+        require(cfg.data.source == "cache", "train.batching", "balanced needs data.source=cache (batch sizes by bucket)")
+        require(t.balance_resolution >= 16 and t.balance_resolution % 16 == 0, "train.balance_resolution",
+                f"must be a positive multiple of 16, got {t.balance_resolution}")
+        require(t.balance_text_tokens >= 0, "train.balance_text_tokens", f"must be >= 0, got {t.balance_text_tokens}")
 
     require(o.lr is not None and o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     require(o.min_lr is not None and 0 <= o.min_lr <= o.lr, "optimizer.min_lr",

@@ -10,12 +10,15 @@ import numpy as np
 
 from torch.utils.tensorboard import SummaryWriter
 
+from megatron_qwen_image.cache.buckets import bucket_of_latent
+
 
 class MetricsLogger:
     """Console every `log_interval` steps; TensorBoard (if a dir is given) and JSONL every step.
 
-    JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, consumed_samples, skipped,
-    latent_hw (the batch's latent height/width); with the latent cache also, counted since the start of
+    JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, image_tokens_per_s, consumed_samples,
+    skipped, latent_hw (the batch's latent height/width), samples and micro_batch (this step's global batch and
+    micro-batch: they vary by bucket with train.batching=balanced), image_tokens; with the latent cache also, counted since the start of
     this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters); at a validation
     step (consumer.validation) also val_s (seconds it took), val_images, val_loss and val_loss_sigma_<s> per
     sigma. One JSON object per line, flushed each step, so a crashed or running job's file is always readable.
@@ -49,9 +52,13 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         if self._tb:
-            for key in ("loss", "grad_norm", "lr", "step_time_s", "samples_per_s"):
+            for key in ("loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "image_tokens_per_s"):
                 if record.get(key) is not None:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
+            if "latent_hw" in record and "image_tokens_per_s" in record:  # throughput per bucket (pixel w x h)
+                w, h = bucket_of_latent(tuple(record["latent_hw"]))
+                for key in ("samples_per_s", "image_tokens_per_s"):
+                    self._tb.add_scalar(f"bucket_{w}x{h}/{key}", record[key], step)
             for key in sorted(k for k, v in record.items() if k.startswith("val_") and isinstance(v, float)):
                 self._tb.add_scalar(f"val/{key[4:]}", record[key], step)
             if grid is not None:
@@ -65,7 +72,9 @@ class MetricsLogger:
             grad = "n/a" if record.get("grad_norm") is None else f"{record['grad_norm']:.4f}"
             print(f"step {step:>6}/{self.train_iters} | loss {record['loss']:.5f} | grad_norm {grad} | "
                   f"lr {record['lr']:.3e} | {record['step_time_s']:.3f} s/step | "
-                  f"{record['samples_per_s']:.2f} samples/s | ETA {eta:.0f} s"
+                  f"{record['samples_per_s']:.2f} samples/s"
+                  + (" ({} x {}x{})".format(record["samples"], *bucket_of_latent(tuple(record["latent_hw"])))
+                     if "samples" in record else "") + f" | ETA {eta:.0f} s"
                   + (" | SKIPPED (inf/nan grads)" if record.get("skipped") else ""), flush=True)
         if "val_s" in record:
             print(validation_line(record), flush=True)

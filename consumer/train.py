@@ -50,6 +50,7 @@ from consumer.rank_logging import configure_logging
 from consumer.start_point import start_point
 from consumer.validation import Validation, held_out_samples, loss_enabled
 from megatron_qwen_image.cache import CacheFormatError
+from megatron_qwen_image.cache.buckets import bucket_of_latent
 from megatron_qwen_image.config import ConfigError, split_overrides
 from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
                                                noisy_latents, velocity_target)
@@ -118,12 +119,24 @@ def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, 
     return flow_matching_loss(pred, target).mean()
 
 
+def step_batch_sizes(cfg: TrainConfig, dp_size: int, latent_hw) -> tuple[int, int]:
+    """(global batch, micro-batch) of a step over latents of this (h, w): the config's, or with
+    train.batching=balanced those of the batch's bucket (megatron_qwen_image.cache.batching)."""
+    balanced = cfg.balanced_batches(dp_size)
+    if balanced is None:
+        return cfg.train.global_batch_size, cfg.train.micro_batch_size
+    bucket = bucket_of_latent(tuple(latent_hw))
+    return balanced.global_batch(bucket), balanced.micro_batch(bucket)
+
+
 def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: torch.dtype) -> dict:
     cfg, model, optimizer = state.cfg, state.model, state.optimizer
-    mb, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    h, w = batch["latents"].shape[-2:]
+    gbs, mb = step_batch_sizes(cfg, ctx.dp_size, (h, w))
     local = batch["latents"].shape[0]
     if local != gbs // ctx.dp_size:
-        raise ValueError(f"data iterator gave {local} samples; expected global_batch_size / dp = {gbs} / {ctx.dp_size}")
+        raise ValueError(f"data iterator gave {local} samples; expected this step's global batch / dp = {gbs} / "
+                         f"{ctx.dp_size}")
     num_micro = local // mb
     lr = optimizer.param_groups[0]["lr"]
 
@@ -147,8 +160,9 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
     loss = loss.item() / ctx.dp_size
     if cfg.optimizer.clip_grad <= 0:  # megatron computes the norm only when clipping (else it returns 0.0 or None)
         grad_norm = None
+    p = cfg.model.patch_size
     return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "skipped": not ok,
-            "latent_hw": list(batch["latents"].shape[-2:])}
+            "latent_hw": [h, w], "samples": gbs, "micro_batch": mb, "image_tokens": gbs * (h // p) * (w // p)}
 
 
 def data_counters(data_iterator, device: torch.device) -> dict:
@@ -213,7 +227,9 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
               f"param-gather {_on(ddp_model.ddp_config.overlap_param_gather)} | "
               f"{'torch.optim.AdamW (no TE/apex)' if USING_PYTORCH_OPTIMIZER else 'fused Adam'} | global batch "
               f"{t.global_batch_size} = micro {t.micro_batch_size} x DP {ctx.dp_size} x "
-              f"{cfg.num_microbatches(ctx.world_size)} accumulation | {start_point(cfg.checkpoint).describe()}",
+              f"{cfg.num_microbatches(ctx.world_size)} accumulation"
+              + (f" at {t.balance_resolution}px, compute-balanced per bucket" if t.batching == "balanced" else "")
+              + f" | {start_point(cfg.checkpoint).describe()}",
               flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
@@ -231,7 +247,7 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
     # succeeded, so that a bad load or initialisation is not all-gathered into the other DP ranks.
     hooks_paused = disable_pre_hooks(state.model, param_sync=False)
     checkpointer.load(state)
-    log, iters, gbs = cfg.logging, cfg.train.train_iters, cfg.train.global_batch_size
+    log, iters = cfg.logging, cfg.train.train_iters
     jsonl = log.log_jsonl or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"), "stats.jsonl")
     logger = MetricsLogger(ctx.is_main, iters, log.log_interval, log.tensorboard_dir, jsonl)
     validation = Validation(cfg, ctx, run_dir=os.path.dirname(os.path.abspath(jsonl)))
@@ -251,8 +267,9 @@ def train(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None, make
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             state.step += 1
-            state.consumed_samples += gbs
-            record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": gbs / dt,
+            state.consumed_samples += stats["samples"]
+            record = {"step": state.step, **stats, "step_time_s": dt, "samples_per_s": stats["samples"] / dt,
+                      "image_tokens_per_s": stats["image_tokens"] / dt,
                       "consumed_samples": state.consumed_samples, **data_counters(state.data_iterator, ctx.device)}
             grid = None
             if validation.due(state.step):

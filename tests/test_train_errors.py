@@ -29,23 +29,13 @@ from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.encoders.text import QwenTextEncoder
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from megatron_qwen_image.prompts import encode_prompts, read_prompts_file, save_encoded
+from tests.support.caches import write_unit
 from tests.support.processes import kill_process_group
 from tests.torchrun import REPO
 from tests.waiting import wait_for
 
 SMOKE = os.path.join(REPO, "configs", "smoke_tp2.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-
-
-def write_unit(root, unit: int, resolution: list[int], n: int = 16) -> None:
-    """One committed work unit of `n` synthetic samples of one bucket (text width = the tiny model's 64)."""
-    from consumer.synthetic_data import SyntheticLatentBatches
-
-    batch = next(SyntheticLatentBatches(n, 0, 1, seed=unit, text_dim=64, resolutions=[resolution], text_len=[3, 9]))
-    with CacheWriter(str(root), work_unit=f"unit-{unit}", latent_dtype="fp32", text_dtype="fp32") as writer:
-        for key, latent, text, mask in zip(batch["keys"], batch["latents"], batch["text_embeds"], batch["text_mask"]):
-            writer.add(key, latent, text[mask], caption="synthetic", source="test")
-        writer.commit()
 
 
 def lose_bucket(root, bucket: tuple[int, int]) -> None:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .batching import BalancedBatches
 from .collate import BufferPool, collate
 from .exclusions import read_exclusions
 from .format import CorruptShardError, parse_bucket_name
@@ -113,6 +114,9 @@ class BucketedLoader:
         else all visible at construction).
       pin_memory: build latents and text embeddings in pinned host memory, so that the train step's
         non-blocking copies to a GPU are asynchronous (None: when a GPU is visible).
+      batching: compute-balanced global batches (batching.BalancedBatches): each bucket's global batch size is
+        batching.global_batch(bucket) instead of global_batch_size, so that every step costs about the same;
+        None: global_batch_size for every bucket.
       holdout_fraction: leave out the samples whose key is held out for validation (holdout.held_out: a
         stable hash of the key below this fraction, in [0, 1)); 0: train on every sample.
     Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
@@ -125,7 +129,8 @@ class BucketedLoader:
                  buckets=None, verify: str = "sample", stream_round_samples: int | None = None,
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
                  wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
-                 pin_memory: bool | None = None, holdout_fraction: float = 0.0):
+                 pin_memory: bool | None = None, holdout_fraction: float = 0.0,
+                 batching: BalancedBatches | None = None):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -141,8 +146,10 @@ class BucketedLoader:
             raise ValueError(f"wait_log_interval_s={wait_log_interval_s!r} must be > 0")
         self.holdout_fraction = check_fraction(holdout_fraction)
         self.root = os.path.abspath(root)
+        if batching is not None and batching.data_parallel_size != dp_size:
+            raise ValueError(f"batching.data_parallel_size={batching.data_parallel_size} is not dp_size={dp_size}")
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
-        self.micro = global_batch_size // dp_size
+        self.batching = batching
         self.seed, self.streaming, self.prefetch, self.num_workers = int(seed), streaming, prefetch, num_workers
         self.output_dtype, self.verify, self.base_resolution = output_dtype, verify, base_resolution
         self.bucket_filter = None if buckets is None else {
@@ -202,16 +209,18 @@ class BucketedLoader:
                 "base_resolution": self.base_resolution,
                 "buckets": None if self.bucket_filter is None else sorted(list(b) for b in self.bucket_filter),
                 "stream_round_samples": self.round_samples, "exclusions": self.exclusions.number,
-                "holdout_fraction": self.holdout_fraction, "position": dict(self._position)}
+                "holdout_fraction": self.holdout_fraction,
+                "batching": None if self.batching is None else asdict(self.batching),
+                "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue exactly after the batch the state was taken at (dp_size may differ; the global
         batches are the same)."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
-        sd = {"holdout_fraction": 0.0, **sd}  # states saved before the held-out split trained on everything
+        sd = {"holdout_fraction": 0.0, "batching": None, **sd}  # states saved before these existed
         mine = self.state_dict()
-        keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction"]
+        keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching"]
         if sd["position"].get("mode") == "stream":
             keys.append("stream_round_samples")  # rounds are cut by it
         for key in keys:
@@ -262,6 +271,10 @@ class BucketedLoader:
         self.close()
 
     # ------------------------------------------------------------------ planning (one thread)
+    def batch_size(self, bucket: tuple[int, int]) -> int:
+        """Samples of one global batch of `bucket` (all DP ranks together)."""
+        return self.global_batch_size if self.batching is None else self.batching.global_batch(bucket)
+
     def _epoch_entry_count(self, num_entries):
         sealed = self.log.sealed_count()
         n = num_entries if num_entries is not None else sealed if sealed is not None else len(self.log)
@@ -382,7 +395,7 @@ class BucketedLoader:
             return (f"has {added} of the {self.round_samples} new samples it takes, and {max(counts.values(), default=0)} "
                     f"of global_batch_size={self.global_batch_size} in its fullest bucket")
 
-        while not (added >= self.round_samples and any(c >= self.global_batch_size for c in counts.values())):
+        while not (added >= self.round_samples and any(c >= self.batch_size(b) for b, c in counts.items())):
             if not self._wait_for_entry(next_entry, stop, wait, need):
                 ended = True
                 break
@@ -394,7 +407,7 @@ class BucketedLoader:
             next_entry += 1
         pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
                  for b in set(leftover) | set(new)}
-        return plan_round_batches(pools, self.seed, r, self.global_batch_size), next_entry, ended
+        return plan_round_batches(pools, self.seed, r, self.batch_size), next_entry, ended
 
     def _epoch_pools(self, n: int) -> dict:
         """Bucket -> the sample ids of entries [0, n) that an epoch plans; warns once about each bucket left
@@ -411,20 +424,22 @@ class BucketedLoader:
             log.warning("bucket %dx%d of %s has no readable shard (all are missing or truncated): training without it",
                         b[0], b[1], self.root)
         G = self.global_batch_size
-        if not any(len(v) >= G for v in pools.values()):
-            sizes = {f"{b[0]}x{b[1]}": len(v) for b, v in sorted(pools.items())}
+        if not any(len(v) >= self.batch_size(b) for b, v in pools.items()):
+            sizes = {f"{b[0]}x{b[1]}": len(v) if self.batching is None else f"{len(v)} of {self.batch_size(b)}"
+                     for b, v in sorted(pools.items())}
             filters = "".join(f", {k}={v}" for k, v in (("base_resolution", self.base_resolution),
                                                          ("buckets", self.bucket_filter)) if v is not None)
             unreadable = f"; {len(self._unreadable)} shards are unreadable" if self._unreadable else ""
             raise NoTrainableDataError(
-                f"no bucket of {self.root} has global_batch_size={G} readable samples (first {n} manifest entries"
+                f"no bucket of {self.root} has "
+                f"{f'global_batch_size={G}' if self.batching is None else 'its compute-balanced global batch of'} "
+                f"readable samples (first {n} manifest entries"
                 f"{filters}): {sizes or 'no samples at all'}{unreadable}")
         return pools
 
     def _tasks(self, pos: dict, stop):
         """Yield this rank's tasks from position `pos` onward, forever (or until a sealed stream ends
         and the cache has no full batch)."""
-        G, lo = self.global_batch_size, self.dp_rank * self.micro
         if pos["mode"] == "stream":
             leftover, next_entry = {}, 0
             for r in itertools.count():
@@ -434,7 +449,7 @@ class BucketedLoader:
                     start = pos["step"] if r == pos["round"] else 0
                     for s in range(start, len(batch_plan.batches)):
                         b = batch_plan.batches[s]
-                        yield _Task(b.bucket, b.sample_ids[lo:lo + self.micro], batch_plan.pools[b.bucket], (1, r, s),
+                        yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (1, r, s),
                                     {"mode": "stream", "round": r, "step": s + 1})
                 if ended:
                     break
@@ -444,12 +459,17 @@ class BucketedLoader:
         n = pos["num_entries"]
         pools = self._epoch_pools(n)
         for e in itertools.count(pos["epoch"]):
-            batch_plan = plan_epoch_batches(pools, self.seed, e, G)
+            batch_plan = plan_epoch_batches(pools, self.seed, e, self.batch_size)
             start = pos["step"] if e == pos["epoch"] else 0
             for s in range(start, len(batch_plan.batches)):
                 b = batch_plan.batches[s]
-                yield _Task(b.bucket, b.sample_ids[lo:lo + self.micro], batch_plan.pools[b.bucket], (2, e, s),
+                yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (2, e, s),
                             {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
+
+    def _my_part(self, sample_ids: np.ndarray) -> np.ndarray:
+        """This DP rank's contiguous 1/dp_size of a global batch."""
+        n = len(sample_ids) // self.dp_size
+        return sample_ids[self.dp_rank * n:(self.dp_rank + 1) * n]
 
     # ------------------------------------------------------------------ reading (worker threads)
     def _shard(self, info: ShardInfo) -> ShardFile:

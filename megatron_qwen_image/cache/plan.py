@@ -42,7 +42,7 @@ def _bucket_code(bucket: tuple[int, int]) -> list[int]:
 class GlobalBatch:
     """One global batch: its bucket and the ids of its samples (all DP ranks' together)."""
     bucket: tuple[int, int]
-    sample_ids: np.ndarray   # [global_batch_size] int64
+    sample_ids: np.ndarray   # [its bucket's global batch size] int64
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,14 @@ class BatchPlan:
     leftover: dict[tuple[int, int], np.ndarray]  # bucket -> ids that did not fill a batch
 
 
-def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size: int) -> BatchPlan:
-    """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic."""
+def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size) -> BatchPlan:
+    """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic.
+    `global_batch_size`: samples per global batch, or a function of the bucket giving them (compute-balanced
+    batches, batching.BalancedBatches)."""
+    size_of = global_batch_size if callable(global_batch_size) else (lambda bucket: global_batch_size)
     batches, leftover = [], {}
     for bucket in sorted(pools):
+        global_batch_size = size_of(bucket)
         ids = pools[bucket]
         perm = np.random.default_rng([seed, tag, index, *_bucket_code(bucket)]).permutation(ids)
         k = len(perm) // global_batch_size
@@ -68,11 +72,11 @@ def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size
     return BatchPlan([batches[i] for i in order], pools, leftover)
 
 
-def plan_epoch_batches(pools: dict, seed: int, epoch: int, global_batch_size: int) -> BatchPlan:
+def plan_epoch_batches(pools: dict, seed: int, epoch: int, global_batch_size) -> BatchPlan:
     return plan_batches(pools, seed, _TAG_EPOCH, epoch, global_batch_size)
 
 
-def plan_round_batches(pools: dict, seed: int, round_index: int, global_batch_size: int) -> BatchPlan:
+def plan_round_batches(pools: dict, seed: int, round_index: int, global_batch_size) -> BatchPlan:
     return plan_batches(pools, seed, _TAG_ROUND, round_index, global_batch_size)
 
 
