@@ -28,6 +28,7 @@ from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image import config as layer
 from megatron_qwen_image.cache import BucketedLoader
 from megatron_qwen_image.cache.batching import BalancedBatches
+from megatron_qwen_image.cache.loader import check_family_weights
 from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
@@ -135,6 +136,8 @@ LoaderSection = section("LoaderSection", BucketedLoader, {
     "stream_timeout_s": "streaming: give up after waiting this long for producers (null: wait)",
     "wait_log_interval_s": "streaming: while waiting for producers, log what for every this many seconds",
     "max_open_shards": "memory-mapped shards kept open",
+    "family_weights": "several bucket families in one stage with the share of the steps each gets, e.g. "
+                      "{640: 0.7, 1328: 0.3} (null: base_resolution's family, or all)",
     "holdout_fraction": "hold out this fraction of the cache's sample keys (a fixed hash split) for the "
                         "validation loss; training never sees them",
     "pin_memory": "build batches in pinned host memory, for asynchronous host-to-GPU copies (null: when a GPU "
@@ -447,6 +450,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
 def validate_validation(cfg: TrainConfig, at_start: bool) -> None:
     """The `validation` section (and data.cache.holdout_fraction); `at_start`: also the files it names."""
     v, d = cfg.validation, cfg.data
+    try:
+        check_family_weights(d.cache.family_weights)
+    except ValueError as e:
+        raise ConfigError("data.cache.family_weights", str(e).split(": ", 1)[-1] if "family_weights:" in str(e)
+                          else str(e)) from None
+    require(not (d.cache.family_weights and d.cache.base_resolution is not None), "data.cache.family_weights",
+            f"selects the families itself: set data.cache.base_resolution=null (it is {d.cache.base_resolution})")
     fraction = d.cache.holdout_fraction
     require(0 <= fraction < 1, "data.cache.holdout_fraction", f"must be in [0, 1), got {fraction}")
     require(not (fraction > 0 and d.source != "cache"), "data.cache.holdout_fraction",

@@ -27,6 +27,7 @@ from consumer.activation_plan import (PlanInputError, activation_plan, format_ac
                                       format_recommendation, parse_bytes, parse_resolution, recommend_recompute,
                                       worst_case_text_lengths)
 from consumer.config import TrainConfig
+from megatron_qwen_image.cache.buckets import BASE_RESOLUTIONS, buckets_for_base
 from megatron_qwen_image.model import QwenImageMMDiT
 from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
 
@@ -167,3 +168,25 @@ def dry_run_activations(cfg: TrainConfig, memory: MemoryPlan, resolution: str | 
                                   static_bytes=memory.total_bytes, **kw)
         parts += ["", format_recommendation(rec)]
     return "\n".join(parts)
+
+
+def format_batch_plan(cfg: TrainConfig, dp: int) -> str:
+    """With train.batching=balanced: samples per step and per micro-batch, and the planned step cost, for every
+    bucket of the stage's families (data.cache.family_weights, else base_resolution, else all). Empty otherwise."""
+    plan = cfg.balanced_batches(dp)
+    if plan is None:
+        return ""
+    c = cfg.data.cache
+    families = sorted(c.family_weights) if c.family_weights else [c.base_resolution] if c.base_resolution \
+        else list(BASE_RESOLUTIONS)
+    rows = [f"compute-balanced batches (train.batching=balanced; reference: {plan.global_batch_size} samples of "
+            f"{plan.reference_resolution}x{plan.reference_resolution}, micro-batch {plan.micro_batch_size}, "
+            f"{plan.text_tokens} caption tokens, DP {dp}):", "",
+            "| family | bucket (w x h) | samples per step | micro-batch | accumulation | step cost vs reference |",
+            "|---|---|---:|---:|---:|---:|"]
+    for family in families:
+        for bucket in buckets_for_base(family):
+            g, mb = plan.global_batch(bucket), plan.micro_batch(bucket)
+            rows.append(f"| {family} | {bucket[0]}x{bucket[1]} | {g} | {mb} | {g // (mb * dp)} | "
+                        f"{plan.step_cost(bucket):.3f} |")
+    return "\n".join(rows)

@@ -45,7 +45,8 @@ from consumer import builders
 from consumer.checkpointing import Checkpointer, disable_pre_hooks, enable_pre_hooks
 from consumer.config import TrainConfig, load_config, resolve_precision, validate
 from consumer.metrics import MetricsLogger, data_summary
-from consumer.planner import PlanInputError, dry_run_activations, format_memory_plan, plan_memory
+from consumer.planner import (PlanInputError, dry_run_activations, format_batch_plan, format_memory_plan,
+                              plan_memory)
 from consumer.rank_logging import configure_logging
 from consumer.start_point import start_point
 from consumer.validation import Validation, held_out_samples, loss_enabled
@@ -362,7 +363,8 @@ def main(argv=None) -> int:
             memory = plan_memory(cfg, dp=dp)
             activations = dry_run_activations(cfg, memory, args.resolution, args.micro_batch, args.text_len,
                                               args.gpu_memory)  # checked before anything is printed
-            print(format_memory_plan(memory, note) + "\n\n" + activations)
+            batches = format_batch_plan(cfg, dp)
+            print(format_memory_plan(memory, note) + "\n\n" + activations + (f"\n\n{batches}" if batches else ""))
             return 0
         configure_logging(f"rank {rank}", rank == 0 or cfg.logging.all_ranks)
         try:

@@ -115,3 +115,48 @@ def test_balanced_training_run_takes_per_bucket_batches_and_resumes_exactly_mid_
     for a, b in zip(full[4:], resumed):
         assert a["latent_hw"] == b["latent_hw"] and a["consumed_samples"] == b["consumed_samples"]
         assert abs(a["loss"] - b["loss"]) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Two bucket families: 16 samples of 256x256 (base 256) and 16 of 640x640 (base 640)."""
+    root = tmp_path_factory.mktemp("families")
+    write_unit(root, 0, [256, 256], n=16, base_resolution=256)
+    write_unit(root, 1, [640, 640], n=16, base_resolution=640)
+    return str(root)
+
+
+def _families_of(batches):
+    return [b["latents"].shape[-1] * 8 for b in batches]  # square buckets: the family's side
+
+
+def test_family_weights_set_each_familys_share_of_an_epoch_deterministically(families):
+    """{256: 3, 640: 1} with 2 samples per batch: 16 batches per epoch, 12 of the 256 family (its 8 batches and
+    4 repeats) and 4 of the 640 family (half of its 8); the same for every loader, and exactly resumable."""
+    kw = dict(global_batch_size=2, seed=7, family_weights={256: 3, 640: 1})
+    with BucketedLoader(families, **kw) as a, BucketedLoader(families, **kw) as b:
+        first, again = _take(a, 16), _take(b, 16)
+        assert [x["keys"] for x in first] == [x["keys"] for x in again]
+        counts = _families_of(first)
+        assert (counts.count(256), counts.count(640)) == (12, 4)
+        state = json.loads(json.dumps(a.state_dict()))
+        after = _take(a, 5)
+    with BucketedLoader(families, **kw) as resumed:
+        resumed.load_state_dict(state)
+        assert [x["keys"] for x in _take(resumed, 5)] == [x["keys"] for x in after]
+    with BucketedLoader(families, global_batch_size=2, seed=7, family_weights={640: 1}) as only:
+        assert set(_families_of(_take(only, 8))) == {640}
+    with BucketedLoader(families, global_batch_size=2, seed=7) as plain, pytest.raises(ValueError, match="family_weights"):
+        plain.load_state_dict(state)
+
+
+def test_bad_family_weights_are_refused_naming_the_problem(families):
+    from megatron_qwen_image.cache.loader import MissingFamilyError
+
+    with BucketedLoader(families, 2, family_weights={640: 0.7, 1328: 0.3}) as loader:
+        with pytest.raises(MissingFamilyError, match=r"bucket families \[1328\] that .* holds no readable sample"):
+            loader.check_trainable()
+    for weights, words in (({640: 0, 256: 0}, "sum to a positive number"), ({640: -1}, "must be a number >= 0"),
+                           ({"big": 1}, "not a base resolution"), ({}, "must be a mapping")):
+        with pytest.raises(ValueError, match=words):
+            BucketedLoader(families, 2, family_weights=weights)

@@ -27,18 +27,24 @@ def test_all_shipped_configs_load():
         load_config(path)
 
 
-@pytest.mark.parametrize("stage, base_resolution", [("stage_256p", 256), ("stage_640p", 640), ("stage_1328p", 1328)])
-def test_stage_configs_read_their_bucket_family_and_fit_the_20b_layout(stage, base_resolution, capsys):
-    """Each curriculum stage's trainer config (docs/curriculum.md): its bucket family, and a dry run at its
-    resolution on TP 4 x DP 8 that fits 80 GB GPUs."""
+@pytest.mark.parametrize("stage, families, resolution", [
+    ("stage_256p", 256, 256), ("stage_640p", 640, 640), ("stage_1328p", 1328, 1328),
+    ("stage_multiscale_640_1328", {640: 0.7, 1328: 0.3}, 1328)])
+def test_stage_configs_read_their_bucket_families_and_fit_the_20b_layout(stage, families, resolution, capsys):
+    """Each curriculum stage's trainer config (docs/curriculum.md): its bucket families, and a dry run at its
+    (largest) resolution on TP 4 x DP 8 that fits 80 GB GPUs."""
     from consumer.train import main
 
     cfg = load_config(os.path.join(REPO, "configs", f"{stage}.yaml"))
-    assert cfg.data.cache.base_resolution == base_resolution and cfg.parallelism.tensor_model_parallel_size == 4
-    resolution = stage.split("_")[1].rstrip("p")
+    c = cfg.data.cache
+    assert (c.family_weights if isinstance(families, dict) else c.base_resolution) == families
+    assert cfg.parallelism.tensor_model_parallel_size == 4
     assert main(["--config", os.path.join(REPO, "configs", f"{stage}.yaml"), "--dry-run", "--dp", "8", "--resolution",
-                 resolution, "--gpu-memory", "80GB"]) == 0
-    assert "\nrecommended: " in capsys.readouterr().out
+                 str(resolution), "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "\nrecommended: " in out
+    if isinstance(families, dict):  # compute-balanced: the planned 1328p step has 56 samples, one per micro-batch
+        assert "| 1328 | 1328x1328 | 56 | 1 | 7 | 0.964 |" in out and "| 640 | 640x640 | 256 | 2 | 16 | 1.000 |" in out
 
 
 @pytest.mark.parametrize("overrides, key, words", [

@@ -152,6 +152,11 @@ def caches(tmp_path_factory):
     (["--data", "cache", "--cache-dir", "{tmp}/one", "--eval-interval", "5", "data.cache.holdout_fraction=1e-9"],
      "data.cache.holdout_fraction", "no held-out samples in {tmp}/one (holdout_fraction=1e-09 of 16 samples selects "
      "none): raise the fraction or give validation.loss_cache_dir"),
+    (["--data", "cache", "--cache-dir", "{tmp}/one", "data.cache.family_weights={{640: 1}}"],
+     "data.cache.family_weights", "family_weights names bucket families [640] that {tmp}/one holds no readable "
+     "sample of"),
+    (["data.cache.family_weights={{640: 0}}"], "data.cache.family_weights", "family_weights={{640: 0}}: the weights "
+     "must sum to a positive number"),
     (["data.cache.holdout_fraction=0.1"], "data.cache.holdout_fraction", "holds out keys of the latent cache: "
      "needs data.source=cache"),
 ])

@@ -77,8 +77,31 @@ class _RoundWait:
     logged_at_s: float = 0.0   # waited_s at the last 'waiting for producers' line
 
 
+def check_family_weights(weights) -> dict | None:
+    """{base resolution: weight} with int keys and weights >= 0 summing to > 0; ValueError naming the problem."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"family_weights={weights!r} must be a mapping of base resolution to weight, e.g. "
+                         f"{{640: 0.7, 1328: 0.3}}")
+    out = {}
+    for family, weight in weights.items():
+        if isinstance(family, bool) or not isinstance(family, int) and not (isinstance(family, str) and family.isdigit()):
+            raise ValueError(f"family_weights: {family!r} is not a base resolution (an integer such as 640)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"family_weights[{family}]={weight!r} must be a number >= 0")
+        out[int(family)] = float(weight)
+    if sum(out.values()) <= 0:
+        raise ValueError(f"family_weights={weights!r}: the weights must sum to a positive number")
+    return out
+
+
 class NoTrainableDataError(ValueError):
     """The loader can never give a batch: no bucket has global_batch_size readable samples."""
+
+
+class MissingFamilyError(NoTrainableDataError):
+    """family_weights gives a positive weight to a bucket family the (finished) cache holds no sample of."""
 
 
 @dataclass
@@ -114,6 +137,9 @@ class BucketedLoader:
         else all visible at construction).
       pin_memory: build latents and text embeddings in pinned host memory, so that the train step's
         non-blocking copies to a GPU are asynchronous (None: when a GPU is visible).
+      family_weights: several bucket families in one stage, with the share of the batches each supplies, e.g.
+        {640: 0.7, 1328: 0.3} (plan.py); only those families are read. None: every family base_resolution
+        and buckets allow, each bucket in proportion to its size.
       batching: compute-balanced global batches (batching.BalancedBatches): each bucket's global batch size is
         batching.global_batch(bucket) instead of global_batch_size, so that every step costs about the same;
         None: global_batch_size for every bucket.
@@ -130,7 +156,7 @@ class BucketedLoader:
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
                  wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
                  pin_memory: bool | None = None, holdout_fraction: float = 0.0,
-                 batching: BalancedBatches | None = None):
+                 batching: BalancedBatches | None = None, family_weights: dict | None = None):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -145,6 +171,7 @@ class BucketedLoader:
         if not wait_log_interval_s > 0:
             raise ValueError(f"wait_log_interval_s={wait_log_interval_s!r} must be > 0")
         self.holdout_fraction = check_fraction(holdout_fraction)
+        self.family_weights = check_family_weights(family_weights)
         self.root = os.path.abspath(root)
         if batching is not None and batching.data_parallel_size != dp_size:
             raise ValueError(f"batching.data_parallel_size={batching.data_parallel_size} is not dp_size={dp_size}")
@@ -211,6 +238,7 @@ class BucketedLoader:
                 "stream_round_samples": self.round_samples, "exclusions": self.exclusions.number,
                 "holdout_fraction": self.holdout_fraction,
                 "batching": None if self.batching is None else asdict(self.batching),
+                "family_weights": None if self.family_weights is None else sorted(self.family_weights.items()),
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -218,9 +246,12 @@ class BucketedLoader:
         batches are the same)."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
-        sd = {"holdout_fraction": 0.0, "batching": None, **sd}  # states saved before these existed
+        sd = {"holdout_fraction": 0.0, "batching": None, "family_weights": None, **sd}  # states saved before these
+        if sd["family_weights"] is not None:  # JSON turned the pairs into lists
+            sd["family_weights"] = [tuple(pair) for pair in sd["family_weights"]]
         mine = self.state_dict()
-        keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching"]
+        keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching",
+                "family_weights"]
         if sd["position"].get("mode") == "stream":
             keys.append("stream_round_samples")  # rounds are cut by it
         for key in keys:
@@ -311,6 +342,7 @@ class BucketedLoader:
 
     def _wanted(self, s: ShardInfo) -> bool:
         return ((self.base_resolution is None or s.base_resolution == self.base_resolution)
+                and (self.family_weights is None or s.base_resolution in self.family_weights)
                 and (self.bucket_filter is None or s.bucket in self.bucket_filter) and s.num_samples > 0)
 
     def _add_entry_ids(self, k: int, new: dict) -> int:
@@ -407,7 +439,7 @@ class BucketedLoader:
             next_entry += 1
         pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
                  for b in set(leftover) | set(new)}
-        return plan_round_batches(pools, self.seed, r, self.batch_size), next_entry, ended
+        return plan_round_batches(pools, self.seed, r, self.batch_size, **self._families()), next_entry, ended
 
     def _epoch_pools(self, n: int) -> dict:
         """Bucket -> the sample ids of entries [0, n) that an epoch plans; warns once about each bucket left
@@ -423,6 +455,13 @@ class BucketedLoader:
             self._dropped_buckets.add(b)
             log.warning("bucket %dx%d of %s has no readable shard (all are missing or truncated): training without it",
                         b[0], b[1], self.root)
+        if self.family_weights is not None:
+            held = {s.base_resolution for s in self._shards if s.bucket in pools}
+            missing = sorted(f for f, w in self.family_weights.items() if w > 0 and f not in held)
+            if missing:
+                raise MissingFamilyError(f"family_weights names bucket families {missing} that {self.root} holds no "
+                                         f"readable sample of (first {n} manifest entries; it holds "
+                                         f"{sorted(f for f in held if f is not None)})")
         G = self.global_batch_size
         if not any(len(v) >= self.batch_size(b) for b, v in pools.items()):
             sizes = {f"{b[0]}x{b[1]}": len(v) if self.batching is None else f"{len(v)} of {self.batch_size(b)}"
@@ -459,12 +498,19 @@ class BucketedLoader:
         n = pos["num_entries"]
         pools = self._epoch_pools(n)
         for e in itertools.count(pos["epoch"]):
-            batch_plan = plan_epoch_batches(pools, self.seed, e, self.batch_size)
+            batch_plan = plan_epoch_batches(pools, self.seed, e, self.batch_size, **self._families())
             start = pos["step"] if e == pos["epoch"] else 0
             for s in range(start, len(batch_plan.batches)):
                 b = batch_plan.batches[s]
                 yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (2, e, s),
                             {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
+
+    def _families(self) -> dict:
+        """plan.py's family arguments: the weights, and each bucket's family from the shards planned so far."""
+        if self.family_weights is None:
+            return {}
+        family = {s.bucket: s.base_resolution for s in self._shards}
+        return {"family_weights": self.family_weights, "family_of": family.get}
 
     def _my_part(self, sample_ids: np.ndarray) -> np.ndarray:
         """This DP rank's contiguous 1/dp_size of a global batch."""

@@ -11,6 +11,10 @@ of the manifest log in log order (the same numbering in streaming and epoch mode
   rng(seed, e, bucket) and cut into full global batches (the remainder, < G samples per bucket, waits
   for the next epoch's permutation); the batches of all buckets are then shuffled together with
   rng(seed, e). A bucket thus supplies batches in proportion to its size.
+- Family weights (several bucket families in one stage, e.g. {640: 0.7, 1328: 0.3}): after the buckets
+  are cut into batches, each family supplies round(weight share x batches of the epoch) of them: its batches
+  drawn without repeats in an order from rng(seed, epoch), then with repeats if it has fewer. With
+  compute-balanced batches every step costs about the same, so the weights are shares of the compute.
 - Streaming mode (producers still writing): the log is consumed in "rounds". Round r takes the next
   entries in log order until it has at least `round_samples` new samples and some bucket can fill a
   global batch (waiting for producers if the log is not that long yet); its samples plus the previous
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_TAG_EPOCH, _TAG_ROUND, _TAG_ORDER, _TAG_REPLACE = 0xE90C, 0x5EAA, 0x0DE5, 0xBAD5
+_TAG_EPOCH, _TAG_ROUND, _TAG_ORDER, _TAG_REPLACE, _TAG_FAMILY = 0xE90C, 0x5EAA, 0x0DE5, 0xBAD5, 0xFA41
 
 
 def sample_ids(shard_id: int, num_samples: int) -> np.ndarray:
@@ -53,10 +57,12 @@ class BatchPlan:
     leftover: dict[tuple[int, int], np.ndarray]  # bucket -> ids that did not fill a batch
 
 
-def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size) -> BatchPlan:
+def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size, family_weights=None,
+                 family_of=None) -> BatchPlan:
     """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic.
     `global_batch_size`: samples per global batch, or a function of the bucket giving them (compute-balanced
-    batches, batching.BalancedBatches)."""
+    batches, batching.BalancedBatches). `family_weights` {base resolution: weight} with `family_of(bucket)`:
+    the share of the batches each family supplies (module docstring)."""
     size_of = global_batch_size if callable(global_batch_size) else (lambda bucket: global_batch_size)
     batches, leftover = [], {}
     for bucket in sorted(pools):
@@ -68,16 +74,39 @@ def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size
                        for j in range(k))
         if len(perm) > k * global_batch_size:
             leftover[bucket] = perm[k * global_batch_size:]
+    if family_weights:
+        batches = _weigh_families(batches, family_of, family_weights,
+                                  np.random.default_rng([seed, _TAG_FAMILY, tag, index]))
     order = np.random.default_rng([seed, _TAG_ORDER, tag, index]).permutation(len(batches))
     return BatchPlan([batches[i] for i in order], pools, leftover)
 
 
-def plan_epoch_batches(pools: dict, seed: int, epoch: int, global_batch_size) -> BatchPlan:
-    return plan_batches(pools, seed, _TAG_EPOCH, epoch, global_batch_size)
+def _weigh_families(batches: list, family_of, weights: dict, rng) -> list:
+    """The batches of each family in proportion to its weight (families without batches left out), as many in
+    all as there were batches."""
+    by_family: dict = {}
+    for b in batches:
+        by_family.setdefault(family_of(b.bucket), []).append(b)
+    present = {f: float(w) for f, w in sorted(weights.items()) if by_family.get(f)}
+    total = sum(present.values())
+    if total <= 0:
+        return batches
+    out = []
+    for family, weight in present.items():
+        have, want = by_family[family], int(round(len(batches) * weight / total))
+        picks = rng.permutation(len(have))[:want]
+        if want > len(have):  # a family short of batches repeats some of them
+            picks = np.concatenate([picks, rng.integers(0, len(have), size=want - len(have))])
+        out.extend(have[i] for i in picks)
+    return out
 
 
-def plan_round_batches(pools: dict, seed: int, round_index: int, global_batch_size) -> BatchPlan:
-    return plan_batches(pools, seed, _TAG_ROUND, round_index, global_batch_size)
+def plan_epoch_batches(pools: dict, seed: int, epoch: int, global_batch_size, **families) -> BatchPlan:
+    return plan_batches(pools, seed, _TAG_EPOCH, epoch, global_batch_size, **families)
+
+
+def plan_round_batches(pools: dict, seed: int, round_index: int, global_batch_size, **families) -> BatchPlan:
+    return plan_batches(pools, seed, _TAG_ROUND, round_index, global_batch_size, **families)
 
 
 def replacement_candidates(pool: np.ndarray, seed: int, key: tuple, n: int = 32) -> np.ndarray:
