@@ -63,17 +63,16 @@ def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size
     `global_batch_size`: samples per global batch, or a function of the bucket giving them (compute-balanced
     batches, batching.BalancedBatches). `family_weights` {base resolution: weight} with `family_of(bucket)`:
     the share of the batches each family supplies (module docstring)."""
-    size_of = global_batch_size if callable(global_batch_size) else (lambda bucket: global_batch_size)
+    size_of = global_batch_size if callable(global_batch_size) else (lambda bucket, n=global_batch_size: n)
     batches, leftover = [], {}
     for bucket in sorted(pools):
-        global_batch_size = size_of(bucket)
+        size = size_of(bucket)
         ids = pools[bucket]
         perm = np.random.default_rng([seed, tag, index, *_bucket_code(bucket)]).permutation(ids)
-        k = len(perm) // global_batch_size
-        batches.extend(GlobalBatch(bucket, perm[j * global_batch_size:(j + 1) * global_batch_size])
-                       for j in range(k))
-        if len(perm) > k * global_batch_size:
-            leftover[bucket] = perm[k * global_batch_size:]
+        k = len(perm) // size
+        batches.extend(GlobalBatch(bucket, perm[j * size:(j + 1) * size]) for j in range(k))
+        if len(perm) > k * size:
+            leftover[bucket] = perm[k * size:]
     if family_weights:
         batches = _weigh_families(batches, family_of, family_weights,
                                   np.random.default_rng([seed, _TAG_FAMILY, tag, index]))
