@@ -58,7 +58,8 @@ def held_out_samples(cfg: TrainConfig) -> list[HeldOutSample]:
     key = "validation.loss_cache_dir" if v.loss_cache_dir else "data.cache.holdout_fraction"
     try:
         return load_held_out(v.loss_cache_dir or cfg.data.cache_dir, None if v.loss_cache_dir else c.holdout_fraction,
-                             v.loss_samples, base_resolution=c.base_resolution, buckets=c.buckets)
+                             v.loss_samples, base_resolution=c.base_resolution, buckets=c.buckets,
+                             families=None if c.family_weights is None else set(c.family_weights))
     except ValueError as e:
         raise ConfigError(key, str(e)) from None
 

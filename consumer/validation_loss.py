@@ -42,11 +42,13 @@ class HeldOutSample:
 
 
 def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: int, base_resolution=None,
-                  buckets=None) -> list[HeldOutSample]:
+                  buckets=None, families=None) -> list[HeldOutSample]:
     """The validation samples of the cache at `cache_dir`: all of them (holdout_fraction None: a separate
     validation cache) or those whose key is held out of training. Ordered by the key's hash, so the first
     `max_samples` are a random subset that does not depend on the shard layout. Samples of the cache's
     exclusion list are skipped as the loader skips them; corrupt shards are skipped with a warning.
+    `base_resolution`, `buckets`, `families` (bucket families, e.g. the keys of the loader's family_weights)
+    select shards as the training loader does.
     Raises ValueError if nothing is selected."""
     if holdout_fraction is not None:
         holdout_fraction = check_fraction(holdout_fraction)
@@ -64,7 +66,8 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
 
     candidates, total = [], 0  # (hash, key, shard, row)
     for info in reader.shards(base_resolution):
-        if bucket_filter is not None and info.bucket not in bucket_filter:
+        if (bucket_filter is not None and info.bucket not in bucket_filter) or (
+                families is not None and info.base_resolution not in families):
             continue
         try:
             keys = reader.open(info).column("key")

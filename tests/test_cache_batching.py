@@ -160,3 +160,12 @@ def test_bad_family_weights_are_refused_naming_the_problem(families):
                            ({"big": 1}, "not a base resolution"), ({}, "must be a mapping")):
         with pytest.raises(ValueError, match=words):
             BucketedLoader(families, 2, family_weights=weights)
+
+
+def test_held_out_samples_come_from_the_stages_families_only(families):
+    from consumer.validation_loss import load_held_out
+
+    both = load_held_out(families, 0.5, 100)
+    only = load_held_out(families, 0.5, 100, families={640})
+    assert {s.latent.shape[-1] for s in both} == {32, 80} and {s.latent.shape[-1] for s in only} == {80}
+    assert [s.key for s in only] == [s.key for s in both if s.latent.shape[-1] == 80]
