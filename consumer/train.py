@@ -53,8 +53,7 @@ from consumer.validation import Validation, held_out_samples, loss_enabled
 from megatron_qwen_image.cache import CacheFormatError
 from megatron_qwen_image.cache.buckets import bucket_of_latent
 from megatron_qwen_image.config import ConfigError, split_overrides
-from megatron_qwen_image.flow_matching import (SigmaSampling, draw_noise_and_sigmas, flow_matching_loss,
-                                               noisy_latents, velocity_target)
+from megatron_qwen_image.flow_matching import SigmaSampling, draw_noise_and_sigmas, sample_losses
 from megatron_qwen_image.megatron_compat import mark_gradless_params_ready
 from megatron_qwen_image.model import pack_latents
 from megatron_qwen_image.model.mmdit import prefix_lengths
@@ -103,21 +102,17 @@ def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, 
     lengths = host_text_lengths(batch["text_mask"][sl])
     longest = max(max(lengths), 1)  # drop columns that are padding for every sample here
     z = to_device(batch["latents"][sl], device).to(torch.float32)
-    b, c, h, w = z.shape
+    _, c, h, w = z.shape
     x0 = pack_latents(z, p)
     noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.train.seed, (c, h, w), x0.shape[1], spec,
                                          device)
     noise = pack_latents(noise, p)
-    x_t = noisy_latents(x0, noise, sigma)
-    target = velocity_target(x0, noise)
     text = batch["text_embeds"][sl, :longest]
     if text.is_contiguous():
         text = to_device(text, device)
     else:  # copy whole rows and cut on the device: a strided host slice would be staged through unpinned memory
         text = to_device(batch["text_embeds"][sl], device)[:, :longest]
-    text = text.to(dtype)
-    pred = model(x_t.to(dtype), text, None, sigma, img_shapes=[(1, h // p, w // p)] * b, text_lengths=lengths)
-    return flow_matching_loss(pred, target).mean()
+    return sample_losses(model, x0, noise, sigma, text.to(dtype), lengths, (h // p, w // p), dtype).mean()
 
 
 def step_batch_sizes(cfg: TrainConfig, dp_size: int, latent_hw) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from megatron_qwen_image.cache import CacheReader, CorruptShardError, collate
 from megatron_qwen_image.cache.exclusions import read_exclusions
 from megatron_qwen_image.cache.format import parse_bucket_name
 from megatron_qwen_image.cache.holdout import check_fraction, hash_unit, held_out
-from megatron_qwen_image.flow_matching import flow_matching_loss, noisy_latents, sample_seed, velocity_target
+from megatron_qwen_image.flow_matching import sample_losses, sample_seed
 from megatron_qwen_image.model import pack_latents
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,11 @@ def _loss_sums(model, group: list[HeldOutSample], sigmas: Sequence[float], seed:
     b, c, h, w = batch["latents"].shape
     x0 = pack_latents(batch["latents"].to(device), p)
     noise = pack_latents(torch.stack([_fixed_noise(s.key, seed, (c, h, w)) for s in group]).to(device), p)
-    target = velocity_target(x0, noise)
     text = batch["text_embeds"].to(device).to(dtype)
     sums = []
-    for sigma in sigmas:  # as consumer.train.microbatch_loss, at one fixed sigma for the whole batch
+    for sigma in sigmas:  # as the training step scores a micro-batch, at one fixed sigma for the whole batch
         sig = torch.full((b,), sigma, dtype=torch.float32, device=device)
-        pred = model(noisy_latents(x0, noise, sig).to(dtype), text, None, sig, img_shapes=[(1, h // p, w // p)] * b,
-                     text_lengths=lengths)
-        sums.append(flow_matching_loss(pred, target).double().sum())
+        sums.append(sample_losses(model, x0, noise, sig, text, lengths, (h // p, w // p), dtype).double().sum())
     return torch.stack(sums)
 
 

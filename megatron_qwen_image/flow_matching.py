@@ -122,3 +122,14 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE over the image tokens [B, N, C] -> per-sample loss [B], computed in fp32."""
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def sample_losses(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                  text_lengths: Sequence[int], grid_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The per-sample loss [B] of `model` (a QwenImageMMDiT) on packed latents x0 and noise [B, N, C] at sigma [B]:
+    its prediction from x_t (cast to `dtype`), the sigma as timestep and the text [B, L, D] with its valid
+    lengths (host ints), on a (h, w) patch grid of one frame, against v = noise - x0. The training step and the
+    validation loss both score the model through this one call."""
+    pred = model(noisy_latents(x0, noise, sigma).to(dtype), text, None, sigma, img_shapes=[(1, *grid_hw)] * x0.shape[0],
+                 text_lengths=text_lengths)
+    return flow_matching_loss(pred, velocity_target(x0, noise))
