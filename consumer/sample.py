@@ -42,11 +42,9 @@ from megatron_qwen_image.encoders.local_dir import TEXT_ENCODER, TOKENIZER, VAE,
 from megatron_qwen_image.image_grid import image_grid, save_png
 from megatron_qwen_image.model.diffusers_mapping import config_from_diffusers
 from megatron_qwen_image.parallel import destroy_parallel, init_parallel
-from megatron_qwen_image.prompts import (EncodedPrompts, PromptsFileError, PromptSpec, check_encoded, encode_prompts,
-                                         is_encoded_file, load_encoded, read_prompts_file)
+from megatron_qwen_image.prompts import (DEFAULT_SIZE, EncodedPrompts, PromptsFileError, PromptSpec, check_encoded,
+                                         encode_prompts, is_encoded_file, load_encoded, read_prompts_file)
 from megatron_qwen_image.sampling import SampleRequest, check_size, decode_images, generate, load_scheduler
-
-DEFAULT_SIZE = 1024
 
 
 class SampleError(ValueError):
@@ -121,11 +119,6 @@ def check_args(args) -> None:
         raise SampleError(f"--encoders: {e}") from None
     if args.prompts and not os.path.isfile(args.prompts):
         raise SampleError(f"--prompts {args.prompts}: no such file")
-
-
-def requests_of(encoded: EncodedPrompts) -> list[SampleRequest]:
-    return [SampleRequest(p.embeds, p.spec.width, p.spec.height, p.spec.seed, p.negative_embeds)
-            for p in encoded.prompts]
 
 
 def encode_on_rank0(args, rank: int, device: torch.device) -> EncodedPrompts:
@@ -229,7 +222,7 @@ def main(argv=None) -> int:
             bar.update(done - bar.n)
 
         t0 = time.perf_counter()
-        latents = generate(model, requests_of(encoded), args.steps, args.guidance, ctx.device, dtype,
+        latents = generate(model, [SampleRequest.from_prompt(p) for p in encoded.prompts], args.steps, args.guidance, ctx.device, dtype,
                            args.batch_size, load_scheduler(args.encoders), progress)
         bar.close()
         if ctx.is_main:

@@ -106,8 +106,7 @@ class Validation:
 
     def _images(self, module, step: int, dtype: torch.dtype) -> Optional[np.ndarray]:
         v, items = self.cfg.validation, self.prompts.prompts
-        requests = [SampleRequest(items[i].embeds, items[i].spec.width, items[i].spec.height, items[i].spec.seed,
-                                  items[i].negative_embeds) for i in self.mine]
+        requests = [SampleRequest.from_prompt(items[i]) for i in self.mine]
         latents = generate(module, requests, v.steps, v.guidance, self.ctx.device, dtype, v.batch_size, self.scheduler)
         mine = []
         if self.ctx.tp_rank == 0:

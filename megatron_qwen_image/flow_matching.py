@@ -33,6 +33,14 @@ import torch
 from megatron_qwen_image.config import option
 
 
+# Qwen-Image's released inference schedule (scheduler/scheduler_config.json of Qwen/Qwen-Image): the keyword
+# arguments of diffusers' FlowMatchEulerDiscreteScheduler. The sampler uses it when an encoders directory has no
+# scheduler/, and make_tiny writes it into the tiny pipeline.
+RELEASED_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                          max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                          time_shift_type="exponential")
+
+
 @dataclass
 class SigmaSampling:
     """How training draws sigma (logit-normal, optionally shifted as diffusers' scheduler shifts)."""

@@ -40,6 +40,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from megatron_qwen_image.cache.format import PIXEL_MULTIPLE  # VAE factor 8 x patch 2
 from megatron_qwen_image.config import yaml_load
 from megatron_qwen_image.encoders.local_dir import EncoderDirError
 from megatron_qwen_image.fsutil import atomic_replace
@@ -50,7 +51,6 @@ if TYPE_CHECKING:  # only for annotations: the trainer reads encoded files throu
 PROMPTS_FORMAT = "megatron-qwen-image-prompts"
 PROMPTS_VERSION = 1
 DEFAULT_SIZE = 1024  # QwenImagePipeline's default height and width
-SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
 FIELDS = ("prompt", "negative_prompt", "width", "height", "seed")
 PROMPTS_FILE_EXTENSIONS = (".yaml", ".yml", ".json", ".jsonl")
 _MAX_SEED = 2**64  # torch.Generator.manual_seed's range
@@ -94,7 +94,7 @@ def read_prompts_file(path: str, default_width: int = DEFAULT_SIZE, default_heig
     where = f"prompts file {path}"
     for name, value in (("default width", default_width), ("default height", default_height)):
         if not _is_size(value):
-            raise PromptsFileError(f"{where}: {name} must be a positive integer divisible by {SIZE_MULTIPLE}, "
+            raise PromptsFileError(f"{where}: {name} must be a positive integer divisible by {PIXEL_MULTIPLE}, "
                                    f"got {value!r}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in PROMPTS_FILE_EXTENSIONS:
@@ -171,7 +171,7 @@ def _spec(where: str, value: Any, index: int, defaults: dict[str, int]) -> Promp
     for key in ("width", "height"):
         sizes[key] = value.get(key, defaults[key])
         if not _is_size(sizes[key]):
-            raise PromptsFileError(f"{where}: field {key!r} must be a positive integer divisible by {SIZE_MULTIPLE} "
+            raise PromptsFileError(f"{where}: field {key!r} must be a positive integer divisible by {PIXEL_MULTIPLE} "
                                    f"(VAE factor 8 x patch 2), got {sizes[key]!r}")
     seed = value.get("seed", index)
     if not _is_int(seed) or not 0 <= seed < _MAX_SEED:
@@ -184,7 +184,7 @@ def _is_int(v) -> bool:
 
 
 def _is_size(v) -> bool:
-    return _is_int(v) and v > 0 and v % SIZE_MULTIPLE == 0
+    return _is_int(v) and v > 0 and v % PIXEL_MULTIPLE == 0
 
 
 def _did_you_mean(key, names: Sequence[str]) -> str:

@@ -27,20 +27,15 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from megatron_qwen_image.flow_matching import calculate_shift
+from megatron_qwen_image.cache.format import PIXEL_MULTIPLE, VAE_SCALE_FACTOR
+from megatron_qwen_image.flow_matching import RELEASED_SCHEDULER, calculate_shift
 from megatron_qwen_image.model import pack_latents, unpack_latents
 
-VAE_SCALE_FACTOR = 8
 LATENT_CHANNELS = 16
-# Qwen-Image's released scheduler settings (scheduler/scheduler_config.json of Qwen/Qwen-Image), used when the
-# encoders directory has no scheduler/ of its own.
-RELEASED_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
-                          max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                          time_shift_type="exponential")
 
 
 def load_scheduler(encoders_dir: Optional[str] = None) -> FlowMatchEulerDiscreteScheduler:
-    """The scheduler of a pipeline directory (`scheduler/`), else Qwen-Image's released one."""
+    """The scheduler of a pipeline directory (`scheduler/`), else Qwen-Image's released one (RELEASED_SCHEDULER)."""
     sub = os.path.join(encoders_dir, "scheduler") if encoders_dir else None
     if sub and os.path.isfile(os.path.join(sub, "scheduler_config.json")):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(sub, local_files_only=True)
@@ -50,10 +45,10 @@ def load_scheduler(encoders_dir: Optional[str] = None) -> FlowMatchEulerDiscrete
 def check_size(width: int, height: int) -> None:
     """Pixel sizes the model can generate exactly: multiples of 16 (VAE factor 8 x 2x2 packing). The pipeline
     would silently round others down; we refuse them."""
-    factor = 2 * VAE_SCALE_FACTOR
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v <= 0 or v % factor:
-            raise ValueError(f"{name} {v} must be a positive multiple of {factor} (VAE factor 8 x 2x2 packing)")
+        if not isinstance(v, int) or v <= 0 or v % PIXEL_MULTIPLE:
+            raise ValueError(f"{name} {v} must be a positive multiple of {PIXEL_MULTIPLE} (VAE factor 8 x 2x2 "
+                             f"packing)")
 
 
 @dataclass
@@ -156,6 +151,12 @@ class SampleRequest:
     height: int
     seed: int
     negative_embeds: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_prompt(cls, prompt) -> "SampleRequest":
+        """The request of an encoded prompt (megatron_qwen_image.prompts.EncodedPrompt)."""
+        spec = prompt.spec
+        return cls(prompt.embeds, spec.width, spec.height, spec.seed, prompt.negative_embeds)
 
 
 def batches_of(requests: Sequence[SampleRequest], batch_size: int) -> list[list[int]]:

@@ -38,6 +38,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedT
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from megatron_qwen_image.encoders.text import PROMPT_TEMPLATE
+from megatron_qwen_image.flow_matching import RELEASED_SCHEDULER
 
 # Tiny sizes the rest of the project builds on: text features 64 wide (configs/model/tiny.yaml's
 # joint_attention_dim), VAE z_dim 16 with spatial factor 8.
@@ -202,11 +203,7 @@ def build_transformer(out_dir: str, seed: int):
 
 
 def build_scheduler(out_dir: str):
-    # Qwen-Image's released scheduler settings (dynamic, exponential time shift).
-    FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
-    ).save_pretrained(out_dir)
+    FlowMatchEulerDiscreteScheduler(**RELEASED_SCHEDULER).save_pretrained(out_dir)
 
 
 def build_clip(out_dir: str, seed: int):
