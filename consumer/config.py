@@ -28,8 +28,9 @@ from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image import config as layer
 from megatron_qwen_image.cache import BucketedLoader
 from megatron_qwen_image.cache.batching import BalancedBatches
-from megatron_qwen_image.cache.loader import check_family_weights
 from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
+from megatron_qwen_image.cache.holdout import check_fraction
+from megatron_qwen_image.cache.loader import check_family_weights
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
 from megatron_qwen_image.encoders.local_dir import VAE, EncoderDirError, component_dir
@@ -402,6 +403,15 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
         require(getattr(c, key) >= lo, f"data.cache.{key}", f"must be >= {lo}, got {getattr(c, key)}")
     for key in ("poll_interval_s", "wait_log_interval_s"):
         require(getattr(c, key) > 0, f"data.cache.{key}", f"must be > 0, got {getattr(c, key)}")
+    for key, check in (("family_weights", check_family_weights), ("holdout_fraction", check_fraction)):
+        try:  # the loader's own checks of these arguments
+            check(getattr(c, key))
+        except ValueError as e:
+            raise ConfigError(f"data.cache.{key}", str(e)) from None
+    require(not (c.family_weights and c.base_resolution is not None), "data.cache.family_weights",
+            f"selects the families itself: set data.cache.base_resolution=null (it is {c.base_resolution})")
+    require(not (c.holdout_fraction > 0 and d.source != "cache"), "data.cache.holdout_fraction",
+            "holds out keys of the latent cache: needs data.source=cache")
     res, factor = d.synthetic.resolutions, 8 * cfg.model.patch_size  # VAE factor x patch size
     require(len(res) >= 1 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x > 0
                                                                              and x % factor == 0 for x in r)
@@ -448,19 +458,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
 
 
 def validate_validation(cfg: TrainConfig, at_start: bool) -> None:
-    """The `validation` section (and data.cache.holdout_fraction); `at_start`: also the files it names."""
-    v, d = cfg.validation, cfg.data
-    try:
-        check_family_weights(d.cache.family_weights)
-    except ValueError as e:
-        raise ConfigError("data.cache.family_weights", str(e).split(": ", 1)[-1] if "family_weights:" in str(e)
-                          else str(e)) from None
-    require(not (d.cache.family_weights and d.cache.base_resolution is not None), "data.cache.family_weights",
-            f"selects the families itself: set data.cache.base_resolution=null (it is {d.cache.base_resolution})")
-    fraction = d.cache.holdout_fraction
-    require(0 <= fraction < 1, "data.cache.holdout_fraction", f"must be in [0, 1), got {fraction}")
-    require(not (fraction > 0 and d.source != "cache"), "data.cache.holdout_fraction",
-            "holds out keys of the latent cache: needs data.source=cache")
+    """The `validation` section; `at_start`: also the files it names."""
+    v = cfg.validation
     for key, lo in (("steps", 1), ("batch_size", 1), ("loss_samples", 1)):
         require(getattr(v, key) >= lo, f"validation.{key}", f"must be >= {lo}, got {getattr(v, key)}")
     require(v.guidance >= 0, "validation.guidance", f"must be >= 0, got {v.guidance}")
@@ -471,7 +470,7 @@ def validate_validation(cfg: TrainConfig, at_start: bool) -> None:
     if v.eval_interval is None:
         return
     require(v.eval_interval >= 1, "validation.eval_interval", f"must be >= 1 or null, got {v.eval_interval}")
-    has_loss = v.loss_cache_dir is not None or fraction > 0
+    has_loss = v.loss_cache_dir is not None or cfg.data.cache.holdout_fraction > 0
     require(bool(v.prompts) or has_loss, "validation.eval_interval",
             f"is {v.eval_interval} but there is nothing to validate: give validation.prompts (an encoded prompts file: "
             "`python -m megatron_qwen_image.prompts encode PROMPTS --encoders DIR --out FILE`) and/or a held-out "

@@ -7,7 +7,6 @@ import time
 from typing import Optional
 
 import numpy as np
-
 from torch.utils.tensorboard import SummaryWriter
 
 from megatron_qwen_image.cache.buckets import bucket_of_latent

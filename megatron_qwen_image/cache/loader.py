@@ -238,7 +238,8 @@ class BucketedLoader:
                 "stream_round_samples": self.round_samples, "exclusions": self.exclusions.number,
                 "holdout_fraction": self.holdout_fraction,
                 "batching": None if self.batching is None else asdict(self.batching),
-                "family_weights": None if self.family_weights is None else sorted(self.family_weights.items()),
+                "family_weights": None if self.family_weights is None else sorted([f, w] for f, w in
+                                                                                   self.family_weights.items()),
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -247,8 +248,6 @@ class BucketedLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
         sd = {"holdout_fraction": 0.0, "batching": None, "family_weights": None, **sd}  # states saved before these
-        if sd["family_weights"] is not None:  # JSON turned the pairs into lists
-            sd["family_weights"] = [tuple(pair) for pair in sd["family_weights"]]
         mine = self.state_dict()
         keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching",
                 "family_weights"]
