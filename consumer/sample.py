@@ -20,6 +20,7 @@ prompts file (`python -m megatron_qwen_image.prompts encode`), which needs no te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -90,13 +91,14 @@ def prompt_specs(args) -> list[PromptSpec]:
     width, height = args.width or DEFAULT_SIZE, args.height or DEFAULT_SIZE
     if args.prompts:
         specs = read_prompts_file(args.prompts, default_width=width, default_height=height)
-        return [PromptSpec(s.prompt, s.negative_prompt if s.negative_prompt is not None else args.negative_prompt,
-                           s.width, s.height, s.seed) for s in specs]
+        return [s if s.negative_prompt is not None else dataclasses.replace(s, negative_prompt=args.negative_prompt)
+                for s in specs]
     return [PromptSpec(p, args.negative_prompt, width, height, args.seed + i) for i, p in enumerate(args.prompt)]
 
 
-def check_args(args) -> None:
-    """Every refusal that needs no process group, before any process loads a model."""
+def check_args(args, encoded_file: bool) -> None:
+    """Every refusal that needs no process group, before any process loads a model (`encoded_file`: --prompts
+    is an encoded prompts file, which needs no text encoder)."""
     if bool(args.prompt) == bool(args.prompts):
         raise SampleError("give --prompt TEXT (repeatable) or --prompts FILE")
     try:
@@ -109,7 +111,7 @@ def check_args(args) -> None:
         raise SampleError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.guidance < 0:
         raise SampleError(f"--guidance must be >= 0, got {args.guidance}")
-    needs_text = not (args.prompts and is_encoded_file(args.prompts))
+    needs_text = not encoded_file
     if not args.encoders:
         raise SampleError("--encoders DIR is required (the VAE that decodes the images"
                           + (", and the text encoder" if needs_text else "") + ")")
@@ -121,18 +123,18 @@ def check_args(args) -> None:
         raise SampleError(f"--prompts {args.prompts}: no such file")
 
 
-def encode_on_rank0(args, rank: int, device: torch.device) -> EncodedPrompts:
-    """Rank 0 reads and encodes the prompts (or reads an encoded file) and sends the result, or its refusal
+def encode_on_rank0(args, specs: Optional[list[PromptSpec]], rank: int, device: torch.device) -> EncodedPrompts:
+    """Rank 0 encodes `specs` (None: reads the encoded --prompts file) and sends the result, or its refusal
     (a prompt longer than the text encoder takes), to every rank: all of them stop together."""
     box = [None]
     if rank == 0:
         try:
-            if args.prompts and is_encoded_file(args.prompts):
+            if specs is None:
                 box[0] = load_encoded(args.prompts)
             else:
                 t0 = time.perf_counter()
                 encoder = QwenTextEncoder.from_pretrained(args.encoders, device=device)
-                box[0] = encode_prompts(prompt_specs(args), encoder)
+                box[0] = encode_prompts(specs, encoder)
                 del encoder
                 print(f"encoded {len(box[0].prompts)} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
         except PromptsFileError as e:
@@ -192,10 +194,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
-        check_args(args)
+        encoded_file = bool(args.prompts) and is_encoded_file(args.prompts)
+        check_args(args, encoded_file)
         ckpt = resolve_checkpoint(args.load, args.pretrained)
-        if not (args.prompts and is_encoded_file(args.prompts)):
-            prompt_specs(args)  # a bad prompts file is refused before any model loads
+        specs = None if encoded_file else prompt_specs(args)  # a bad prompts file is refused before any model loads
     except (SampleError, PromptsFileError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
     try:
         bf16 = {"auto": ctx.device.type == "cuda", "fp32": False, "bf16": True}[args.dtype]
         dtype = torch.bfloat16 if bf16 else torch.float32
-        encoded = encode_on_rank0(args, ctx.rank, ctx.device)
+        encoded = encode_on_rank0(args, specs, ctx.rank, ctx.device)
         model = load_model(ckpt, ctx.tp_size, ctx.device, bf16)
         try:
             check_encoded(encoded, model.config.joint_attention_dim)
@@ -222,8 +224,9 @@ def main(argv=None) -> int:
             bar.update(done - bar.n)
 
         t0 = time.perf_counter()
-        latents = generate(model, [SampleRequest.from_prompt(p) for p in encoded.prompts], args.steps, args.guidance, ctx.device, dtype,
-                           args.batch_size, load_scheduler(args.encoders), progress)
+        requests = [SampleRequest.from_prompt(p) for p in encoded.prompts]
+        latents = generate(model, requests, args.steps, args.guidance, ctx.device, dtype, args.batch_size,
+                           load_scheduler(args.encoders), progress)
         bar.close()
         if ctx.is_main:
             sampled_s = time.perf_counter() - t0

@@ -117,7 +117,8 @@ def sample_latents(model, text: TextBatch, latents: torch.Tensor, width: int, he
     check_size(width, height)
     p = model.config.patch_size
     img_shapes = [(1, height // VAE_SCALE_FACTOR // p, width // VAE_SCALE_FACTOR // p)] * latents.shape[0]
-    if text.embeds.shape[0] != latents.shape[0] or (negative is not None and negative.embeds.shape[0] != latents.shape[0]):
+    batch = latents.shape[0]
+    if text.embeds.shape[0] != batch or (negative is not None and negative.embeds.shape[0] != batch):
         raise ValueError(f"{latents.shape[0]} latents need as many prompts (and negative prompts)")
     scheduler = scheduler or load_scheduler()
     timesteps = set_timesteps(scheduler, steps, latents.shape[1], device=latents.device)
