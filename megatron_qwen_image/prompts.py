@@ -195,22 +195,13 @@ def _did_you_mean(key, names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------
-def token_counts(text_encoder: QwenTextEncoder, texts: Sequence[str]) -> list[int]:
-    """Feature length of each text before the encoder's cap (its `token_lengths` caps at max_length, which
-    would hide a prompt that is too long)."""
-    if not texts:  # the tokenizer fails on an empty batch
-        return []
-    ids = text_encoder.tokenizer([text_encoder.template.format(t) for t in texts], add_special_tokens=True)["input_ids"]
-    return [len(x) - text_encoder.drop_idx for x in ids]
-
-
 def encode_prompts(specs: Sequence[PromptSpec], text_encoder: QwenTextEncoder) -> EncodedPrompts:
     """Embeddings of every prompt and negative prompt, as `text_encoder.encode` gives them; raises
     PromptsFileError naming the entry if one is longer than the encoder's limit."""
     negatives = [i for i, s in enumerate(specs) if s.negative_prompt is not None]
     for name, idx, texts in (("prompt", range(len(specs)), [s.prompt for s in specs]),
                              ("negative_prompt", negatives, [specs[i].negative_prompt for i in negatives])):
-        for i, count in zip(idx, token_counts(text_encoder, texts)):
+        for i, count in zip(idx, text_encoder.token_counts(texts)):
             if count > text_encoder.max_length:
                 where = specs[i].origin or f"prompt {i}"
                 raise PromptsFileError(f"{where}: {name} is {count} tokens, over the text encoder's limit of "

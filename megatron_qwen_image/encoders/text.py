@@ -85,10 +85,17 @@ class QwenTextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens each prompt has after the template prefix is dropped, before the max_length cap (a count over
+        max_length is a prompt the encoder would cut)."""
+        if not prompts:  # the tokenizer fails on an empty batch
+            return []
+        ids = self.tokenizer([self.template.format(p) for p in prompts], add_special_tokens=True)["input_ids"]
+        return [len(x) - self.drop_idx for x in ids]
+
     def token_lengths(self, prompts: Sequence[str]) -> list[int]:
         """Feature length each prompt would get (after dropping the template prefix, capped at max_length)."""
-        ids = self.tokenizer([self.template.format(p) for p in prompts], add_special_tokens=True)["input_ids"]
-        return [min(len(x) - self.drop_idx, self.max_length) for x in ids]
+        return [min(n, self.max_length) for n in self.token_counts(prompts)]
 
     @torch.no_grad()
     def encode_batch(self, prompts: Sequence[str]) -> list[torch.Tensor]:
