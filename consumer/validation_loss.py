@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from megatron_qwen_image.cache import CacheReader, CorruptShardError, collate
 from megatron_qwen_image.cache.exclusions import read_exclusions
-from megatron_qwen_image.cache.format import parse_bucket_name
 from megatron_qwen_image.cache.holdout import check_fraction, hash_unit, held_out
+from megatron_qwen_image.cache.loader import bucket_set, wanted_shard
 from megatron_qwen_image.flow_matching import sample_losses, sample_seed
 from megatron_qwen_image.model import pack_latents
 
@@ -54,8 +54,7 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
         holdout_fraction = check_fraction(holdout_fraction)
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise ValueError(f"max_samples={max_samples!r} must be an integer >= 1")
-    bucket_filter = None if buckets is None else {
-        parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
+    bucket_filter = bucket_set(buckets)
     reader = CacheReader(cache_dir)
     excluded = read_exclusions(reader.root).rows
     bad: dict[str, str] = {}
@@ -65,9 +64,8 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
         log.warning("validation: skipping corrupt shard (%d so far): %s", len(bad), error)
 
     candidates, total = [], 0  # (hash, key, shard, row)
-    for info in reader.shards(base_resolution):
-        if (bucket_filter is not None and info.bucket not in bucket_filter) or (
-                families is not None and info.base_resolution not in families):
+    for info in reader.shards():
+        if not wanted_shard(info, base_resolution, bucket_filter, families):
             continue
         try:
             keys = reader.open(info).column("key")

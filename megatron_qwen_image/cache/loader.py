@@ -96,6 +96,20 @@ def check_family_weights(weights) -> dict | None:
     return out
 
 
+def bucket_set(buckets) -> set | None:
+    """The `buckets` argument ("640x480" names or (width, height) pairs) as a set of pairs; None: all."""
+    return None if buckets is None else {parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
+
+
+def wanted_shard(s: ShardInfo, base_resolution: int | None, buckets: set | None, families) -> bool:
+    """Whether a stage reads shard `s`: of its family `base_resolution`, of one of its `buckets`, of one of its
+    weighted `families` (each None: any), and not empty. The training loader and the validation loss's
+    held-out set select with it alike."""
+    return ((base_resolution is None or s.base_resolution == base_resolution)
+            and (families is None or s.base_resolution in families)
+            and (buckets is None or s.bucket in buckets) and s.num_samples > 0)
+
+
 class NoTrainableDataError(ValueError):
     """The loader can never give a batch: no bucket has global_batch_size readable samples."""
 
@@ -179,8 +193,7 @@ class BucketedLoader:
         self.batching = batching
         self.seed, self.streaming, self.prefetch, self.num_workers = int(seed), streaming, prefetch, num_workers
         self.output_dtype, self.verify, self.base_resolution = output_dtype, verify, base_resolution
-        self.bucket_filter = None if buckets is None else {
-            parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
+        self.bucket_filter = bucket_set(buckets)
         self.round_samples = stream_round_samples or 8 * global_batch_size
         self.poll_interval_s, self.stream_timeout_s = poll_interval_s, stream_timeout_s
         self.wait_log_interval_s = wait_log_interval_s
@@ -340,9 +353,7 @@ class BucketedLoader:
                         "(%d so far): %s", len(found), len(checked), first, n - 1, len(self._unreadable), shown)
 
     def _wanted(self, s: ShardInfo) -> bool:
-        return ((self.base_resolution is None or s.base_resolution == self.base_resolution)
-                and (self.family_weights is None or s.base_resolution in self.family_weights)
-                and (self.bucket_filter is None or s.bucket in self.bucket_filter) and s.num_samples > 0)
+        return wanted_shard(s, self.base_resolution, self.bucket_filter, self.family_weights)
 
     def _add_entry_ids(self, k: int, new: dict) -> int:
         a, b = self._entry_ranges[k]
