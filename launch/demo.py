@@ -370,6 +370,7 @@ def run_demo(args) -> dict:
 
 def build_summary(L: DemoPaths, args, results: list[StageResult], wall_s: float) -> dict:
     shards, per_shard = shard_plan(args.samples)
+    records = read_stats(L.stats)
     return {
         "out": L.root, "steps": args.steps, "samples": args.samples, "wall_s": round(wall_s, 2),
         "stages": [asdict(r) for r in results],
@@ -384,8 +385,8 @@ def build_summary(L: DemoPaths, args, results: list[StageResult], wall_s: float)
         },
         "shards": {"tars": shards, "per_shard": per_shard},
         "producer": producer_summary(L),
-        "loss": summarize(read_stats(L.stats)),
-        "validation": validation_summary(L.stats),
+        "loss": summarize(records),
+        "validation": validation_summary(records),
     }
 
 
@@ -395,10 +396,8 @@ def last_validation_grid(directory: str) -> str | None:
     return os.path.join(directory, grids[-1]) if grids else None
 
 
-def validation_summary(stats: str) -> list[dict]:
-    """Step, validation loss and seconds of every validation the run made."""
-    with open(stats) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+def validation_summary(records: list[dict]) -> list[dict]:
+    """Step, validation loss and seconds of every validation the run made (records: launch.plot.read_stats)."""
     return [{"step": r["step"], "val_loss": r.get("val_loss"), "val_s": r["val_s"]} for r in records if "val_s" in r]
 
 
