@@ -299,7 +299,7 @@ class TrainConfig:
         if t.batching != "balanced":
             return None
         return BalancedBatches(t.global_batch_size, t.micro_batch_size, t.balance_resolution, t.balance_text_tokens,
-                               self.model.hidden_size, data_parallel_size)
+                               self.model.hidden_size, data_parallel_size, self.model.ffn_hidden_size)
 
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from benchmarks.gpu import cli, flops
+from benchmarks.gpu import cli
+from megatron_qwen_image import flops
 from benchmarks.gpu.phase_attention import backend_from_ops
 from benchmarks.gpu.profiling import kernel_category
 from benchmarks.gpu.report import RESULTS_FILE

@@ -17,9 +17,9 @@ import torch
 
 from consumer.config import load_config
 from megatron_qwen_image.parallel import destroy_parallel
+from megatron_qwen_image.flops import ModelDims
 
 from benchmarks.gpu.dry_run import dry_run
-from benchmarks.gpu.flops import ModelDims
 from benchmarks.gpu.phase_attention import run_attention
 from benchmarks.gpu.phase_blocks import run_blocks
 from benchmarks.gpu.phase_gemm import run_gemm

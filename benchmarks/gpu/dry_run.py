@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from consumer.config import load_config
+from megatron_qwen_image.flops import (TRAIN_FACTOR, ModelDims, attention_flops, block_forward_flops, image_tokens,
+                                       outside_forward_flops, parameter_count, six_p_t_ratio, training_step_flops)
 
-from benchmarks.gpu.flops import (TRAIN_FACTOR, ModelDims, attention_flops, block_forward_flops, image_tokens,
-                                  outside_forward_flops, parameter_count, six_p_t_ratio, training_step_flops)
 from benchmarks.gpu.memory_plan import NOT_AVAILABLE, planned_activations, planned_state
 from benchmarks.gpu.phase_attention import attention_cases
 from benchmarks.gpu.phase_gemm import gemm_shapes

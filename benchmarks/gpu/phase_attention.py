@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.gpu.flops import TRAIN_FACTOR, attention_flops
+from megatron_qwen_image.flops import TRAIN_FACTOR, attention_flops
+
 from benchmarks.gpu.profiling import op_names, profile_call
 from benchmarks.gpu.settings import Settings
 from benchmarks.gpu.timing import Budget, time_calls

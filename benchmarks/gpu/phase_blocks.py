@@ -28,8 +28,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_qwen_image.model import get_qwen_image_block_spec
 from megatron_qwen_image.model.rope import QwenMSRoPE
+from megatron_qwen_image.flops import VAE_FACTOR, training_step_flops, utilisation
 
-from benchmarks.gpu.flops import VAE_FACTOR, training_step_flops, utilisation
 from benchmarks.gpu.memory_plan import planned_activations
 from benchmarks.gpu.profiling import profile_call
 from benchmarks.gpu.settings import RecomputeMode, Settings

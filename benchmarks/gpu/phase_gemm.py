@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.gpu.flops import MODULATION_CHUNKS, gemm_flops, utilisation
+from megatron_qwen_image.flops import MODULATION_CHUNKS, gemm_flops, utilisation
+
 from benchmarks.gpu.settings import Settings
 from benchmarks.gpu.timing import Budget, time_calls
 

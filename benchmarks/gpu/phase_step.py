@@ -28,8 +28,8 @@ from megatron.core.distributed import finalize_model_grads
 from consumer.synthetic_data import LATENT_CHANNELS, VAE_FACTOR
 from consumer.train import microbatch_loss, setup
 from megatron_qwen_image.megatron_compat import mark_gradless_params_ready
+from megatron_qwen_image.flops import training_step_flops, utilisation
 
-from benchmarks.gpu.flops import training_step_flops, utilisation
 from benchmarks.gpu.memory_plan import planned_activations, planned_state
 from benchmarks.gpu.settings import Settings
 from benchmarks.gpu.timing import (Budget, PartTimer, allocated_bytes, free_device_memory, median_parts, peak_bytes,

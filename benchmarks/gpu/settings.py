@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from benchmarks.gpu.flops import VAE_FACTOR, ModelDims, image_tokens
+from megatron_qwen_image.flops import VAE_FACTOR, ModelDims, image_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL_MODEL_YAML = os.path.join(REPO, "configs", "model", "qwen_image_20b.yaml")

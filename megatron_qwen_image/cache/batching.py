@@ -2,11 +2,11 @@
 about the same whatever its resolution.
 
 A step over one bucket costs, per MMDiT block and sample of S tokens (image tokens + caption tokens), about
-24·h²·S FLOPs in the linear layers (each token through its stream's q/k/v, out and MLP weights) plus 4·h·S²
-in attention (docs/performance.md counts the same). At h = 3072 a 1328² sample (6,889 image tokens) costs
-5.4 times a 640² sample (1,600) without caption tokens, more than the token count says: attention grows with S². A mixed
-640p/1328p stage with one sample count per step makes its 1328p steps that much slower than its 640p ones,
-and its memory swing with them.
+24·h²·S FLOPs in the linear layers (each token through its stream's q/k/v, out and MLP weights, at an MLP of
+4h) plus 4·h·S² in attention: the model FLOPs that MFU counts (megatron_qwen_image.flops). At h = 3072 a
+1328² sample (6,889 image tokens) costs 5.4 times a 640² sample (1,600) without caption tokens, more than the
+token count says: attention grows with S². A mixed 640p/1328p stage with one sample count per step makes its
+1328p steps that much slower than its 640p ones, and its memory swing with them.
 
 `BalancedBatches` sizes each bucket's global batch to the cost of `global_batch_size` samples at the
 reference resolution, and its micro-batch to the cost of `micro_batch_size` reference samples (the memory
@@ -18,6 +18,8 @@ the same way on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megatron_qwen_image.flops import ModelDims, attention_flops, linear_flops
 
 from .format import PIXEL_MULTIPLE
 
@@ -36,6 +38,7 @@ class BalancedBatches:
     text_tokens: int            # caption tokens assumed per sample in the cost
     hidden_size: int            # model width h: weighs attention (4·h·S²) against the linear layers (24·h²·S)
     data_parallel_size: int = 1
+    ffn_hidden_size: int | None = None  # the MLP width (None: 4 x hidden_size, as diffusers)
 
     def __post_init__(self):
         for name in ("global_batch_size", "micro_batch_size", "reference_resolution", "hidden_size",
@@ -46,9 +49,10 @@ class BalancedBatches:
             raise ValueError(f"text_tokens={self.text_tokens!r} must be an integer >= 0")
 
     def sample_cost(self, width: int, height: int) -> float:
-        """Relative FLOPs of one sample of this pixel size, per block (24·h²·S + 4·h·S², in units of h)."""
+        """Forward FLOPs of one block for one sample of this pixel size: linear layers + attention."""
         s = (width // PIXEL_MULTIPLE) * (height // PIXEL_MULTIPLE) + self.text_tokens
-        return 24.0 * self.hidden_size * s + 4.0 * s * s
+        dims = ModelDims(hidden=self.hidden_size, ffn=self.ffn_hidden_size or 4 * self.hidden_size)
+        return float(linear_flops(s, dims) + attention_flops(s, dims))
 
     def _ratio(self, bucket: tuple[int, int]) -> float:
         """Reference sample's cost / this bucket's sample cost."""
@@ -68,4 +72,5 @@ class BalancedBatches:
     def step_cost(self, bucket: tuple[int, int]) -> float:
         """Planned relative cost of one step of `bucket` (1.0 = the reference step)."""
         ref = self.reference_resolution
-        return self.global_batch(bucket) * self.sample_cost(*bucket) / (self.global_batch_size * self.sample_cost(ref, ref))
+        reference = self.global_batch_size * self.sample_cost(ref, ref)
+        return self.global_batch(bucket) * self.sample_cost(*bucket) / reference
