@@ -227,6 +227,9 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
               + (f" at {t.balance_resolution}px, compute-balanced per bucket" if t.batching == "balanced" else "")
               + f" | {start_point(cfg.checkpoint).describe()}",
               flush=True)
+        categories = getattr(data, "describe_categories", lambda: None)()
+        if categories:
+            print(f"data: {categories}", flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
 

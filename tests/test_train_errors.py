@@ -159,6 +159,11 @@ def caches(tmp_path_factory):
      "must sum to a positive number"),
     (["data.cache.holdout_fraction=0.1"], "data.cache.holdout_fraction", "holds out keys of the latent cache: "
      "needs data.source=cache"),
+    (["--data", "cache", "--cache-dir", "{tmp}/one", "data.cache.category_weights={{portrait: 1, '*': 1}}"],
+     "data.cache.category_weights", "category_weights names categories ['portrait'] that no readable sample of "
+     "{tmp}/one has"),
+    (["--data", "cache", "data.cache.category_weights={{portrait: -1}}"], "data.cache.category_weights",
+     "category_weights[portrait]=-1 must be a number >= 0"),
 ])
 def test_launch_refuses_in_one_line_before_any_worker_starts(launch_main, caches, capsys, args, key, words):
     args = [a.format(tmp=caches) for a in args]

@@ -16,8 +16,10 @@ Every rank sees the same files, so every rank leaves out the same shards. Shards
 but fail their integrity checks while reading are skipped then, their samples replaced (`_build`).
 
 Held-out samples (holdout_fraction > 0): the samples whose key holdout.held_out selects for validation are
-left out of the plan like excluded ones. Each wanted shard's key column is read once, when its entry is first
-planned; a shard that fails to open then is left out of the plan as unreadable.
+left out of the plan like excluded ones. Category weights (categories.py): each sample's category comes from its
+meta JSON, and planning draws each category's share (plan.weigh_categories). Each wanted shard's key and meta
+columns are read once, when its entry is first planned, if these need them; a shard that fails to open then is
+left out of the plan as unreadable.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from .batching import BalancedBatches
+from .categories import OTHER, UNWEIGHTED, CategoryGroups, check_category_weights
 from .collate import BufferPool, collate
 from .exclusions import read_exclusions
 from .format import CorruptShardError, parse_bucket_name
@@ -118,6 +121,10 @@ class MissingFamilyError(NoTrainableDataError):
     """family_weights gives a positive weight to a bucket family the (finished) cache holds no sample of."""
 
 
+class MissingCategoryError(NoTrainableDataError):
+    """category_weights gives a positive weight to a category no sample of the (finished) cache has."""
+
+
 @dataclass
 class _Counters:
     """What `stats` counts (updated under the loader's lock)."""
@@ -159,6 +166,9 @@ class BucketedLoader:
         None: global_batch_size for every bucket.
       holdout_fraction: leave out the samples whose key is held out for validation (holdout.held_out: a
         stable hash of the key below this fraction, in [0, 1)); 0: train on every sample.
+      category_weights: {category: weight}, the share of each family's samples each category of the samples'
+        meta JSON supplies, "*" for all the others (categories.py, plan.weigh_categories); samples of no
+        weighted category are left out. None: every sample as it comes.
     Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
     it (collate.BufferPool), so keeping a batch is always safe.
     """
@@ -170,7 +180,8 @@ class BucketedLoader:
                  poll_interval_s: float = 1.0, stream_timeout_s: float | None = None,
                  wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
                  pin_memory: bool | None = None, holdout_fraction: float = 0.0,
-                 batching: BalancedBatches | None = None, family_weights: dict | None = None):
+                 batching: BalancedBatches | None = None, family_weights: dict | None = None,
+                 category_weights: dict | None = None):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -186,6 +197,8 @@ class BucketedLoader:
             raise ValueError(f"wait_log_interval_s={wait_log_interval_s!r} must be > 0")
         self.holdout_fraction = check_fraction(holdout_fraction)
         self.family_weights = check_family_weights(family_weights)
+        self.category_weights = check_category_weights(category_weights)
+        self._groups = None if self.category_weights is None else CategoryGroups(self.category_weights)
         self.root = os.path.abspath(root)
         if batching is not None and batching.data_parallel_size != dp_size:
             raise ValueError(f"batching.data_parallel_size={batching.data_parallel_size} is not dp_size={dp_size}")
@@ -216,6 +229,8 @@ class BucketedLoader:
         self._bad: dict[str, str] = {}
         self._verified_rows: dict[str, np.ndarray] = {}
         self._held_out: dict[str, np.ndarray] = {}  # shard path -> its held-out rows (read once per shard)
+        self._codes: dict[int, np.ndarray] = {}  # shard id -> its rows' category group codes (category_weights)
+        self._code_counts = np.zeros(UNWEIGHTED + 1, dtype=np.int64)  # samples per code, over the shards read
         self._counters = _Counters()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._pool = BufferPool(max_buffers=2 * (prefetch + num_workers) + 6, pin_memory=self.pin_memory)
@@ -253,6 +268,8 @@ class BucketedLoader:
                 "batching": None if self.batching is None else asdict(self.batching),
                 "family_weights": None if self.family_weights is None else sorted([f, w] for f, w in
                                                                                    self.family_weights.items()),
+                "category_weights": None if self.category_weights is None else sorted(
+                    [c, w] for c, w in self.category_weights.items()),
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -260,10 +277,11 @@ class BucketedLoader:
         batches are the same)."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
-        sd = {"holdout_fraction": 0.0, "batching": None, "family_weights": None, **sd}  # states saved before these
+        sd = {"holdout_fraction": 0.0, "batching": None, "family_weights": None, "category_weights": None,
+              **sd}  # states saved before these
         mine = self.state_dict()
         keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching",
-                "family_weights"]
+                "family_weights", "category_weights"]
         if sd["position"].get("mode") == "stream":
             keys.append("stream_round_samples")  # rounds are cut by it
         for key in keys:
@@ -285,16 +303,27 @@ class BucketedLoader:
         """Counters: batches/samples returned, shards left out of the plan as unreadable (and why, and
         their samples), corrupt shards skipped while reading (and why), samples skipped and replaced,
         duplicate/corrupt manifest entries, seconds waited for producers, the exclusion list in use
-        (its number and how many samples it lists), and the held-out samples left out of the shards planned
-        so far."""
+        (its number and how many samples it lists), the held-out samples left out of the shards planned
+        so far, and with category_weights the samples of each weighted category in them and those of no
+        weighted category (left out)."""
         with self._lock:
-            return {**asdict(self._counters), "unreadable_shards": len(self._unreadable),
+            categories = {} if self._groups is None else {
+                "category_samples": {n: int(self._code_counts[i]) for i, n in enumerate(self._groups.names)},
+                "unweighted_samples": int(self._code_counts[UNWEIGHTED])}
+            return {**asdict(self._counters), **categories, "unreadable_shards": len(self._unreadable),
                     "unreadable_shard_reasons": dict(self._unreadable),
                     "corrupt_shards": len(self._bad), "corrupt_shard_reasons": dict(self._bad),
                     "exclusion_list": self.exclusions.number, "excluded_samples": self.exclusions.num_samples,
                     "held_out_samples": int(sum(len(r) for r in self._held_out.values())),
                     "entries": len(self.log), "duplicate_entries": sum(e.duplicate for e in self.log.entries),
                     "corrupt_entries": sum(e.corrupt is not None for e in self.log.entries)}
+
+    def describe_categories(self) -> str | None:
+        """The category draw in one line (the samples planned so far), or None without category_weights."""
+        if self._groups is None:
+            return None
+        stats = self.stats
+        return self._groups.describe(stats["category_samples"], stats["unweighted_samples"])
 
     def check_trainable(self) -> None:
         """Raise NoTrainableDataError now, before training starts, if this loader can never give a
@@ -362,7 +391,7 @@ class BucketedLoader:
             s = self._shards[sid]
             if not self._wanted(s) or s.path in self._unreadable:
                 continue
-            left_out = self._held_out_rows(s)
+            left_out = self._planning_rows(sid, s)
             if left_out is None:  # it failed to open: now unreadable
                 continue
             excluded = self.exclusions.rows.get(s.path)
@@ -373,18 +402,21 @@ class BucketedLoader:
             added += len(ids)
         return added
 
-    def _held_out_rows(self, s: ShardInfo) -> np.ndarray | None:
-        """The rows of shard `s` whose key is held out (sorted), from its key column, read once; nothing is
-        opened at holdout_fraction=0. None if the shard fails to open: it is then left out of the plan as
+    def _planning_rows(self, sid: int, s: ShardInfo) -> np.ndarray | None:
+        """The rows of shard `sid` that planning leaves out (sorted): held out for validation, or of no weighted
+        category; from its key and meta columns, read once (and its category codes kept). Nothing is opened
+        when neither is asked for. None if the shard fails to open: it is then left out of the plan as
         unreadable, on every rank alike (they all see the same file)."""
-        if self.holdout_fraction == 0:
+        if self.holdout_fraction == 0 and self._groups is None:
             return _NO_ROWS
         rows = self._held_out.get(s.path)
         if rows is None:
             try:
                 # verify="none": the open-time structure checks still run; the rows' checksums are checked
                 # when they are read for a batch, and no shard is hashed whole twice (verify="full").
-                keys = ShardFile(self.root, s, "none").column("key")
+                shard = ShardFile(self.root, s, "none")
+                keys = shard.column("key") if self.holdout_fraction > 0 else []
+                codes = None if self._groups is None else self._groups.codes(shard.column("meta"))
             except CorruptShardError as e:
                 with self._lock:
                     self._unreadable[s.path] = str(e)
@@ -392,10 +424,29 @@ class BucketedLoader:
                 log.warning("shard left out of the plan: it fails to open (%d unreadable so far): %s",
                             len(self._unreadable), e)
                 return None
-            rows = np.flatnonzero([held_out(key, self.holdout_fraction) for key in keys]).astype(np.int64)
-            with self._lock:  # `stats` reads it from another thread
-                self._held_out[s.path] = rows
+            held = np.flatnonzero([held_out(key, self.holdout_fraction) for key in keys]).astype(np.int64)
+            rows = held
+            if codes is not None:
+                rows = np.union1d(held, np.flatnonzero(codes == UNWEIGHTED))
+                # Counted without the held-out rows: what training draws from.
+                counted = np.bincount(np.delete(codes, held), minlength=UNWEIGHTED + 1)
+            with self._lock:  # `stats` reads these from another thread
+                self._held_out[s.path] = held
+                if codes is not None:
+                    self._codes[sid] = codes
+                    self._code_counts += counted
+        elif self._groups is not None:
+            rows = np.union1d(rows, np.flatnonzero(self._codes[sid] == UNWEIGHTED))
         return rows
+
+    def _group_of(self, ids: np.ndarray) -> np.ndarray:
+        """The category group code of each sample id (plan.weigh_categories)."""
+        out = np.empty(len(ids), dtype=np.uint8)
+        shard_ids = ids >> np.int64(32)
+        for sid in np.unique(shard_ids):
+            mine = shard_ids == sid
+            out[mine] = self._codes[int(sid)][ids[mine] & np.int64(0xFFFFFFFF)]
+        return out
 
     def _wait_for_entry(self, k: int, stop: threading.Event | None, wait: _RoundWait, need) -> bool:
         """Block until manifest entry k exists (True) or the sealed log ends before it (False). Every
@@ -447,9 +498,9 @@ class BucketedLoader:
             for b, v in new.items():
                 counts[b] += sum(map(len, v)) - before.get(b, 0)
             next_entry += 1
-        pools = {b: np.concatenate([leftover.get(b, np.zeros(0, np.int64)), *new.get(b, [])])
-                 for b in set(leftover) | set(new)}
-        return plan_round_batches(pools, self.seed, r, self.batch_size, **self._families()), next_entry, ended
+        pools = {b: np.concatenate(v) for b, v in new.items()}
+        return (plan_round_batches(pools, self.seed, r, self.batch_size, carried=leftover, **self._weights()),
+                next_entry, ended)
 
     def _epoch_pools(self, n: int) -> dict:
         """Bucket -> the sample ids of entries [0, n) that an epoch plans; warns once about each bucket left
@@ -472,6 +523,8 @@ class BucketedLoader:
                 raise MissingFamilyError(f"family_weights names bucket families {missing} that {self.root} holds no "
                                          f"readable sample of (first {n} manifest entries; it holds "
                                          f"{sorted(f for f in held if f is not None)})")
+        if self._groups is not None:
+            self._check_categories(pools, n)
         G = self.global_batch_size
         if not any(len(v) >= self.batch_size(b) for b, v in pools.items()):
             sizes = {f"{b[0]}x{b[1]}": len(v) if self.batching is None else f"{len(v)} of {self.batch_size(b)}"
@@ -508,19 +561,37 @@ class BucketedLoader:
         n = pos["num_entries"]
         pools = self._epoch_pools(n)
         for e in itertools.count(pos["epoch"]):
-            batch_plan = plan_epoch_batches(pools, self.seed, e, self.batch_size, **self._families())
+            batch_plan = plan_epoch_batches(pools, self.seed, e, self.batch_size, **self._weights())
             start = pos["step"] if e == pos["epoch"] else 0
             for s in range(start, len(batch_plan.batches)):
                 b = batch_plan.batches[s]
                 yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (2, e, s),
                             {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
 
-    def _families(self) -> dict:
-        """plan.py's family arguments: the weights, and each bucket's family from the shards planned so far."""
-        if self.family_weights is None:
-            return {}
-        family = {s.bucket: s.base_resolution for s in self._shards}
-        return {"family_weights": self.family_weights, "family_of": family.get}
+    def _weights(self) -> dict:
+        """plan.py's family and category arguments: the weights, each bucket's family from the shards planned so
+        far (categories are weighed within each family), and each sample's category group."""
+        out = {}
+        if self.family_weights is not None or self._groups is not None:
+            out["family_of"] = {s.bucket: s.base_resolution for s in self._shards}.get
+        if self.family_weights is not None:
+            out["family_weights"] = self.family_weights
+        if self._groups is not None:
+            out["categories"] = (self._group_of, self._groups.weights)
+        return out
+
+    def _check_categories(self, pools: dict, n: int) -> None:
+        """MissingCategoryError if a named category of positive weight has no sample in the epoch's pools."""
+        held = set(np.unique(np.concatenate([self._group_of(v) for v in pools.values()])).tolist()) if pools else set()
+        names = self._groups.names
+        missing = [c for i, c in enumerate(names) if c != OTHER and self._groups.weights[i] > 0 and i not in held]
+        if missing:
+            found = ", ".join(f"{c}={self.stats['category_samples'][c]}" for c in names if c not in missing)
+            raise MissingCategoryError(
+                f"category_weights names categories {missing} that no readable sample of {self.root} has (first {n} "
+                f"manifest entries, in the stage's buckets; the samples' meta JSON 'category' field, which the "
+                f"producer writes: producer config 'categories'); found {found or 'none of the others either'}, "
+                f"{self.stats['unweighted_samples']} samples of no weighted category")
 
     def _my_part(self, sample_ids: np.ndarray) -> np.ndarray:
         """This DP rank's contiguous 1/dp_size of a global batch."""

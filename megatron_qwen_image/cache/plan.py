@@ -13,8 +13,12 @@ of the manifest log in log order (the same numbering in streaming and epoch mode
   rng(seed, e). A bucket thus supplies batches in proportion to its size.
 - Family weights (several bucket families in one stage, e.g. {640: 0.7, 1328: 0.3}): after the buckets
   are cut into batches, each family supplies round(weight share x batches of the epoch) of them: its batches
-  drawn without repeats in an order from rng(seed, epoch), then with repeats if it has fewer. With
+  drawn without repeats in an order from rng(seed, epoch), or each repeated evenly if it has fewer (draw). With
   compute-balanced batches every step costs about the same, so the weights are shares of the compute.
+- Category weights (categories.py, e.g. {"portrait": 0.2, "*": 0.8}): before the buckets are cut, each family's
+  samples of the epoch/round are redrawn so that each category supplies round(weight share x the family's
+  samples) of them, drawn the same way. A category thus moves samples between buckets (portraits live in the
+  tall ones).
 - Streaming mode (producers still writing): the log is consumed in "rounds". Round r takes the next
   entries in log order until it has at least `round_samples` new samples and some bucket can fill a
   global batch (waiting for producers if the log is not that long yet); its samples plus the previous
@@ -27,7 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_TAG_EPOCH, _TAG_ROUND, _TAG_ORDER, _TAG_REPLACE, _TAG_FAMILY = 0xE90C, 0x5EAA, 0x0DE5, 0xBAD5, 0xFA41
+_TAG_EPOCH, _TAG_ROUND, _TAG_ORDER, _TAG_REPLACE, _TAG_FAMILY, _TAG_CATEGORY = (0xE90C, 0x5EAA, 0x0DE5, 0xBAD5,
+                                                                             0xFA41, 0xCA7E)
+
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
 
 
 def sample_ids(shard_id: int, num_samples: int) -> np.ndarray:
@@ -58,12 +66,18 @@ class BatchPlan:
 
 
 def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size, family_weights=None,
-                 family_of=None) -> BatchPlan:
+                 family_of=None, categories=None, carried=None) -> BatchPlan:
     """Permute each bucket's ids, cut into global batches, shuffle the batch order. Deterministic.
     `global_batch_size`: samples per global batch, or a function of the bucket giving them (compute-balanced
     batches, batching.BalancedBatches). `family_weights` {base resolution: weight} with `family_of(bucket)`:
-    the share of the batches each family supplies (module docstring)."""
+    the share of the batches each family supplies; `categories` (group_of, group_weights): each category's share
+    of the samples, drawn from `pools` (weigh_categories) before `carried` (a streaming round's leftovers, drawn
+    in their own round) joins them (module docstring)."""
     size_of = global_batch_size if callable(global_batch_size) else (lambda bucket, n=global_batch_size: n)
+    if categories is not None:
+        pools = weigh_categories(pools, seed, tag, index, *categories, family_of=family_of)
+    if carried:
+        pools = {b: np.concatenate([carried.get(b, _NO_IDS), pools.get(b, _NO_IDS)]) for b in set(carried) | set(pools)}
     batches, leftover = [], {}
     for bucket in sorted(pools):
         size = size_of(bucket)
@@ -80,6 +94,14 @@ def plan_batches(pools: dict, seed: int, tag: int, index: int, global_batch_size
     return BatchPlan([batches[i] for i in order], pools, leftover)
 
 
+def draw(rng, have: int, want: int) -> np.ndarray:
+    """`want` indices into `have` items: distinct ones in a random order if want <= have; else every item as
+    often as the others, to one more time (a random few): a weighted family or category short of items repeats
+    them all evenly."""
+    repeats, rest = divmod(want, have)
+    return np.concatenate([*(rng.permutation(have) for _ in range(repeats)), rng.permutation(have)[:rest]])
+
+
 def _weigh_families(batches: list, family_of, weights: dict, rng) -> list:
     """The batches of each family in proportion to its weight (families without batches left out), as many in
     all as there were batches."""
@@ -92,11 +114,37 @@ def _weigh_families(batches: list, family_of, weights: dict, rng) -> list:
         return batches
     out = []
     for family, weight in present.items():
-        have, want = by_family[family], int(round(len(batches) * weight / total))
-        picks = rng.permutation(len(have))[:want]
-        if want > len(have):  # a family short of batches repeats some of them
-            picks = np.concatenate([picks, rng.integers(0, len(have), size=want - len(have))])
-        out.extend(have[i] for i in picks)
+        have = by_family[family]
+        out.extend(have[i] for i in draw(rng, len(have), int(round(len(batches) * weight / total))))
+    return out
+
+
+def weigh_categories(pools: dict, seed: int, tag: int, index: int, group_of, group_weights: np.ndarray,
+                     family_of=None) -> dict:
+    """Redraw each family's samples (`family_of(bucket)`, None: one family) so that group g of `group_of(ids)`
+    supplies round(n x its weight share) of its n samples (groups without samples left out of the shares;
+    module docstring). Returns bucket -> ids; buckets left without samples are left out. Deterministic."""
+    rng = np.random.default_rng([seed, _TAG_CATEGORY, tag, index])
+    family_of = family_of or (lambda bucket: None)
+    by_family: dict = {}
+    for bucket in sorted(pools):
+        by_family.setdefault(family_of(bucket), []).append(bucket)
+    out = {}
+    for family, buckets in sorted(by_family.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        ids = np.concatenate([pools[b] for b in buckets])
+        where = np.repeat(np.arange(len(buckets)), [len(pools[b]) for b in buckets])  # id -> its bucket
+        groups = group_of(ids)
+        present = [g for g in range(len(group_weights)) if group_weights[g] > 0 and np.any(groups == g)]
+        total = sum(group_weights[g] for g in present)
+        picked = []
+        for g in present:
+            have = np.flatnonzero(groups == g)
+            picked.append(have[draw(rng, len(have), int(round(len(ids) * group_weights[g] / total)))])
+        picked = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+        for j, bucket in enumerate(buckets):
+            mine = ids[picked[where[picked] == j]]
+            if len(mine):
+                out[bucket] = mine
     return out
 
 

@@ -3,11 +3,14 @@ from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image.cache import CacheWriter
 
 
-def _commit(root, work_unit: str, batch: dict, key_prefix: str = "", base_resolution=None) -> None:
+def _commit(root, work_unit: str, batch: dict, key_prefix: str = "", base_resolution=None, categories=None) -> None:
+    categories = categories or [None] * len(batch["keys"])
     with CacheWriter(str(root), work_unit=work_unit, latent_dtype="fp32", text_dtype="fp32",
                      base_resolution=base_resolution) as writer:
-        for key, latent, text, mask in zip(batch["keys"], batch["latents"], batch["text_embeds"], batch["text_mask"]):
-            writer.add(key_prefix + key, latent, text[mask], caption="synthetic", source="test")
+        for key, latent, text, mask, category in zip(batch["keys"], batch["latents"], batch["text_embeds"],
+                                                     batch["text_mask"], categories, strict=True):
+            writer.add(key_prefix + key, latent, text[mask], caption="synthetic", source="test",
+                       meta=None if category is None else {"category": category})
         writer.commit()
 
 
@@ -21,9 +24,10 @@ def small_cache(root, resolutions=((64, 64), (48, 80)), seed: int = 5) -> str:
     return str(root)
 
 
-def write_unit(root, unit: int, resolution: list[int], n: int = 16, base_resolution=None) -> None:
+def write_unit(root, unit: int, resolution: list[int], n: int = 16, base_resolution=None, categories=None) -> None:
     """One committed work unit of `n` synthetic samples of one bucket (text width = the tiny model's 64), keyed
-    `unit-<unit>/...` (so several units in one cache have distinct keys)."""
+    `unit-<unit>/...` (so several units in one cache have distinct keys); `categories`: each sample's meta
+    "category" (None: none)."""
     _commit(root, f"unit-{unit}", next(SyntheticLatentBatches(n, 0, 1, seed=unit, text_dim=64,
                                                              resolutions=[resolution], text_len=[3, 9])),
-            key_prefix=f"unit-{unit}/", base_resolution=base_resolution)
+            key_prefix=f"unit-{unit}/", base_resolution=base_resolution, categories=categories)
