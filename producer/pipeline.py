@@ -33,7 +33,7 @@ import os
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 
@@ -111,6 +111,11 @@ def open_cache_dir(path: str) -> None:
         raise InputError(f"--cache-dir {path!r} cannot be used: {e.strerror or e}: {e.filename or path}") from None
     except CacheFormatError as e:
         raise InputError(f"--cache-dir {path!r}: {e}") from None
+
+
+def family_work_unit(input_unit: str, base_resolution: int) -> str:
+    """The work unit of an input shard (sources.work_unit_name) in one bucket family: `NAME@640`."""
+    return f"{input_unit}@{base_resolution}"
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,10 @@ class ProducerRun:
         self.report_path = report_path
         self.on_event = on_event  # test/ops hook: on_event(kind, run, job, payload)
         check_encoders(cfg.encoders.dir)
-        self.specs = discover_shards(inputs, cfg.sources)
+        # A work unit is one input shard encoded into one bucket family: the same inputs produced for another
+        # family into the same cache (a joint 640p + 1328p stage's) are units of their own, not committed ones.
+        self.specs = [replace(s, work_unit=family_work_unit(s.work_unit, cfg.base_resolution))
+                      for s in discover_shards(inputs, cfg.sources)]
         open_cache_dir(self.cache_dir)
         self.stats = RunStats()
         self.out = ShardOutcomes(len(self.specs))

@@ -123,6 +123,17 @@ def test_rerun_skips_committed_work_units(clean_run, tiny, shards):
     assert len(_records(cache)) == 2 * PER_SHARD
 
 
+def test_the_same_inputs_for_another_bucket_family_are_work_units_of_their_own(clean_run, tiny, shards, tmp_path):
+    """A joint 640p + 1328p stage's cache: one cache, the same inputs produced for two families."""
+    cache = str(tmp_path / "two_families")
+    shutil.copytree(clean_run[0], cache)
+    report = run_producer(_cfg(tiny, "base_resolution=640"), [shards], cache)
+    assert report["shards"]["committed"] == 2 and report["samples"]["written"] == 2 * PER_SHARD, _shown(report)
+    units = [e.work_unit for e in CacheReader(cache).log.entries]
+    assert sorted(u.rsplit("@", 1)[1] for u in units) == ["256", "256", "640", "640"]
+    assert sorted(all_keys(cache, base_resolution=640)) == sorted(all_keys(cache, base_resolution=256))
+
+
 def test_killed_actors_redo_their_shard_without_loss_or_duplicates(clean_run, ray_session, tiny, shards, tmp_path):
     """Kill a CPU actor mid-shard, then an encoder actor holding an open writer; Ray restarts both and the
     shards are redone. The cache then holds exactly the clean run's samples, bit for bit."""
