@@ -20,9 +20,8 @@ def test_smoke_config_inherits_the_tiny_model_and_overrides_apply():
 def test_all_shipped_configs_load():
     import glob
 
-    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")) + glob.glob(os.path.join(REPO, "configs", "model",
-                                                                                                "*.yaml")))
-    assert len(paths) >= 6
+    paths = sorted(p for d in ("", "model", "tiny") for p in glob.glob(os.path.join(REPO, "configs", d, "*.yaml")))
+    assert len(paths) >= 12
     for path in paths:
         load_config(path)
 
