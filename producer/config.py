@@ -12,6 +12,7 @@ from typing import Any
 
 from megatron_qwen_image import config as layer
 from megatron_qwen_image.config import ConfigError, option, require
+from producer.categories import CategoryConfig, validate_categories
 from producer.sources import SourceOptions
 
 @dataclass
@@ -131,6 +132,7 @@ class ProducerConfig:
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     pools: PoolConfig = field(default_factory=PoolConfig)
     sources: SourceOptions = field(default_factory=SourceOptions)
+    categories: CategoryConfig = field(default_factory=CategoryConfig)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> ProducerConfig:
@@ -177,6 +179,7 @@ def validate(cfg: ProducerConfig) -> None:
             re.compile(pat)
         except (re.error, TypeError) as e:
             raise ConfigError(f"filters.caption_boilerplate[{i}]", f"not a regular expression ({e}): {pat!r}") from None
+    validate_categories(cfg.categories)
     g = p.encoder_num_gpus
     require(g == "auto" or (not isinstance(g, str) and g >= 0), "pools.encoder_num_gpus",
             f"expected 'auto' or a number >= 0, got {g!r}")

@@ -44,6 +44,7 @@ class RunStats:
     drops: Counter = field(default_factory=Counter)
     transforms: Counter = field(default_factory=Counter)
     buckets: Counter = field(default_factory=Counter)
+    categories: Counter = field(default_factory=Counter)  # written samples per category (categories.py)
     shards_committed: int = 0
     cpu_seconds: float = 0.0
     encode_seconds: float = 0.0
@@ -54,6 +55,7 @@ class RunStats:
         self.drops.update(s["drops"])
         self.transforms.update(s.get("transforms", {}))
         self.buckets.update(s["buckets"])
+        self.categories.update(s.get("categories", {}))
         self.cpu_seconds += s.get("cpu_seconds", 0.0)
         self.encode_seconds += s.get("encode_seconds", 0.0)
 
@@ -63,6 +65,7 @@ class RunStats:
         self.drops.update(o.drops)
         self.transforms.update(o.transforms)
         self.buckets.update(o.buckets)
+        self.categories.update(o.categories)
         self.shards_committed += o.shards_committed
         self.cpu_seconds += o.cpu_seconds
         self.encode_seconds += o.encode_seconds
@@ -125,6 +128,7 @@ class ProgressReporter:
             "drops": ordered_drops(s.drops),
             "transforms": dict(s.transforms),
             "buckets": dict(sorted(s.buckets.items(), key=lambda kv: _bucket_key(kv[0]))),
+            "categories": dict(sorted(s.categories.items(), key=lambda kv: (-kv[1], kv[0]))),
             "throughput": {"samples_seen_per_s": round(s.seen / el, 3), "samples_written_per_s": round(s.written / el, 3),
                            "cpu_stage_seconds": round(s.cpu_seconds, 3), "encode_stage_seconds": round(s.encode_seconds, 3)},
             "failed_shards": out.failed,
@@ -176,6 +180,9 @@ def format_table(r: dict) -> str:
     out += ["", f"{'bucket (w x h)':<24}{'samples':>10}{'share':>11}", "-" * 45]
     total = max(1, sum(r["buckets"].values()))
     for k, v in r["buckets"].items():
+        out.append(f"{k:<24}{v:>10,}{100 * v / total:>10.1f}%")
+    out += ["", f"{'category':<24}{'samples':>10}{'share':>11}", "-" * 45]
+    for k, v in r.get("categories", {}).items():
         out.append(f"{k:<24}{v:>10,}{100 * v / total:>10.1f}%")
     for c in r["changed_work_units"]:
         out.append(f"CHANGED {c['work_unit']} ({c['path']}): {c['change']}" + (" (redone)" if c["redone"] else ""))

@@ -169,7 +169,7 @@ def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin
     img.save(buf, format="JPEG", quality=90)
     meta = {"caption": caption, "text_lines": lines, "language": language, "width": w, "height": h,
             "original_width": w, "original_height": h, "status": "success", "url": None,
-            "generator": "producer.synthetic"}
+            "generator": "producer.synthetic", "category": "text_rendering"}  # producer/categories.py reads it
     return buf.getvalue(), caption, meta
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_qwen_image.cache import CacheWriter
+from producer.categories import UNCATEGORISED, Categorizer
 from producer.config import ProducerConfig
 from producer.errors import IncompleteShard
 from producer.filters import Prepared, SampleFilter
@@ -88,6 +89,7 @@ class CpuWorker:
                 raise ValueError("encoders.dir is required: the caption-length filter uses the MLLM tokenizer")
             tokenizer = load_tokenizer(cfg.encoders.dir)
         self.filter = SampleFilter(f, cfg.base_resolution, tokenizer)
+        self.categorize = Categorizer(cfg.categories)
 
     def ping(self) -> int:
         return os.getpid()
@@ -120,6 +122,10 @@ class CpuWorker:
     def _chunk(self, spec: ShardSpec, index: int, records: list) -> Chunk:
         t0 = time.process_time()
         kept, drops, transforms = self.filter.process(records)
+        for s in kept:
+            category = self.categorize(s.meta["source_meta"], s.caption)
+            if category is not None:
+                s.meta["category"] = category
         return Chunk(spec.work_unit, index, kept, len(records), dict(drops), dict(transforms),
                      time.process_time() - t0)
 
@@ -177,7 +183,7 @@ class EncoderWorker:
         w.chunks += 1
         writer = w.writer
         stats = {"seen": chunk.seen, "written": 0, "drops": Counter(chunk.drops), "transforms": dict(chunk.transforms),
-                 "buckets": Counter(), "cpu_seconds": chunk.cpu_seconds}
+                 "buckets": Counter(), "categories": Counter(), "cpu_seconds": chunk.cpu_seconds}
         samples: list[Prepared] = chunk.samples
         if writer.already_committed:  # a rerun raced a commit: nothing to add, never duplicate
             stats["already_committed"] = True
@@ -205,6 +211,7 @@ class EncoderWorker:
                 meta["text_tokens"] = int(txt.shape[0])
                 writer.add(s.key, lat.cpu(), txt.cpu(), s.caption, s.source, json_safe(meta))
                 stats["buckets"][f"{s.image.shape[1]}x{s.image.shape[0]}"] += 1
+                stats["categories"][s.meta.get("category", UNCATEGORISED)] += 1
             stats["written"] = len(samples)
         return self._finish_stats(stats, t0)
 
@@ -224,6 +231,7 @@ class EncoderWorker:
     def _finish_stats(stats: dict, t0: float) -> dict:
         stats["drops"] = dict(stats["drops"])
         stats["buckets"] = dict(stats["buckets"])
+        stats["categories"] = dict(stats["categories"])
         stats["encode_seconds"] = time.perf_counter() - t0
         return stats
 

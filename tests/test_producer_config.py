@@ -64,6 +64,9 @@ def test_yaml_has_no_base60_numbers():
     ("encoders.vae_sample_mode=random", "encoders.vae_sample_mode"),
     ("model_filters=[3]", "model_filters[0]"),
     ("dedup_exact=true", "dedup_exact"),
+    ("categories.rules=[{category: text, caption: '(['}]", "categories.rules[0].caption"),
+    ("categories.rules=[{category: '', caption: x}]", "categories.rules[0].category"),
+    ("categories.default=' '", "categories.default"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
