@@ -1,25 +1,29 @@
 """The whole loop on one machine, in a few minutes on 2 CPU cores, with no downloads.
 
-    python -m launch.demo [--out outputs/demo] [--steps 40] [--samples 96] [--clean] [--quiet]
+    python -m launch.demo [--out outputs/demo] [--steps 40] [--mixed-steps 20] [--samples 96] [--clean] [--quiet]
     make demo                                   # the same, after installing what is missing
 
-Six stages, each the project's real command line run as a subprocess with this same Python (so a
+Seven stages, each the project's real command line run as a subprocess with this same Python (so a
 failure names its stage, and Ray and torchrun stay isolated from each other and from this script); each
 prints the commands it runs, and docs/demo.md lists them:
 
-  1 encoders  tiny random Qwen2.5-VL text encoder + tokenizer + Qwen-Image VAE, in Hugging Face layout;
-              the validation prompts (configs/prompts/demo.yaml) encoded with them
-  2 shards    synthetic text-rendering images with captions, as WebDataset tars (img2dataset layout)
-  3 producer  a local Ray: filter, encode, bucket by aspect ratio into the latent cache; then
-              deduplicate across shards, seal the cache (declare it complete) and inspect it
-  4 train     the tiny MMDiT at TP=2 on 2 CPU processes (torchrun, gloo) from the cache, with checkpoints,
-              validation images and a held-out validation loss half-way and at the end
-  5 sample    images of the validation prompts from the last checkpoint (python -m consumer.sample, TP=1)
-  6 plot      the loss curve
+  1 encoders     tiny random Qwen2.5-VL text encoder + tokenizer + Qwen-Image VAE, in Hugging Face layout;
+                 the validation prompts (configs/prompts/demo.yaml) encoded with them
+  2 shards       synthetic text-rendering images with captions, as WebDataset tars (img2dataset layout)
+  3 producer     a local Ray: filter, encode, bucket by aspect ratio into the latent cache, once for the 256p
+                 and once for the 640p bucket family (one cache holds both); then deduplicate across shards,
+                 seal the cache (declare it complete) and inspect it
+  4 train_256p   curriculum stage 1: the tiny MMDiT at TP=2 on 2 CPU processes (torchrun, gloo) on the 256p
+                 family, with checkpoints, validation images and a held-out validation loss half-way and at
+                 the end
+  5 train_mixed  curriculum stage 2, from stage 1's last checkpoint and optimizer state: both families, half
+                 of the steps each, compute-balanced batches; a validation loss at the end
+  6 sample       images of the validation prompts from the last checkpoint (python -m consumer.sample, TP=1)
+  7 plot         both stages' loss curves in one PNG
 
 Everything lands under --out. A re-run reuses a stage whose outputs are there, as long as every stage
 before it was reused too: the encoders' model_index.json (written last), the shards of this --samples,
-a sealed cache, the stats and the checkpoint of the last step of this --steps. A stage that runs
+a sealed cache, each stage's stats and the checkpoint of its last step (--steps, --mixed-steps). A stage that runs
 deletes its old outputs first, and every stage after it runs too. The plot is always redrawn.
 `--clean` deletes OUT first. The demo refuses to write into or clean a non-empty directory that it
 did not make (one without OUT/demo_output.txt).
@@ -50,8 +54,10 @@ from megatron_qwen_image.cache.exclusions import read_exclusions
 from megatron_qwen_image.cache.manifest import sealed_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_CONFIG = "configs/smoke_tp2.yaml"
+TRAIN_CONFIG = "configs/tiny/stage_256p.yaml"                # curriculum stage 1
+MIXED_CONFIG = "configs/tiny/stage_multiscale_256_640.yaml"  # stage 2: 256p + 640p, from stage 1's checkpoint
 PRODUCER_CONFIG = "configs/producer/default.yaml"
+FAMILIES = (256, 640)  # the producer runs once for each, into one cache
 PROMPTS = "configs/prompts/demo.yaml"
 HOLDOUT_FRACTION = 0.1  # of the cache's keys, for the validation loss
 SAMPLE_STEPS = 20
@@ -66,6 +72,17 @@ class DemoError(RuntimeError):
     """A stage failed; the message names the stage and where its full log is."""
 
 
+class TrainPaths:
+    """What one training stage writes, under its directory."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.stats = os.path.join(root, "stats.jsonl")
+        self.tensorboard = os.path.join(root, "tensorboard")
+        self.checkpoints = os.path.join(root, "checkpoints")
+        self.validation = os.path.join(root, "samples")  # the trainer's default: beside the stats
+
+
 class DemoPaths:
     """Every path the demo writes, under one root."""
 
@@ -76,17 +93,17 @@ class DemoPaths:
         self.prompts = os.path.join(self.root, "prompts.safetensors")
         self.shards = os.path.join(self.root, "shards")
         self.cache = os.path.join(self.root, "cache")
-        self.report = os.path.join(self.root, "producer_report.json")
-        self.report_txt = os.path.join(self.root, "producer_report.txt")  # the producer writes it beside the JSON
         self.train = os.path.join(self.root, "train")
-        self.stats = os.path.join(self.train, "stats.jsonl")
-        self.tensorboard = os.path.join(self.train, "tensorboard")
-        self.checkpoints = os.path.join(self.train, "checkpoints")
-        self.validation = os.path.join(self.train, "samples")  # the trainer's default: beside the stats
+        self.stage1 = TrainPaths(os.path.join(self.train, "256p"))
+        self.stage2 = TrainPaths(os.path.join(self.train, "mixed"))
         self.samples = os.path.join(self.root, "samples")
         self.loss_png = os.path.join(self.root, "loss.png")
         self.logs = os.path.join(self.root, "logs")
         self.summary = os.path.join(self.root, SUMMARY_FILE)
+
+    def report(self, family: int) -> str:
+        """The producer's report of one bucket family's run (its table beside it, .txt)."""
+        return os.path.join(self.root, f"producer_report_{family}p.json")
 
 
 @dataclass
@@ -239,58 +256,85 @@ def shards_hold(shard_dir: str, shards: int, per_shard: int) -> bool:
 def producer_stage(L: DemoPaths, args) -> Stage:
     # One CPU (decode + filter) actor and one encoder actor on a 2-CPU local Ray: on 2 cores the default
     # 2 + 1 actors would not all fit, and idle actors holding CPUs starve the others.
-    return Stage("producer", "Producer on a local Ray: filter -> encode -> bucketed latent cache", [
-        py("-m", "producer", "--input", L.shards, "--cache-dir", L.cache, "--encoders", L.encoders,
-           "--config", PRODUCER_CONFIG, "pools.cpu_actors=1", "pools.encoder_actors=1", "--num-cpus", "2",
-           "--report", L.report),
+    # The same shards once per bucket family into one cache, as the joint stage's cache is made (the 640p run
+    # upscales the 256-448 px synthetic images).
+    reports = [L.report(f) for f in FAMILIES]
+    return Stage("producer", "Producer on a local Ray: filter -> encode -> bucketed latent cache (256p and 640p)", [
+        *(py("-m", "producer", "--input", L.shards, "--cache-dir", L.cache, "--encoders", L.encoders,
+             "--config", PRODUCER_CONFIG, f"base_resolution={family}", "pools.cpu_actors=1", "pools.encoder_actors=1",
+             "--num-cpus", "2", "--report", report) for family, report in zip(FAMILIES, reports)),
         # duplicates across input shards (each shard was deduplicated on its own while it was processed)
         py("-m", "producer.dedup", L.cache),
         # sealing comes after everything that writes the cache: a sealed cache means the stage is done
         py("-m", "megatron_qwen_image.cache", "seal", L.cache),
         py("-m", "megatron_qwen_image.cache", "inspect", L.cache),
-    ], outputs=[L.cache, L.report, L.report_txt], done=os.path.isfile(L.report) and sealed_count(L.cache) is not None,
-        timeout_s=1200)
+    ], outputs=[L.cache, *reports, *(r[:-len(".json")] + ".txt" for r in reports)],
+        done=all(os.path.isfile(r) for r in reports) and sealed_count(L.cache) is not None, timeout_s=1200)
 
 
 def train_stage(L: DemoPaths, args) -> Stage:
     # Checked before torchrun starts, where the fix can be named: more samples fill more buckets.
-    producer = producer_summary(L)
+    producer = producer_summary(L, FAMILIES[0])
     if not producer["trainable_buckets"]:
-        raise DemoError(f"stage 'producer': no cache bucket holds a whole global batch ({global_batch_size()} "
+        raise DemoError(f"stage 'producer': no {FAMILIES[0]}p bucket holds a whole global batch ({global_batch_size()} "
                         f"samples, {TRAIN_CONFIG}): {producer['buckets']}; raise --samples (got {args.samples})")
     # A checkpoint and a validation half-way and at the end (the last step is always saved; validation runs
     # at multiples of the interval).
     interval = max(1, args.steps // 2)
-    final_checkpoint = os.path.join(L.checkpoints, f"iter_{args.steps:07d}")
-    return Stage("train", "Consumer: tiny MMDiT, TP=2 on 2 CPU processes (torchrun, gloo) from the cache", [
+    T = L.stage1
+    return Stage("train_256p", "Curriculum stage 1: tiny MMDiT on the 256p family, TP=2 on 2 CPU processes "
+                 "(torchrun, gloo)", [
         py("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "consumer.train", "--config", TRAIN_CONFIG, "--data", "cache", "--cache-dir", L.cache,
-           "--log-jsonl", L.stats, "--tensorboard-dir", L.tensorboard,
-           "--save", L.checkpoints, "--save-interval", str(interval), "--eval-interval", str(interval),
+           "-m", "consumer.train", "--config", TRAIN_CONFIG, "--cache-dir", L.cache,
+           "--log-jsonl", T.stats, "--tensorboard-dir", T.tensorboard,
+           "--save", T.checkpoints, "--save-interval", str(interval), "--eval-interval", str(interval),
            f"validation.prompts={L.prompts}", f"validation.encoders={L.encoders}",
            f"validation.steps={SAMPLE_STEPS}", f"data.cache.holdout_fraction={HOLDOUT_FRACTION}",
            f"train.train_iters={args.steps}", "logging.log_interval=5"),
-    ], outputs=[L.train], done=os.path.isfile(L.stats) and latest_checkpoint(L.checkpoints) == final_checkpoint,
-        timeout_s=1800)
+    ], outputs=[T.root], done=trained(T, args.steps), timeout_s=1800)
+
+
+def mixed_stage(L: DemoPaths, args) -> Stage:
+    # Weights and optimizer state from stage 1; its own schedule, step count and data position. A held-out loss
+    # at the end (over both families' held-out keys); no images: the stage-1 grids show the prompts.
+    T = L.stage2
+    return Stage("train_mixed", "Curriculum stage 2: 256p + 640p, compute-balanced, from stage 1's checkpoint", [
+        py("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "consumer.train", "--config", MIXED_CONFIG, "--cache-dir", L.cache,
+           "--pretrained", checkpoint_of(L.stage1, args.steps), "--pretrained-optimizer",
+           "--log-jsonl", T.stats, "--tensorboard-dir", T.tensorboard, "--save", T.checkpoints,
+           "--eval-interval", str(args.mixed_steps), f"data.cache.holdout_fraction={HOLDOUT_FRACTION}",
+           f"train.train_iters={args.mixed_steps}", "logging.log_interval=5"),
+    ], outputs=[T.root], done=trained(T, args.mixed_steps), timeout_s=1800)
+
+
+def checkpoint_of(T: TrainPaths, step: int) -> str:
+    return os.path.join(T.checkpoints, f"iter_{step:07d}")
+
+
+def trained(T: TrainPaths, steps: int) -> bool:
+    """Whether a training stage is done: its stats, and `latest` naming the checkpoint of its last step."""
+    return os.path.isfile(T.stats) and latest_checkpoint(T.checkpoints) == checkpoint_of(T, steps)
 
 
 def sample_stage(L: DemoPaths, args) -> Stage:
     # One process: the TP=2 checkpoint loads at TP=1 (dist_checkpointing reshards on load).
     return Stage("sample", "Images of the validation prompts from the last checkpoint", [
-        py("-m", "consumer.sample", "--load", L.checkpoints, "--encoders", L.encoders, "--prompts", PROMPTS,
+        py("-m", "consumer.sample", "--load", L.stage2.checkpoints, "--encoders", L.encoders, "--prompts", PROMPTS,
            "--steps", str(SAMPLE_STEPS), "--out", L.samples),
     ], outputs=[L.samples], done=os.path.isfile(os.path.join(L.samples, "grid.png")), timeout_s=600)
 
 
 def plot_stage(L: DemoPaths, args) -> Stage:
     # Never reused: it takes seconds, and redrawing shows the plotting command on every run.
-    return Stage("plot", "Loss curve", [py("-m", "launch.plot", L.stats, "--out", L.loss_png)],
-                 outputs=[L.loss_png], done=False, timeout_s=300)
+    return Stage("plot", "Both stages' loss curves", [
+        py("-m", "launch.plot", L.stage1.stats, L.stage2.stats, "--labels", "stage 1: 256p", "stage 2: 256p + 640p",
+           "--out", L.loss_png)], outputs=[L.loss_png], done=False, timeout_s=300)
 
 
 # Built one at a time, when the stages before have finished: a stage's done-check and the train stage's
 # bucket check read what the earlier stages wrote.
-STAGES = [encoders_stage, shards_stage, producer_stage, train_stage, sample_stage, plot_stage]
+STAGES = [encoders_stage, shards_stage, producer_stage, train_stage, mixed_stage, sample_stage, plot_stage]
 
 
 def latest_checkpoint(checkpoints: str) -> str | None:
@@ -302,10 +346,10 @@ def latest_checkpoint(checkpoints: str) -> str | None:
         return None
 
 
-def producer_summary(L: DemoPaths) -> dict:
-    """The producer's report, with the samples producer.dedup excluded (loaders skip them) taken out of
+def producer_summary(L: DemoPaths, family: int) -> dict:
+    """One family's producer report, with the samples producer.dedup excluded (loaders skip them) taken out of
     the bucket counts."""
-    with open(L.report) as f:
+    with open(L.report(family)) as f:
         report = json.load(f)
     excluded = read_exclusions(L.cache)
     excluded_per_bucket = excluded.by_bucket()
@@ -342,7 +386,7 @@ def run_demo(args) -> dict:
     L = DemoPaths(args.out)
     prepare_out(L, args.clean)
     started = time.perf_counter()
-    print(f"megatron-qwen-image demo -> {L.root}\n  steps {args.steps}, samples {args.samples}, "
+    print(f"megatron-qwen-image demo -> {L.root}\n  steps {args.steps} + {args.mixed_steps}, samples {args.samples}, "
           f"python {sys.executable}", flush=True)
     results: list[StageResult] = []
     for number, make_stage in enumerate(STAGES, 1):
@@ -370,24 +414,38 @@ def run_demo(args) -> dict:
 
 def build_summary(L: DemoPaths, args, results: list[StageResult], wall_s: float) -> dict:
     shards, per_shard = shard_plan(args.samples)
-    records = read_stats(L.stats)
+    stages = {"256p": L.stage1, "mixed": L.stage2}
+    records = {name: read_stats(T.stats) for name, T in stages.items()}
     return {
-        "out": L.root, "steps": args.steps, "samples": args.samples, "wall_s": round(wall_s, 2),
-        "stages": [asdict(r) for r in results],
+        "out": L.root, "steps": args.steps, "mixed_steps": args.mixed_steps, "samples": args.samples,
+        "wall_s": round(wall_s, 2), "stages": [asdict(r) for r in results],
         "outputs": {
             "encoders": L.encoders, "shards": L.shards, "cache": L.cache,
-            "producer_report": L.report, "producer_report_txt": L.report_txt, "train_stats": L.stats,
-            "tensorboard": L.tensorboard, "checkpoints": L.checkpoints,
-            "checkpoint_latest": latest_checkpoint(L.checkpoints),
-            "validation_grid": last_validation_grid(L.validation), "samples_grid": os.path.join(L.samples, "grid.png"),
-            "loss_png": L.loss_png, "logs": L.logs,
+            **{f"producer_report_{f}p": L.report(f) for f in FAMILIES},
+            **{f"train_{name}_stats": T.stats for name, T in stages.items()},
+            **{f"tensorboard_{name}": T.tensorboard for name, T in stages.items()},
+            "checkpoints_256p": L.stage1.checkpoints, "checkpoints_mixed": L.stage2.checkpoints,
+            "checkpoint_latest": latest_checkpoint(L.stage2.checkpoints),
+            "validation_grid": last_validation_grid(L.stage1.validation),
+            "samples_grid": os.path.join(L.samples, "grid.png"), "loss_png": L.loss_png, "logs": L.logs,
             "summary": L.summary,
         },
         "shards": {"tars": shards, "per_shard": per_shard},
-        "producer": producer_summary(L),
-        "loss": summarize(records),
-        "validation": validation_summary(records),
+        "producer": {str(f): producer_summary(L, f) for f in FAMILIES},
+        "loss": {name: summarize(r) for name, r in records.items()},
+        "buckets_trained": {name: bucket_steps(r) for name, r in records.items()},
+        "validation": {name: validation_summary(r) for name, r in records.items()},
     }
+
+
+def bucket_steps(records: list[dict]) -> dict:
+    """Pixel bucket -> [steps, samples per step] of a stage's records (compute-balanced: per bucket)."""
+    out: dict = {}
+    for r in records:
+        h, w = r["latent_hw"]
+        entry = out.setdefault(f"{w * 8}x{h * 8}", [0, r["samples"]])
+        entry[0] += 1
+    return dict(sorted(out.items()))
 
 
 def last_validation_grid(directory: str) -> str | None:
@@ -402,29 +460,37 @@ def validation_summary(records: list[dict]) -> list[dict]:
 
 
 def print_summary(s: dict) -> None:
-    p, loss = s["producer"], s["loss"]
     print(f"\n=== Demo finished in {s['wall_s']:.1f} s ===")
     for st in s["stages"]:
-        print(f"  {st['name']:<10}" + (f"{st['seconds']:6.1f} s" if st["status"] == "ran" else "reused"))
+        print(f"  {st['name']:<12}" + (f"{st['seconds']:6.1f} s" if st["status"] == "ran" else "reused"))
     print("\nOutputs:")
     for label, path in s["outputs"].items():
-        print(f"  {label:<21}{path}")
-    drops = ", ".join(f"{k}={v}" for k, v in p["drops"].items()) or "none"
-    print(f"\nProducer: {p['samples_seen']} samples seen, {p['samples_written']} written; drops: {drops}; "
-          f"{p['cross_shard_duplicates']} duplicates across shards")
-    print("Buckets (w x h: samples): " + "  ".join(f"{k}:{v}" for k, v in p["buckets"].items()))
-    print(f"Loss over {loss['steps']} steps: {loss['first_loss']:.3f} -> {loss['last_loss']:.3f} (mean of the "
-          f"first/last {loss['window']} steps: {loss['mean_first_window']:.3f} -> {loss['mean_last_window']:.3f})")
-    print("Validation loss (held-out keys, fixed sigmas and noise): " + ", ".join(
-        f"step {v['step']}: {v['val_loss']:.3f} ({v['val_s']:.1f} s)" for v in s["validation"]))
-    print(f"Validation grid: {s['outputs']['validation_grid']}", flush=True)
+        print(f"  {label:<22}{path}")
+    for family, p in s["producer"].items():
+        drops = ", ".join(f"{k}={v}" for k, v in p["drops"].items()) or "none"
+        print(f"\nProducer, {family}p family: {p['samples_seen']} samples seen, {p['samples_written']} written; drops: "
+              f"{drops}; {p['cross_shard_duplicates']} duplicates across shards")
+        print("  buckets (w x h: samples): " + "  ".join(f"{k}:{v}" for k, v in p["buckets"].items()))
+    names = {"256p": "Stage 1 (256p)", "mixed": "Stage 2 (256p + 640p, from stage 1)"}
+    for stage, loss in s["loss"].items():
+        print(f"\n{names[stage]}: loss over {loss['steps']} steps {loss['first_loss']:.3f} -> {loss['last_loss']:.3f} "
+              f"(mean of the first/last {loss['window']} steps: {loss['mean_first_window']:.3f} -> "
+              f"{loss['mean_last_window']:.3f})")
+        print("  steps per bucket (bucket: steps x samples): " + "  ".join(
+            f"{b}: {n} x {m}" for b, (n, m) in s["buckets_trained"][stage].items()))
+        print("  validation loss (held-out keys, fixed sigmas and noise): " + ", ".join(
+            f"step {v['step']}: {v['val_loss']:.3f} ({v['val_s']:.1f} s)" for v in s["validation"][stage]))
+    print(f"\nValidation grid (stage 1): {s['outputs']['validation_grid']}")
+    print(f"Loss curves of both stages: {s['outputs']['loss_png']}", flush=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
-    p.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
+    p.add_argument("--steps", type=int, default=40, help="training steps of stage 1, 256p (default: 40)")
+    p.add_argument("--mixed-steps", type=int, default=20,
+                   help="training steps of stage 2, 256p + 640p from stage 1's checkpoint (default: 20)")
     p.add_argument("--samples", type=int, default=96,
                    help=f"synthetic samples, in shards of at most {MAX_PER_SHARD} (rounded up to fill them; "
                         f"default: 96)")
@@ -432,8 +498,9 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="only headings and the summary (stage output still "
                                                         "goes to OUT/logs/)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps: must be >= 1, got {args.steps}")
+    for flag, value in (("--steps", args.steps), ("--mixed-steps", args.mixed_steps)):
+        if value < 1:
+            p.error(f"{flag}: must be >= 1, got {value}")
     if args.samples < MIN_SAMPLES:
         p.error(f"--samples: must be >= {MIN_SAMPLES} (a resolution bucket needs a whole global batch), "
                 f"got {args.samples}")

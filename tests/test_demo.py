@@ -1,11 +1,12 @@
 """The one-command demo (launch/demo.py) end to end, and the loss-curve plotter (launch/plot.py).
 
-The end-to-end test runs the real demo (tiny encoders -> synthetic shards -> producer on a local Ray ->
-cache -> torchrun TP=2 training with validation -> sampling -> plot) with small numbers and checks its outputs against each other:
-the cache holds exactly what the producer's report says it wrote, every training step's batch has the
-latent size of a cache bucket (so training read the cache, not synthetic data), the stats have one record
-per requested step, the checkpoint is the last step's, the PNG decodes. A second run must reuse every
-stage but the plot.
+The end-to-end test runs the real demo (tiny encoders -> synthetic shards -> producer on a local Ray, for the
+256p and the 640p family -> cache -> torchrun TP=2 training, stage 1 on 256p with validation, stage 2 on both
+families from stage 1's checkpoint -> sampling -> plot) with small numbers and checks its outputs against each
+other: the cache holds exactly what the producers' reports say they wrote, every training step's batch has the
+latent size of a cache bucket of the stage's families (so training read the cache, not synthetic data), the stats
+have one record per requested step, the checkpoints are the last steps', the PNG decodes. A second run must reuse
+every stage but the plot.
 """
 import json
 import math
@@ -21,13 +22,13 @@ from launch.plot import StatsError, moving_average, plot_loss, read_stats, summa
 from tests.waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, SAMPLES = 6, 32
+STEPS, MIXED_STEPS, SAMPLES = 6, 4, 32
 
 
 def run_demo(out: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "launch.demo", "--out", out, "--steps", str(STEPS),
-                           "--samples", str(SAMPLES), "--quiet", *extra], cwd=REPO, env=env,
+                           "--mixed-steps", str(MIXED_STEPS), "--samples", str(SAMPLES), "--quiet", *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}"
     return proc
@@ -43,44 +44,59 @@ def test_demo_end_to_end(tmp_path):
         summary = json.load(f)
     o = summary["outputs"]
     assert [s["status"] for s in summary["stages"]] == ["ran"] * len(demo.STAGES)
-    for label in ("encoders", "shards", "cache", "producer_report", "train_stats", "loss_png", "logs"):
+    for label in ("encoders", "shards", "cache", "producer_report_256p", "producer_report_640p", "train_256p_stats",
+                  "train_mixed_stats", "loss_png", "logs"):
         assert os.path.isabs(o[label]) and os.path.exists(o[label]), label
         assert o[label] in proc.stdout, f"the demo does not print where {label} is"
 
-    # Producer report: every generated sample is accounted for (written or dropped for a named reason).
-    with open(o["producer_report"]) as f:
-        report = json.load(f)
+    # Producer reports, one per bucket family: every generated sample is accounted for (written or dropped for a
+    # named reason), in each family.
     shards, per_shard = demo.shard_plan(SAMPLES)
-    assert report["samples"]["seen"] == shards * per_shard
-    assert report["samples"]["seen"] == report["samples"]["written"] + sum(report["drops"].values())
-    assert report["samples"]["dropped"] == sum(report["drops"].values())
-    assert isinstance(report["drops"], dict) and all(isinstance(v, int) and v > 0 for v in report["drops"].values())
-    assert (report["shards"]["committed"], report["shards"]["failed"]) == (shards, 0)
+    reports = {}
+    for family in demo.FAMILIES:
+        with open(o[f"producer_report_{family}p"]) as f:
+            report = reports[family] = json.load(f)
+        assert report["samples"]["seen"] == shards * per_shard
+        assert report["samples"]["seen"] == report["samples"]["written"] + sum(report["drops"].values())
+        assert report["samples"]["dropped"] == sum(report["drops"].values())
+        assert all(isinstance(v, int) and v > 0 for v in report["drops"].values())
+        assert (report["shards"]["committed"], report["shards"]["failed"]) == (shards, 0)
 
-    # The cache holds exactly what the report says was written, bucket by bucket, and is sealed.
+    # The cache holds exactly what the reports say was written, bucket by bucket (the families' buckets differ),
+    # and is sealed.
     reader = CacheReader(o["cache"])
     cache_buckets = {f"{w}x{h}": b["samples"] for (w, h), b in reader.buckets().items()}
-    assert cache_buckets == report["buckets"] and sum(cache_buckets.values()) == report["samples"]["written"]
+    assert cache_buckets == {**reports[256]["buckets"], **reports[640]["buckets"]}
+    assert sum(cache_buckets.values()) == sum(r["samples"]["written"] for r in reports.values())
     assert reader.sealed
     gbs = demo.global_batch_size()
+    latent = {name: {(int(b.split("x")[1]) // 8, int(b.split("x")[0]) // 8) for b in r["buckets"]}
+              for name, r in reports.items()}
     trainable = {(h // 8, w // 8) for (w, h), b in reader.buckets().items() if b["samples"] >= gbs}
-    assert trainable, cache_buckets
+    assert trainable & latent[256], cache_buckets
 
-    # Training: one record per step, finite losses, every batch from a cache bucket with a whole batch.
-    records = read_stats(o["train_stats"])
-    with open(o["train_stats"]) as f:
-        assert sum(1 for line in f if line.strip()) == STEPS  # no duplicate or missing steps
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
-    assert {tuple(r["latent_hw"]) for r in records} <= trainable
-    assert summary["loss"]["last_loss"] == records[-1]["loss"]
+    # Training, both stages: one record per step, finite losses, every batch from a bucket of the stage's families
+    # (stage 1: 4 samples of a 256p bucket with a whole batch; stage 2 also 640p steps of 1 sample, compute-balanced).
+    stage_records = {}
+    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS)):
+        records = stage_records[stage] = read_stats(o[f"train_{stage}_stats"])
+        with open(o[f"train_{stage}_stats"]) as f:
+            assert sum(1 for line in f if line.strip()) == steps  # no duplicate or missing steps
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+        assert summary["loss"][stage]["last_loss"] == records[-1]["loss"]
+    assert {tuple(r["latent_hw"]) for r in stage_records["256p"]} <= trainable & latent[256]
+    assert all(r["samples"] == (4 if tuple(r["latent_hw"]) in latent[256] else 1) for r in stage_records["mixed"])
+    assert {tuple(r["latent_hw"]) for r in stage_records["mixed"]} <= latent[256] | latent[640]
+    assert "model weights and optimizer state from " + os.path.join(o["checkpoints_256p"], f"iter_{STEPS:07d}") \
+        in open(os.path.join(o["logs"], "5_train_mixed.log")).read()
 
-    # Checkpoint of the last step.
+    # Checkpoints of the last steps.
+    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS)):
+        with open(os.path.join(o[f"checkpoints_{stage}"], "latest")) as f:
+            assert f.read().strip() == f"iter_{steps:07d}"
     ckpt = o["checkpoint_latest"]
-    assert ckpt and os.path.isdir(ckpt) and os.path.basename(ckpt) == f"iter_{STEPS:07d}"
-    with open(os.path.join(o["checkpoints"], "latest")) as f:
-        assert f.read().strip() == os.path.basename(ckpt)
-    assert os.listdir(ckpt)
+    assert ckpt == os.path.join(o["checkpoints_mixed"], f"iter_{MIXED_STEPS:07d}") and os.listdir(ckpt)
 
     # The PNG is a real image.
     with Image.open(o["loss_png"]) as im:
@@ -88,11 +104,13 @@ def test_demo_end_to_end(tmp_path):
     with Image.open(o["loss_png"]) as im:
         assert im.format == "PNG" and im.size[0] >= 400 and im.size[1] >= 300
 
-    # Validation half-way and at the end (images and the held-out loss), and the sample command's images.
-    assert [v["step"] for v in summary["validation"]] == [STEPS // 2, STEPS]
-    assert all(math.isfinite(v["val_loss"]) and v["val_loss"] > 0 for v in summary["validation"])
-    assert o["validation_grid"] == os.path.join(out, "train", "samples", f"step_{STEPS:06d}.png")
-    assert f"Validation grid: {o['validation_grid']}" in proc.stdout
+    # Validation: stage 1 half-way and at the end (images and the held-out loss), stage 2 at its end (the loss);
+    # and the sample command's images.
+    assert [v["step"] for v in summary["validation"]["256p"]] == [STEPS // 2, STEPS]
+    assert [v["step"] for v in summary["validation"]["mixed"]] == [MIXED_STEPS]
+    assert all(math.isfinite(v["val_loss"]) and v["val_loss"] > 0 for vs in summary["validation"].values() for v in vs)
+    assert o["validation_grid"] == os.path.join(out, "train", "256p", "samples", f"step_{STEPS:06d}.png")
+    assert f"Validation grid (stage 1): {o['validation_grid']}" in proc.stdout
     prompts = len(open(os.path.join(REPO, demo.PROMPTS)).read().split("- prompt:")) - 1
     with open(os.path.join(out, "samples", "samples.jsonl")) as f:
         assert len(f.readlines()) == prompts
@@ -101,14 +119,14 @@ def test_demo_end_to_end(tmp_path):
             assert im.format == "PNG" and im.size[0] >= 2 * 192
 
     # Re-running reuses every finished stage (only the plot is redrawn) and changes nothing.
-    stats_before = open(o["train_stats"]).read()
+    stats_before = [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed")]
     run_demo(out, timeout=120)
     with open(os.path.join(out, demo.SUMMARY_FILE)) as f:
         again = json.load(f)
     assert {s["name"]: s["status"] for s in again["stages"]} == {
-        "encoders": "reused", "shards": "reused", "producer": "reused", "train": "reused", "sample": "reused",
-        "plot": "ran"}
-    assert open(o["train_stats"]).read() == stats_before
+        "encoders": "reused", "shards": "reused", "producer": "reused", "train_256p": "reused",
+        "train_mixed": "reused", "sample": "reused", "plot": "ran"}
+    assert [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed")] == stats_before
 
 
 def test_demo_refuses_foreign_directory(tmp_path):
@@ -149,7 +167,8 @@ def test_hanging_stage_times_out_and_is_killed(tmp_path):
 
 
 def test_demo_argument_checks(capsys):
-    for argv, key in ((["--steps", "0"], "--steps"), (["--samples", "3"], "--samples")):
+    for argv, key in ((["--steps", "0"], "--steps"), (["--mixed-steps", "0"], "--mixed-steps"),
+                      (["--samples", "3"], "--samples")):
         with pytest.raises(SystemExit) as e:
             demo.parse_args(argv)
         assert e.value.code == 2 and key in capsys.readouterr().err
@@ -203,8 +222,25 @@ def test_plot_loss_writes_png(tmp_path):
     _write_stats(p, [{"step": s, "loss": 2.0 / s, "lr": 1e-3 * s, "latent_hw": [32, 32] if s % 2 else [24, 42]}
                      for s in range(1, 11)])
     png = tmp_path / "plots" / "loss.png"
-    s = plot_loss(str(p), str(png))
+    [s] = plot_loss(str(p), str(png))
     assert s["steps"] == 10 and s["last_loss"] == 0.2
     with Image.open(png) as im:
         assert im.format == "PNG"
     assert not list((tmp_path / "plots").glob("*.tmp*"))
+
+
+def test_plot_loss_draws_the_stages_of_a_curriculum_in_one_png(tmp_path):
+    paths = []
+    for name, hw, steps in (("256p", [32, 32], 6), ("mixed", [80, 80], 4)):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name / "stats.jsonl"))
+        _write_stats(paths[-1], [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "latent_hw": hw} for s in range(1, steps + 1)])
+    png = str(tmp_path / "loss.png")
+    first, second = plot_loss(paths, png)
+    assert (first["steps"], second["steps"], second["last_loss"]) == (6, 4, 0.25)
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+    with pytest.raises(ValueError, match="1 labels for 2 stats files"):
+        plot_loss(paths, png, labels=["one"])
+    from launch.plot import main
+    assert main([*paths, "--out", png, "--labels", "stage 1", "stage 2"]) == 0
