@@ -180,6 +180,9 @@ def _gather_over_dp(obj) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- the seam
+# The param-group entries megatron's OptimizerParamScheduler takes the LR range and weight-decay factor from.
+STAGE_GROUP_KEYS = ("max_lr", "min_lr", "wd_mult", "lr_mult")
+
 class Checkpointer:
     """Save/resume for consumer.train (see module docstring), configured by the `checkpoint` section
     (save, save_interval, keep_last, load, pretrained); with neither save nor load set it does nothing."""
@@ -261,6 +264,9 @@ class Checkpointer:
         request = {"model": model_sd}
         load_optimizer = (saved["use_distributed_optimizer"] == self.cfg.optimizer.use_distributed_optimizer
                           and saved.get("optimizer_sharding") == OPTIMIZER_SHARDING)
+        # What the new stage's config set in each param group (megatron's scheduler reads them there): the loaded
+        # optimizer state would bring the old stage's LR range back.
+        stage_keys = [{k: g[k] for k in STAGE_GROUP_KEYS if k in g} for g in state.optimizer.param_groups]
         if load_optimizer:
             materialize_adam_state(state.optimizer)
             request["optimizer"] = state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
@@ -282,8 +288,10 @@ class Checkpointer:
         else:
             state.optimizer.reload_model_params()
         if not resume:
-            # The optimizer state carries the old stage's param-group LR and weight decay: set the new stage's
-            # (its schedule at step 0) again.
+            # The optimizer state carries the old stage's param-group LR range and weight decay: set the new
+            # stage's, then its schedule at step 0.
+            for group, keys in zip(state.optimizer.param_groups, stage_keys):
+                group.update(keys)
             state.scheduler.step(increment=0)
             _log(f"loaded model weights {'and optimizer state ' if load_optimizer else ''}from {path} (step "
                  f"{common['train']['step']} there) for a new stage: LR schedule, step and data start fresh, in "

@@ -59,12 +59,14 @@ def test_next_stage_trains_on_its_own_cache_from_the_handoff(stage1):
     cache_b = small_cache(tmp / "cache_b", resolutions=[(80, 80)], seed=6)
     jsonl = tmp / "stage2.jsonl"
     out = torchrun(2, ["-m", "consumer.train", "--config", "configs/smoke_tp2.yaml", "--data", "cache",
-                       "--cache-dir", cache_b, "train.train_iters=3", "--pretrained", stage1["ckpt"],
-                       "--pretrained-optimizer", "--log-jsonl", str(jsonl)], timeout=300)
+                       "--cache-dir", cache_b, "train.train_iters=3", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4",
+                       "--pretrained", stage1["ckpt"], "--pretrained-optimizer", "--log-jsonl", str(jsonl)], timeout=300)
     assert f"model weights and optimizer state from {stage1['ckpt']} (schedule, step and data fresh)" in out
     records = [json.loads(line) for line in open(jsonl)]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["lr"] == 0.0  # schedule.lr_warmup_init: the warm-up starts again
+    # to the new stage's optimizer.lr (1e-3), not stage 1's (5e-3) that its optimizer state's param groups carry
+    assert 0 < max(r["lr"] for r in records) <= 1e-3
     assert {tuple(r["latent_hw"]) for r in records} == {(10, 10)}
 
 
