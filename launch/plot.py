@@ -107,7 +107,7 @@ def plot_loss(stats_paths, png_path: str, title: str | None = None, window: int 
             ax.axvline(offset + 0.5, color="grey", ls="--", lw=1)
             ax_lr.axvline(offset + 0.5, color="grey", ls="--", lw=1)
         if label:
-            ax.text(offset + 1, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+            ax.text(offset + 1, 0.02, f" {label}", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
         if by_bucket:
             for hw in sorted({tuple(r["latent_hw"]) for r in records}):
                 xs = [x for x, r in zip(steps, records) if tuple(r["latent_hw"]) == hw]
