@@ -50,8 +50,11 @@ from dataclasses import asdict, dataclass
 
 from consumer.config import load_config
 from launch.plot import read_stats, summarize
+from megatron_qwen_image.cache.buckets import bucket_of_latent
 from megatron_qwen_image.cache.exclusions import read_exclusions
+from megatron_qwen_image.cache.format import bucket_name
 from megatron_qwen_image.cache.manifest import sealed_count
+from producer.report import table_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = "configs/tiny/stage_256p.yaml"                # curriculum stage 1
@@ -268,7 +271,7 @@ def producer_stage(L: DemoPaths, args) -> Stage:
         # sealing comes after everything that writes the cache: a sealed cache means the stage is done
         py("-m", "megatron_qwen_image.cache", "seal", L.cache),
         py("-m", "megatron_qwen_image.cache", "inspect", L.cache),
-    ], outputs=[L.cache, *reports, *(r[:-len(".json")] + ".txt" for r in reports)],
+    ], outputs=[L.cache, *reports, *map(table_path, reports)],
         done=all(os.path.isfile(r) for r in reports) and sealed_count(L.cache) is not None, timeout_s=1200)
 
 
@@ -442,8 +445,7 @@ def bucket_steps(records: list[dict]) -> dict:
     """Pixel bucket -> [steps, samples per step] of a stage's records (compute-balanced: per bucket)."""
     out: dict = {}
     for r in records:
-        h, w = r["latent_hw"]
-        entry = out.setdefault(f"{w * 8}x{h * 8}", [0, r["samples"]])
+        entry = out.setdefault(bucket_name(*bucket_of_latent(r["latent_hw"])), [0, r["samples"]])
         entry[0] += 1
     return dict(sorted(out.items()))
 

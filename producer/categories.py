@@ -65,10 +65,12 @@ class Categorizer:
     def from_meta(self, meta: dict) -> str | None:
         """The field's value as a name: a non-empty string, or an integer label; anything else (a list, a mapping,
         a boolean, an empty string) gives none."""
+        if self.path is None:
+            return None
         value = meta
-        for part in self.path or ():
+        for part in self.path:
             value = value.get(part) if isinstance(value, dict) else None
-        if self.path is None or isinstance(value, bool):
+        if isinstance(value, bool):
             return None
         if isinstance(value, int):
             return str(value)

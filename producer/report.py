@@ -143,10 +143,15 @@ class ProgressReporter:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
-        txt = os.path.splitext(path)[0] + ".txt"
+        txt = table_path(path)
         with open(txt, "w") as f:
             f.write(format_table(report))
         return path, txt
+
+
+def table_path(report_path: str) -> str:
+    """Where `ProgressReporter.write` puts the table of the report at `report_path` (beside it, .txt)."""
+    return os.path.splitext(report_path)[0] + ".txt"
 
 
 def format_table(r: dict) -> str:

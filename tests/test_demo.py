@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 
 from launch import demo
+from megatron_qwen_image.cache.buckets import latent_size
+from megatron_qwen_image.cache.format import parse_bucket_name
 from launch.plot import StatsError, moving_average, plot_loss, read_stats, summarize
 from tests.waiting import wait_for
 
@@ -70,9 +72,8 @@ def test_demo_end_to_end(tmp_path):
     assert sum(cache_buckets.values()) == sum(r["samples"]["written"] for r in reports.values())
     assert reader.sealed
     gbs = demo.global_batch_size()
-    latent = {name: {(int(b.split("x")[1]) // 8, int(b.split("x")[0]) // 8) for b in r["buckets"]}
-              for name, r in reports.items()}
-    trainable = {(h // 8, w // 8) for (w, h), b in reader.buckets().items() if b["samples"] >= gbs}
+    latent = {name: {latent_size(parse_bucket_name(b)) for b in r["buckets"]} for name, r in reports.items()}
+    trainable = {latent_size(wh) for wh, b in reader.buckets().items() if b["samples"] >= gbs}
     assert trainable & latent[256], cache_buckets
 
     # Training, both stages: one record per step, finite losses, every batch from a bucket of the stage's families
