@@ -29,7 +29,8 @@ PRODUCER = [
     "imagehash==4.3.2",
 ]
 DEMO = ["matplotlib==3.11.2"]
-TEST = ["pytest==9.2.0", "pytest-timeout==2.4.0"]
+# datasets: the tests write Hugging Face inputs with the real library (tests/test_producer_layouts.py)
+TEST = ["pytest==9.2.0", "pytest-timeout==2.4.0", "datasets==5.2.0"]
 
 setup(
     name="megatron-qwen-image",

@@ -47,7 +47,7 @@ from producer.committed import fingerprint_record, latest_committed
 from producer.config import PoolSize, ProducerConfig
 from producer.errors import ActorStartError, IncompleteShard, interrupt_on_signals, interruption_name, root_cause
 from producer.report import ProgressReporter, RunStats, ShardOutcomes
-from producer.sources import InputError, InputFingerprint, ShardSpec, discover_shards
+from producer.sources import InputError, InputFingerprint, ShardSpec, discover_inputs
 from producer.workers import CpuWorker, EncoderWorker
 
 log = logging.getLogger("producer")
@@ -263,8 +263,11 @@ class ProducerRun:
         check_encoders(cfg.encoders.dir)
         # A work unit is one input shard encoded into one bucket family: the same inputs produced for another
         # family into the same cache (a joint 640p + 1328p stage's) are units of their own, not committed ones.
+        self.detected = discover_inputs(inputs, cfg.sources)
+        for d in self.detected:
+            log.info("%s", d.line())
         self.specs = [replace(s, work_unit=family_work_unit(s.work_unit, cfg.base_resolution))
-                      for s in discover_shards(inputs, cfg.sources)]
+                      for d in self.detected for s in d.shards]
         open_cache_dir(self.cache_dir)
         self.stats = RunStats()
         self.out = ShardOutcomes(len(self.specs))

@@ -1,7 +1,9 @@
-"""Input sources: WebDataset tar shards (img2dataset layout), Parquet files, folders of images with .txt sidecars.
+"""Input sources: WebDataset tars (img2dataset's webdataset output), Parquet files (img2dataset's parquet
+output, Hugging Face `datasets`), Hugging Face imagefolders, folders of images with .txt sidecars.
 
-The unit of work is one input shard (`ShardSpec`): one tar, one Parquet file, or one slice of an image
-folder. `iter_shard(spec)` yields, in a deterministic order, either a `RawSample` (undecoded bytes) or a
+`discover_inputs` finds each input's layout and columns (producer/layouts.py) before Ray starts. The unit
+of work is one input shard (`ShardSpec`): one tar, one Parquet file, or one slice of an image folder or
+of an imagefolder's metadata. `iter_shard(spec)` yields, in a deterministic order, either a `RawSample` (undecoded bytes) or a
 `BadRecord` (a reason name from `producer.filters.REASONS` plus detail) — it never raises for bad data,
 so one bad member cannot crash an actor or lose the rest of its shard.
 
@@ -16,24 +18,30 @@ records it, so a later run can tell that an input changed since (producer/commit
 """
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
+import logging
 import os
 import posixpath
 import re
 import tarfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from megatron_qwen_image.config import option
+from producer.layouts import IMAGE_EXTS, SUCCESS, Columns, LayoutError, metadata_columns, parquet_columns
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTS = (".parquet",)
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # a Hugging Face imagefolder's captions
+log = logging.getLogger("producer.sources")
 FOLDER_SIZE_SAMPLES = 8  # images stat'ed to estimate a folder slice's bytes (ShardSpec.input_bytes)
 # BadRecord reasons that mean the shard could not be read to its end (the rest of it is missing).
 ENDED_EARLY = ("truncated_tar", "broken_shard")
@@ -54,18 +62,21 @@ class InputFingerprint:
 class ShardSpec:
     """One work unit. `work_unit` is stable across runs (derived from the path relative to its input root)."""
 
-    kind: str  # "tar" | "parquet" | "folder"
-    path: str  # the tar/parquet file, or the folder
+    kind: str  # "tar" | "parquet" | "folder" | "imagefolder"
+    path: str  # the tar/parquet file, or the folder (an imagefolder's: its metadata file's)
     work_unit: str
     files: tuple = ()  # folder shards: the image files (relative to path) in this slice
     key_prefix: str = ""  # folder shards: the folder relative to its input root (keys are prefix/stem)
+    rows: tuple = ()  # imagefolder shards: the metadata rows of `files`, as JSON
+    sidecar: str = ""  # tars: img2dataset's metadata Parquet of the same stem beside it
+    root: str = ""  # the directory the user's input names: image paths in a table must stay inside it
 
     def input_bytes(self) -> int:
         """Bytes this shard reads, 0 if they are gone: a size estimate for scheduling, not a check (reading
         reports missing input as it should). A tar or Parquet shard: its file's size. A folder slice: its
         image count times the mean size of at most FOLDER_SIZE_SAMPLES evenly spaced images, so planning a
         run over millions of images on a network filesystem costs a few stats per shard, not one per image."""
-        if self.kind != "folder":
+        if self.kind not in FOLDER_KINDS:
             return _size_or_zero(self.path)
         if not self.files:
             return 0
@@ -76,7 +87,7 @@ class ShardSpec:
     def fingerprint(self) -> InputFingerprint:
         """One stat per file (a tar or Parquet shard: one; a folder slice: one per image); a file that is
         gone is left out, which changes the count."""
-        paths = [self.path] if self.kind != "folder" else [os.path.join(self.path, f) for f in self.files]
+        paths = [self.path] if self.kind not in FOLDER_KINDS else [os.path.join(self.path, f) for f in self.files]
         stats = []
         for p in paths:
             try:
@@ -85,6 +96,9 @@ class ShardSpec:
                 pass
         return InputFingerprint(len(stats), sum(st.st_size for st in stats),
                                 max((st.st_mtime_ns for st in stats), default=0))
+
+
+FOLDER_KINDS = ("folder", "imagefolder")  # shards that read one file per sample
 
 
 def _size_or_zero(path: str) -> int:
@@ -116,9 +130,15 @@ class SourceOptions:
     """How input shards are read (tar members, Parquet columns, image-folder slices), and what becomes of a
     shard that ends early or changed since its work unit was committed."""
 
-    parquet_image_column: str = option("image", "Parquet column of the image bytes")
-    parquet_caption_column: str = option("caption", "Parquet column of the caption")
-    parquet_key_column: str | None = option(None, "Parquet column of the sample key (null: file stem + row number)")
+    image_column: str | None = option(None, "Parquet column of the image (null: detect: an Image feature, a "
+                                      "{bytes, path} struct or a binary column named image/jpg/png/...)")
+    caption_column: str | None = option(None, "Parquet or imagefolder-metadata column of the caption (null: "
+                                        "detect: caption, text or prompt)")
+    key_column: str | None = option(None, "column of the sample key (null: img2dataset's `key`, else file stem + "
+                                    "row number / the image's file name)")
+    image_paths_outside_input: bool = option(False, "read image files a table names (Hugging Face `{bytes: null, "
+                                             "path}`, imagefolder file_name) outside the input's directory; false: "
+                                             "drop them as image_path_outside")
     parquet_batch_rows: int = option(256, "Parquet rows read at once")
     folder_shard_size: int = option(1000, "images of an image folder per work unit")
     max_member_bytes: int = option(64 * 1024 * 1024, "largest tar member read (bigger ones are dropped)")
@@ -143,14 +163,31 @@ class InputError(ValueError):
     """The producer's inputs cannot be used as given (missing, unsupported, empty, ambiguous)."""
 
 
-def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> list[ShardSpec]:
-    """Expand CLI inputs (files, directories, globs) into sorted work units.
+@dataclass(frozen=True)
+class DetectedInput:
+    """What one input (a file, a directory, a glob match) was found to be, printed before Ray starts."""
 
-    A directory holding tar/parquet files contributes each file as one shard; otherwise every directory
-    under it that holds images becomes a folder source, sliced into `folder_shard_size` images per shard.
+    input: str
+    layout: str
+    shards: tuple  # tuple[ShardSpec, ...]
+    notes: tuple = ()  # columns, sidecars, files that are not inputs
+
+    def line(self) -> str:
+        n = len(self.shards)
+        return f"input {self.input}: {self.layout}, {n} shard{'s' * (n != 1)}" + "".join(f"; {x}" for x in self.notes)
+
+
+def discover_inputs(inputs: list[str], options: SourceOptions | None = None) -> list[DetectedInput]:
+    """Expand CLI inputs (files, directories, globs) into detected layouts and their sorted work units.
+
+    A directory holding tar/parquet files contributes each file as one shard (a Parquet file of a tar's
+    stem beside it is img2dataset's metadata of that tar, not a shard); else each `metadata.jsonl/csv`
+    makes a Hugging Face imagefolder; else every directory under it that holds images becomes a folder
+    source. Folders are sliced into `folder_shard_size` images per shard. InputError when an input is
+    missing, empty or its columns are ambiguous.
     """
     options = options or SourceOptions()
-    specs: list[ShardSpec] = []
+    found: list[DetectedInput] = []
     for inp in inputs:
         paths = sorted(glob.glob(inp)) if any(c in inp for c in "*?[") else [inp]
         if not paths:
@@ -158,57 +195,177 @@ def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> 
         for path in paths:
             path = os.path.abspath(path)
             if os.path.isfile(path):
-                specs.append(_file_spec(path, os.path.basename(path)))
+                found.extend(_file_inputs(path, options))
             elif os.path.isdir(path):
-                specs.extend(_dir_specs(path, options))
+                found.extend(_dir_inputs(path, options))
             else:
                 raise InputError(f"input {path!r} does not exist")
     seen = set()
-    for s in specs:
+    for s in (s for d in found for s in d.shards):
         if s.work_unit in seen:
             raise InputError(f"two inputs map to the same work unit {s.work_unit!r}; pass each input once")
         seen.add(s.work_unit)
-    return specs
+    return found
 
 
-def _file_spec(path: str, rel: str) -> ShardSpec:
-    low = path.lower()
+def discover_shards(inputs: list[str], options: SourceOptions | None = None) -> list[ShardSpec]:
+    """The work units of `discover_inputs`, in order."""
+    return [s for d in discover_inputs(inputs, options) for s in d.shards]
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in TAR_EXTS + PARQUET_EXTS:
+        if name.lower().endswith(ext):
+            return os.path.join(os.path.dirname(path), name[: -len(ext)])
+    return path
+
+
+def _tar_input(where: str, tars: list[str], rel, sidecars: dict, stats: int) -> DetectedInput:
+    specs = tuple(ShardSpec("tar", p, work_unit_name(rel(p)), sidecar=sidecars.get(_stem(p), ""))
+                  for p in tars)
+    notes = []
+    if sidecars:
+        notes.append(f"{len(sidecars)} metadata .parquet beside their tars (read as their metadata)")
+    if stats:
+        notes.append(f"{stats} *_stats.json (not inputs)")
+    return DetectedInput(where, "img2dataset webdataset" if sidecars or stats else "WebDataset", specs, tuple(notes))
+
+
+def _parquet_input(where: str, files: list[str], rel, root: str, options: SourceOptions) -> DetectedInput:
+    """Parquet shards; their columns are detected on the first readable one (each shard is checked again
+    when it is read, so one that differs is a broken_shard, not wrong data)."""
+    columns, unreadable = None, 0
+    for p in files:
+        try:
+            schema = pq.read_schema(p)
+        except Exception:  # a corrupt file is reported when read; the others decide the columns
+            unreadable += 1
+            continue
+        try:
+            columns = _parquet_columns(schema, p, options)
+        except LayoutError as e:
+            raise InputError(str(e)) from None
+        break
+    specs = tuple(ShardSpec("parquet", p, work_unit_name(rel(p)), root=root) for p in files)
+    if columns is None:
+        return DetectedInput(where, "Parquet", specs, ("no readable file: columns unknown",))
+    return DetectedInput(where, columns.layout, specs, (columns.describe(),) + ((f"{unreadable} unreadable",)
+                                                                                if unreadable else ()))
+
+
+def _parquet_columns(schema, path: str, options: SourceOptions) -> Columns:
+    return parquet_columns(schema, path, options.image_column, options.caption_column, options.key_column)
+
+
+def _file_inputs(path: str, options: SourceOptions) -> list[DetectedInput]:
+    low, base, d = path.lower(), os.path.basename(path), os.path.dirname(path)
     if low.endswith(TAR_EXTS):
-        return ShardSpec("tar", path, work_unit_name(rel))
+        sidecar = _stem(path) + ".parquet"
+        sidecars = {_stem(path): sidecar} if os.path.isfile(sidecar) else {}
+        return [_tar_input(path, [path], lambda p: base, sidecars, 0)]
     if low.endswith(PARQUET_EXTS):
-        return ShardSpec("parquet", path, work_unit_name(rel))
-    raise InputError(f"unsupported input file {path!r}: expected {TAR_EXTS + PARQUET_EXTS}")
+        tars = [_stem(path) + ext for ext in TAR_EXTS if os.path.isfile(_stem(path) + ext)]
+        if tars:
+            raise InputError(f"{path} is img2dataset's metadata of {tars[0]} (no images in it): pass the tar, "
+                             "or the folder")
+        return [_parquet_input(path, [path], lambda p: base, d, options)]
+    if base in METADATA_FILES:
+        return [_imagefolder_input(path, [path], d, os.path.basename(d), options)]
+    raise InputError(f"unsupported input file {path!r}: expected {TAR_EXTS + PARQUET_EXTS} or {METADATA_FILES}")
 
 
-def _dir_specs(root: str, options: SourceOptions) -> list[ShardSpec]:
+def _dir_inputs(root: str, options: SourceOptions) -> list[DetectedInput]:
     base = os.path.basename(root.rstrip("/"))
-    shard_files = sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(TAR_EXTS + PARQUET_EXTS)
-    )
-    if shard_files:
-        return [_file_spec(p, posixpath.join(base, os.path.relpath(p, root))) for p in shard_files]
+    walk = sorted((d, sorted(fs)) for d, _, fs in os.walk(root))
+
+    def rel(p):
+        return posixpath.join(base, os.path.relpath(p, root))
+
+    files = [os.path.join(d, f) for d, fs in walk for f in fs]
+    tars = [p for p in files if p.lower().endswith(TAR_EXTS)]
+    tar_stems = {_stem(p) for p in tars}
+    parquets = [p for p in files if p.lower().endswith(PARQUET_EXTS)]
+    sidecars = {_stem(p): p for p in parquets if _stem(p) in tar_stems}
+    stats = sum(1 for p in files if p.endswith("_stats.json") and p[: -len("_stats.json")] in tar_stems)
+    found = []
+    if tars:
+        found.append(_tar_input(root, tars, rel, sidecars, stats))
+    shard_parquets = [p for p in parquets if _stem(p) not in sidecars]
+    if shard_parquets:
+        found.append(_parquet_input(root, shard_parquets, rel, root, options))
+    if found:
+        return found
+    metadata = [p for p in files if os.path.basename(p) in METADATA_FILES]
+    if metadata:
+        return [_imagefolder_input(root, metadata, root, base, options)]
     specs = []
-    for d, dirs, fs in sorted(os.walk(root)):
-        dirs.sort()
-        images = sorted(f for f in fs if _is_image(f))
+    for d, fs in walk:
+        images = [f for f in fs if _is_image(f)]
         rel_dir = posixpath.join(base, os.path.relpath(d, root))
         for i in range(0, len(images), options.folder_shard_size):
             part = i // options.folder_shard_size
             specs.append(ShardSpec("folder", d, work_unit_name(f"{rel_dir}/part-{part:05d}"),
                                    tuple(images[i : i + options.folder_shard_size]), posixpath.normpath(rel_dir)))
     if not specs:
-        raise InputError(f"input directory {root!r} holds no tar, parquet or image files")
-    return specs
+        raise InputError(f"input directory {root!r} holds no tar, parquet, imagefolder metadata or image files")
+    return [DetectedInput(root, "image folder", tuple(specs), ("captions from NAME.txt",))]
+
+
+def read_metadata_rows(path: str) -> list[dict]:
+    """An imagefolder's metadata file as dicts (JSON Lines, or CSV with a header). A line that is not a JSON
+    object becomes {"__error__": why}: it is dropped as broken_metadata when its shard is read."""
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".csv"):
+            return list(csv.DictReader(f))
+        rows = []
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                row = {"__error__": f"{path}:{n}: {e}"}
+            rows.append(row if isinstance(row, dict) else {"__error__": f"{path}:{n}: not a JSON object"})
+        return rows
+
+
+def _imagefolder_input(where: str, metadata: list[str], root: str, base: str,
+                       options: SourceOptions) -> DetectedInput:
+    """Each metadata file's rows, `folder_shard_size` a shard; `file_name` is relative to the file's folder."""
+    specs, layout, captions = [], None, set()
+    for meta_path in metadata:
+        d = os.path.dirname(meta_path)
+        rows = read_metadata_rows(meta_path)
+        names = sorted({k for r in rows for k in r if k != "__error__"})
+        try:
+            layout = metadata_columns(names, meta_path, options.caption_column, options.key_column)
+        except LayoutError as e:
+            raise InputError(str(e)) from None
+        captions.add(layout.caption)
+        rel_dir = posixpath.normpath(posixpath.join(base, os.path.relpath(d, root)))
+        for i in range(0, len(rows), options.folder_shard_size):
+            part = rows[i : i + options.folder_shard_size]
+            specs.append(ShardSpec(
+                "imagefolder", d, work_unit_name(f"{rel_dir}/{os.path.basename(meta_path)}/part-"
+                                                 f"{i // options.folder_shard_size:05d}"),
+                files=tuple(str(r.get("file_name", "")) for r in part), key_prefix=rel_dir,
+                rows=tuple(json.dumps(r, ensure_ascii=False, default=str) for r in part), root=root))
+    return DetectedInput(where, "Hugging Face imagefolder", tuple(specs),
+                         (f"{len(metadata)} metadata file{'s' * (len(metadata) != 1)}",
+                          f"caption column {', '.join(map(repr, sorted(captions)))}"))
 
 
 def iter_shard(spec: ShardSpec, options: SourceOptions | None = None) -> Iterator[RawSample | BadRecord]:
     options = options or SourceOptions()
     if spec.kind == "tar":
-        return iter_tar(spec.path, options, source=spec.work_unit)
+        return iter_tar(spec.path, options, source=spec.work_unit, sidecar=spec.sidecar)
     if spec.kind == "parquet":
-        return iter_parquet(spec.path, options, source=spec.work_unit)
+        return iter_parquet(spec.path, options, source=spec.work_unit, root=spec.root)
     if spec.kind == "folder":
         return iter_folder(spec.path, spec.files, options, source=spec.work_unit, key_prefix=spec.key_prefix)
+    if spec.kind == "imagefolder":
+        return iter_imagefolder(spec, options)
     raise ValueError(f"unknown shard kind {spec.kind!r}")
 
 
@@ -259,8 +416,38 @@ def _group_to_sample(key: str, parts: dict[str, bytes], source: str) -> RawSampl
     return RawSample(key, parts[img_ext], img_ext, caption, meta, source)
 
 
-def iter_tar(path: str, options: SourceOptions, source: str = "") -> Iterator[RawSample | BadRecord]:
-    """Stream a tar: group consecutive members by key, yield complete samples; never extract to disk."""
+def read_sidecar(path: str) -> tuple[dict[str, dict], list[BadRecord]]:
+    """img2dataset's metadata Parquet of a tar: the scalar columns of each downloaded row by key, and its
+    failed downloads (rows whose status is not "success", absent from the tar) as `download_failed`. An
+    unreadable sidecar is only warned about: the tar holds the samples and their own KEY.json."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+        log.warning("img2dataset metadata %s unreadable, the tar is read without it: %s: %s", path,
+                    type(e).__name__, e)
+        return {}, []
+    by_key, failed = {}, []
+    for r in rows:
+        key = str(r.get("key"))
+        if r.get("status", SUCCESS) != SUCCESS:
+            failed.append(BadRecord(key, "download_failed", f"{r.get('status')}: {r.get('error_message')}"))
+        else:
+            by_key[key] = {k: v for k, v in r.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return by_key, failed
+
+
+def iter_tar(path: str, options: SourceOptions, source: str = "", sidecar: str = "") -> Iterator[RawSample | BadRecord]:
+    """Stream a tar: group consecutive members by key, yield complete samples; never extract to disk. With an
+    img2dataset `sidecar`, its failed downloads come first and its columns fill what a KEY.json lacks."""
+    extra, failed = read_sidecar(sidecar) if sidecar else ({}, [])
+    yield from failed
+    for sample in _iter_tar_members(path, options, source):
+        if isinstance(sample, RawSample) and sample.key in extra:
+            sample.meta = {**extra[sample.key], **sample.meta}
+        yield sample
+
+
+def _iter_tar_members(path: str, options: SourceOptions, source: str) -> Iterator[RawSample | BadRecord]:
     compressed = path.lower().endswith((".gz", ".tgz"))
     key, parts = None, {}
     try:
@@ -304,31 +491,45 @@ def iter_tar(path: str, options: SourceOptions, source: str = "") -> Iterator[Ra
 
 # --------------------------------------------------------------------------- parquet
 
-def iter_parquet(path: str, options: SourceOptions, source: str = "") -> Iterator[RawSample | BadRecord]:
-    """Rows of a Parquet file, read `parquet_batch_rows` at a time (memory stays flat).
+def iter_parquet(path: str, options: SourceOptions, source: str = "", root: str = "") -> Iterator[RawSample | BadRecord]:
+    """Rows of a Parquet file, read `parquet_batch_rows` at a time (memory stays flat), its columns detected
+    from its own schema (producer/layouts.py).
 
-    The image column may be binary or a struct with a `bytes` field (Hugging Face `datasets` Image
-    feature); the caption column string or binary.
+    The image column may be binary or a `datasets` Image struct: its `bytes`, else the file at its `path`
+    (relative to the Parquet file's folder; inside `root` unless sources.image_paths_outside_input).
+    img2dataset rows whose status is not "success" are `download_failed`.
     """
     stem = os.path.splitext(os.path.basename(path))[0]
-    img_col, cap_col, key_col = options.parquet_image_column, options.parquet_caption_column, options.parquet_key_column
+    base = os.path.dirname(path)
     try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        for col in (img_col, cap_col) + ((key_col,) if key_col else ()):
-            if col not in names:
-                yield BadRecord(None, "broken_shard", f"{path}: no column {col!r} (columns: {names})")
-                return
-        columns = [c for c in names]
+        try:
+            cols_of = _parquet_columns(pf.schema_arrow, path, options)
+        except LayoutError as e:
+            yield BadRecord(None, "broken_shard", str(e))
+            return
+        img_col, cap_col, key_col, status_col = cols_of.image, cols_of.caption, cols_of.key, cols_of.status
+        columns = pf.schema_arrow.names
         row = 0
         for batch in pf.iter_batches(batch_size=options.parquet_batch_rows, columns=columns):
             cols = batch.to_pydict()
             for i in range(batch.num_rows):
                 key = str(cols[key_col][i]) if key_col else f"{stem}-{row:08d}"
                 row += 1
-                img = cols[img_col][i]
+                if status_col and cols[status_col][i] != SUCCESS:
+                    err = cols.get("error_message", [None] * batch.num_rows)[i]
+                    yield BadRecord(key, "download_failed", f"row {row - 1}: {cols[status_col][i]}: {err}")
+                    continue
+                img, ext = cols[img_col][i], ""
                 if isinstance(img, dict):
-                    img = img.get("bytes")
+                    if img.get("bytes") is None and img.get("path"):
+                        got = read_named_file(img["path"], base, root or base, key, options)
+                        if isinstance(got, BadRecord):
+                            yield got
+                            continue
+                        img, ext = got, _ext(img["path"])
+                    else:
+                        img = img.get("bytes")
                 cap = cols[cap_col][i]
                 if isinstance(cap, str):
                     cap = cap.encode("utf-8", errors="surrogatepass")
@@ -337,9 +538,44 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "") -> Iterato
                     continue
                 meta = {k: v for k, v in ((c, cols[c][i]) for c in columns if c not in (img_col, cap_col))
                         if isinstance(v, (str, int, float, bool)) or v is None}
-                yield RawSample(key, bytes(img), "", cap, meta, source)
+                yield RawSample(key, bytes(img), ext, cap, meta, source)
     except Exception as e:  # pyarrow raises several types for corrupt files; none may crash the actor
         yield BadRecord(None, "broken_shard", f"{path}: {type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------- files a sample names
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in os.path.basename(name) else ""
+
+
+def _inside(path: str, root: str) -> bool:
+    root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
+
+
+def read_file(path: str, key: str, options: SourceOptions) -> bytes | BadRecord:
+    """One image file's bytes, or why not: file_too_large (not read), image_file_missing, broken_file."""
+    try:
+        size = os.path.getsize(path)
+        if size > options.max_member_bytes:
+            return BadRecord(key, "file_too_large", f"{path}: {size} bytes")
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return BadRecord(key, "image_file_missing", f"{path}: no such file")
+    except OSError as e:
+        return BadRecord(key, "broken_file", f"{path}: {e}")
+
+
+def read_named_file(name: str, base: str, root: str, key: str, options: SourceOptions) -> bytes | BadRecord:
+    """The file a table row names (absolute, or relative to `base`), never outside `root` (the folder the
+    user's input names) unless sources.image_paths_outside_input: a table must not read what it likes."""
+    path = name if os.path.isabs(name) else os.path.join(base, name)
+    if not options.image_paths_outside_input and not _inside(path, root):
+        return BadRecord(key, "image_path_outside", f"{name} is outside the input {root} (not read; "
+                         "sources.image_paths_outside_input=true reads it)")
+    return read_file(path, key, options)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -350,16 +586,9 @@ def iter_folder(folder: str, files: tuple, options: SourceOptions, source: str =
     for name in files:
         stem = os.path.splitext(name)[0]
         key = f"{key_prefix}/{stem}" if key_prefix else stem
-        p = os.path.join(folder, name)
-        try:
-            size = os.path.getsize(p)
-            if size > options.max_member_bytes:
-                yield BadRecord(key, "file_too_large", f"{p}: {size} bytes")
-                continue
-            with open(p, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            yield BadRecord(key, "broken_file", f"{p}: {e}")
+        data = read_file(os.path.join(folder, name), key, options)
+        if isinstance(data, BadRecord):
+            yield data
             continue
         caption = None
         cap_path = os.path.join(folder, stem + ".txt")
@@ -374,4 +603,36 @@ def iter_folder(folder: str, files: tuple, options: SourceOptions, source: str =
                     meta = json.loads(f.read().decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 meta = {"json_error": "invalid JSON sidecar"}
-        yield RawSample(key, data, name.rsplit(".", 1)[-1].lower(), caption, meta if isinstance(meta, dict) else {}, source)
+        yield RawSample(key, data, _ext(name), caption, meta if isinstance(meta, dict) else {}, source)
+
+
+def iter_imagefolder(spec: ShardSpec, options: SourceOptions) -> Iterator[RawSample | BadRecord]:
+    """A Hugging Face imagefolder's metadata rows: the image at `file_name` (relative to the metadata file's
+    folder), the caption column, the other columns as metadata; key = prefix/file name without extension."""
+    rows = [json.loads(r) for r in spec.rows]
+    names = sorted({k for r in rows for k in r if k != "__error__"})
+    try:
+        cols = metadata_columns(names, spec.path, options.caption_column, options.key_column)
+    except LayoutError as e:
+        yield BadRecord(None, "broken_shard", str(e))
+        return
+    for row in rows:
+        if "__error__" in row:
+            yield BadRecord(None, "broken_metadata", row["__error__"])
+            continue
+        name = str(row.get("file_name") or "")
+        stem = posixpath.splitext(name)[0]
+        key = str(row[cols.key]) if cols.key and row.get(cols.key) is not None else (
+            f"{spec.key_prefix}/{stem}" if spec.key_prefix else stem)
+        if not name:
+            yield BadRecord(key, "missing_image", "metadata row without a file_name")
+            continue
+        data = read_named_file(name, spec.path, spec.root or spec.path, key, options)
+        if isinstance(data, BadRecord):
+            yield data
+            continue
+        cap = row.get(cols.caption)
+        meta = {k: v for k, v in row.items() if k not in ("file_name", cols.caption)
+                and (isinstance(v, (str, int, float, bool)) or v is None)}
+        yield RawSample(key, data, _ext(name), cap.encode("utf-8", errors="surrogatepass") if isinstance(cap, str)
+                        else None, meta, spec.work_unit)

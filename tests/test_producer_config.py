@@ -117,7 +117,7 @@ def test_cli_refuses_bad_inputs_before_starting_ray(tmp_path, capsys, no_ray):
     base = ["--cache-dir", str(tmp_path / "c"), "--encoders", fake_encoders_dir(tmp_path)]
     for inputs, msg in (([str(tmp_path / "missing.tar")], "does not exist"),
                         ([str(tmp_path / "*.tar")], "matches nothing"),
-                        ([str(tmp_path / "empty")], "holds no tar, parquet or image files"),
+                        ([str(tmp_path / "empty")], "holds no tar, parquet, imagefolder metadata or image files"),
                         ([str(tmp_path / "notes.csv")], "unsupported input file")):
         assert main(["--input", *inputs, *base]) == 2
         err = capsys.readouterr().err
