@@ -98,7 +98,7 @@ def bare_decode_resize(datas, base: int, draft: bool = True) -> int:
 
 def filter_stage(filt, raws) -> int:
     filt.start_shard()
-    kept, drops, _ = filt.process(raws)
+    kept, drops, _, _ = filt.process(raws)
     if drops:
         raise RuntimeError(f"benchmark images were dropped: {dict(drops)}; they must all pass to compare fairly")
     return len(kept)

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 
 from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
 from producer.config import FilterConfig
+from producer.score_histograms import count_scores
 from producer.sources import BadRecord, RawSample
 
 # Reason name -> what it means. The report lists drops in this order; model filters add their own names.
@@ -306,10 +307,12 @@ class SampleFilter:
         return None
 
     # ------------------------------------------------------------------ a chunk
-    def process(self, records: list) -> tuple[list[Prepared], Counter, Counter]:
-        """RawSample/BadRecord list -> (kept samples, drops per reason, transform counts)."""
+    def process(self, records: list) -> tuple[list[Prepared], Counter, Counter, Counter]:
+        """RawSample/BadRecord list -> (kept samples, drops per reason, transform counts, score histogram
+        counts of every measured image: producer/score_histograms.py)."""
         drops: Counter = Counter()
         transforms: Counter = Counter()
+        scores: Counter = Counter()
         raws: list[RawSample] = []
         captions: list[str] = []
         for r in records:
@@ -328,6 +331,7 @@ class SampleFilter:
                 drops[reason] += 1
                 continue
             img, info, reason = self.image_or_reason(r.image)
+            count_scores(scores, info.get("scores", {}))
             if reason:
                 drops[reason] += 1
                 continue
@@ -336,4 +340,4 @@ class SampleFilter:
             src_meta = {k: v for k, v in r.meta.items() if not (k == "caption" and v == text)}  # stored anyway
             meta = {"source_meta": src_meta, **info}
             kept.append(Prepared(r.key, np.asarray(img, dtype=np.uint8), text, r.source, meta))
-        return kept, drops, transforms
+        return kept, drops, transforms, scores

@@ -457,7 +457,7 @@ class ProducerRun:
         if stopped:
             log.error("producer stopped: %s", stopped["message"])
         elapsed = time.time() - t0
-        report = reporter.final(self.stats, elapsed, self._run_info(), self.out, stopped)
+        report = reporter.final(self.stats, elapsed, self._run_info(), self.out, stopped, self.cfg.filters)
         if self.report_path:
             reporter.write(report, self.report_path)
         return report

@@ -18,7 +18,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from producer.config import FilterConfig
 from producer.filters import REASONS
+from producer.score_histograms import histograms
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RunStats:
     transforms: Counter = field(default_factory=Counter)
     buckets: Counter = field(default_factory=Counter)
     categories: Counter = field(default_factory=Counter)  # written samples per category (categories.py)
+    scores: Counter = field(default_factory=Counter)  # measured images per score bin (score_histograms.py)
     shards_committed: int = 0
     cpu_seconds: float = 0.0
     encode_seconds: float = 0.0
@@ -56,6 +59,7 @@ class RunStats:
         self.transforms.update(s.get("transforms", {}))
         self.buckets.update(s["buckets"])
         self.categories.update(s.get("categories", {}))
+        self.scores.update(s.get("scores", {}))
         self.cpu_seconds += s.get("cpu_seconds", 0.0)
         self.encode_seconds += s.get("encode_seconds", 0.0)
 
@@ -66,6 +70,7 @@ class RunStats:
         self.transforms.update(o.transforms)
         self.buckets.update(o.buckets)
         self.categories.update(o.categories)
+        self.scores.update(o.scores)
         self.shards_committed += o.shards_committed
         self.cpu_seconds += o.cpu_seconds
         self.encode_seconds += o.encode_seconds
@@ -95,6 +100,7 @@ class ProgressReporter:
         self.stream = stream or sys.stderr
         self.t0 = time.time()
         self._last = 0.0
+        self.timeline: list[list] = []  # [elapsed s, seen, written] at each progress line: samples/s over time
 
     def line(self, s: RunStats, active: int, failed: int, retries: int) -> str:
         el = max(1e-9, time.time() - self.t0)
@@ -109,10 +115,13 @@ class ProgressReporter:
         now = time.time()
         if force or now - self._last >= self.interval:
             self._last = now
+            self.timeline.append([round(now - self.t0, 2), s.seen, s.written])
             print(self.line(s, active, failed, retries), file=self.stream, flush=True)
 
-    def final(self, s: RunStats, elapsed: float, run: dict, out: ShardOutcomes, stopped: dict | None = None) -> dict:
-        """The report. `stopped` (reason, message, ...) when the run ended before its queue was done."""
+    def final(self, s: RunStats, elapsed: float, run: dict, out: ShardOutcomes, stopped: dict | None = None,
+              filters: FilterConfig | None = None) -> dict:
+        """The report. `stopped` (reason, message, ...) when the run ended before its queue was done;
+        `filters`: the thresholds drawn on the score histograms."""
         el = max(1e-9, elapsed)
         dropped = sum(s.drops.values())
         done = s.shards_committed + len(out.discarded) + len(out.failed) + out.not_to_do()
@@ -129,6 +138,8 @@ class ProgressReporter:
             "transforms": dict(s.transforms),
             "buckets": dict(sorted(s.buckets.items(), key=lambda kv: _bucket_key(kv[0]))),
             "categories": dict(sorted(s.categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "score_histograms": histograms(s.scores, filters or FilterConfig()),
+            "timeline": self.timeline + [[round(elapsed, 2), s.seen, s.written]],
             "throughput": {"samples_seen_per_s": round(s.seen / el, 3), "samples_written_per_s": round(s.written / el, 3),
                            "cpu_stage_seconds": round(s.cpu_seconds, 3), "encode_stage_seconds": round(s.encode_seconds, 3)},
             "failed_shards": out.failed,

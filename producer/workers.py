@@ -43,6 +43,7 @@ class Chunk:
     drops: dict = field(default_factory=dict)
     transforms: dict = field(default_factory=dict)
     cpu_seconds: float = 0.0
+    scores: dict = field(default_factory=dict)  # score histogram counts (producer/score_histograms.py)
 
 
 @dataclass
@@ -121,13 +122,13 @@ class CpuWorker:
 
     def _chunk(self, spec: ShardSpec, index: int, records: list) -> Chunk:
         t0 = time.process_time()
-        kept, drops, transforms = self.filter.process(records)
+        kept, drops, transforms, scores = self.filter.process(records)
         for s in kept:
             category = self.categorize(s.meta["source_meta"], s.caption)
             if category is not None:
                 s.meta["category"] = category
         return Chunk(spec.work_unit, index, kept, len(records), dict(drops), dict(transforms),
-                     time.process_time() - t0)
+                     time.process_time() - t0, dict(scores))
 
 
 class EncoderWorker:
@@ -183,7 +184,8 @@ class EncoderWorker:
         w.chunks += 1
         writer = w.writer
         stats = {"seen": chunk.seen, "written": 0, "drops": Counter(chunk.drops), "transforms": dict(chunk.transforms),
-                 "buckets": Counter(), "categories": Counter(), "cpu_seconds": chunk.cpu_seconds}
+                 "buckets": Counter(), "categories": Counter(), "cpu_seconds": chunk.cpu_seconds,
+                 "scores": dict(chunk.scores)}
         samples: list[Prepared] = chunk.samples
         if writer.already_committed:  # a rerun raced a commit: nothing to add, never duplicate
             stats["already_committed"] = True

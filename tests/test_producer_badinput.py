@@ -170,7 +170,7 @@ def _run_filters(cfg, tokenizer, specs):
     drops, transforms, kept = Counter(), Counter(), []
     for spec in specs:
         f.start_shard()
-        k, d, t = f.process(list(iter_shard(spec, cfg.sources)))
+        k, d, t, _ = f.process(list(iter_shard(spec, cfg.sources)))
         kept += k
         drops.update(d)
         transforms.update(t)

@@ -63,5 +63,5 @@ def test_synthetic_samples_pass_the_default_filters(shards):
     f = SampleFilter(FilterConfig(min_caption_tokens=None, max_caption_tokens=None), 256)
     for spec in discover_shards(shards):
         f.start_shard()
-        kept, drops, _ = f.process(list(iter_shard(spec)))
+        kept, drops, _, _ = f.process(list(iter_shard(spec)))
         assert not drops and len(kept) == 12
