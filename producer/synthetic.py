@@ -1,24 +1,34 @@
-"""Synthetic text-rendering samples (Qwen-Image report §3.4): multi-line text on simple backgrounds.
+"""Synthetic text-rendering samples: the three strategies of the Qwen-Image report §3.4.
 
     python -m producer.synthetic OUT_DIR [--shards 2] [--per-shard 16] [--seed 0] [--languages en,zh]
+                                 [--strategy plain|scene|template|all] [--scenes PATH ...]
+    python -m producer.synthetic --preview docs/images/synthetic_strategies.png [--scenes PATH ...]  # contact sheet
 
 writes WebDataset shards in the layout img2dataset produces (`OUT_DIR/00000.tar` holding `KEY.jpg`,
 `KEY.txt`, `KEY.json` per sample), so the demo and the tests need no downloads. Captions quote the
-rendered text exactly ('... with the text "OPEN DAILY / Fresh Coffee" in dark blue letters ...'),
-which is what teaches a text-to-image model to render text.
+rendered text exactly, which is what teaches a text-to-image model to render text. Strategies
+(`--strategy`; `all` takes them in turn, sample by sample):
 
-Fonts: DejaVu (Debian's fonts-dejavu-core) when present, else Pillow's built-in scalable font. Chinese
-samples need a CJK font; the generator looks for WenQuanYi Micro Hei (Debian package
+- plain (category `text_rendering`, the default): 1-3 lines of text on simple backgrounds (this module).
+- scene (`text_in_scene`): text on a sign, a sheet of paper or a screen composed into a scene in
+  perspective, lit like the scene (producer/synthetic_scene.py). Scenes are the images of `--scenes`
+  (tars, Parquet, image folders; their captions are kept); without them, procedural walls, desks and
+  streets, so nothing needs downloading (KEY.json `scene.source` says which).
+- template (`text_template`): slides with bullet lists or tables, posters and app screens, the caption
+  stating the layout and every text in order (producer/synthetic_template.py).
+
+KEY.json carries `category`, `strategy` and `texts` (every rendered text, in the order the caption
+quotes them). Fonts: DejaVu (Debian's fonts-dejavu-core) when present, else Pillow's built-in scalable
+font. Chinese samples need a CJK font; the generator looks for WenQuanYi Micro Hei (Debian package
 `fonts-wqy-microhei`), WenQuanYi Zen Hei or Noto Sans CJK, and when none is installed it skips Chinese
 with a warning (the samples are then English only) — it never renders tofu boxes.
 
-Output is a pure function of (seed, shard, index): the same command writes byte-identical shards.
+Output is a pure function of (seed, shard, index) — and, for scene samples given `--scenes`, of those
+inputs: the same command writes byte-identical shards.
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import io
 import json
 import os
@@ -27,59 +37,19 @@ import sys
 import warnings
 
 import webdataset as wds
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-LATIN_FONT_CANDIDATES = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-)
-CJK_FONT_GLOBS = (
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-*.ttc",
-    "/usr/share/fonts/**/*CJK*.tt[cf]",
-    "/usr/share/fonts/**/wqy*.tt[cf]",
-)
-CJK_DEBIAN_PACKAGE = "fonts-wqy-microhei"
+from producer.synthetic_common import (CJK_DEBIAN_PACKAGE, CJK_FONT_GLOBS, COLORS, EN_PHRASES,
+                                       LATIN_FONT_CANDIDATES, SIZES, ZH_PHRASES, Fonts, Rendered, contrasting,
+                                       find_font, load_font, sample_rng, script_word)
+from producer.synthetic_scene import iter_scenes, render_scene
+from producer.synthetic_template import render_template
 
-EN_PHRASES = (
-    "OPEN DAILY", "Fresh Coffee", "Hello World", "Summer Sale", "50% OFF", "Welcome Home", "Good Morning",
-    "City Library", "Book Fair 2025", "Live Music Tonight", "No Parking", "Exit", "Garden Cafe", "Art Show",
-    "Grand Opening", "Best Tea in Town", "Quiet Please", "Room 204", "Main Street", "Happy Birthday",
-    "Stay Curious", "Night Market", "Fresh Bread", "Train Station", "Platform 3", "Think Different",
-    "Open 24 Hours", "Sunday Brunch", "Jazz Club", "Moon River", "Blue Sky", "Keep Calm", "Made by Hand",
-)
-ZH_PHRASES = (
-    "你好世界", "欢迎光临", "今日特价", "新品上市", "早上好", "晚安", "咖啡店", "城市书店", "花园餐厅",
-    "春天来了", "开业大吉", "学习使我快乐", "山高水长", "天天向上", "音乐之夜", "艺术展览", "请保持安静",
-    "火车站", "第三站台", "生日快乐", "夜市", "新鲜面包", "好好学习", "一路平安",
-)
-COLORS = {
-    "white": (245, 245, 245), "black": (20, 20, 20), "red": (200, 30, 40), "dark blue": (20, 40, 120),
-    "yellow": (240, 210, 40), "green": (30, 140, 60), "orange": (235, 120, 30), "purple": (110, 50, 150),
-    "light blue": (150, 200, 240), "pink": (240, 160, 190), "gray": (128, 128, 128), "brown": (120, 80, 40),
-    "cream": (245, 235, 205), "teal": (30, 130, 130),
-}
-SIZES = ((320, 320), (384, 288), (288, 384), (384, 256), (256, 384), (448, 256), (256, 448), (352, 352))
-
-
-def find_font(candidates) -> str | None:
-    for pattern in candidates:
-        hits = sorted(glob.glob(pattern, recursive=True))
-        if hits:
-            return hits[0]
-    return None
-
-
-def load_font(path: str | None, size: int):
-    if path:
-        return ImageFont.truetype(path, size)
-    return ImageFont.load_default(size)  # Pillow >= 10.1: a scalable built-in font (needs FreeType)
-
-
-def _luma(c) -> float:
-    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+STRATEGIES = ("plain", "scene", "template")
+PREVIEW_HEIGHT = 200  # px of each contact-sheet thumbnail
+PREVIEW_TITLES = {"plain": "plain: text on simple backgrounds (text_rendering)",
+                  "scene": "scene: text composed into a scene in perspective (text_in_scene)",
+                  "template": "template: slides, posters, app screens (text_template)"}
 
 
 def _background(rng: random.Random, size) -> tuple[Image.Image, str, tuple]:
@@ -117,30 +87,15 @@ def _background(rng: random.Random, size) -> tuple[Image.Image, str, tuple]:
     return img, desc, mean
 
 
-def _text_color(rng: random.Random, bg_mean) -> tuple[str, tuple]:
-    """A named colour contrasting with the background (by luma), so the text stays readable."""
-    options = [n for n, c in COLORS.items() if abs(_luma(c) - _luma(bg_mean)) > 90]
-    name = rng.choice(options or ["black" if _luma(bg_mean) > 128 else "white"])
-    return name, COLORS[name]
-
-
-def _wrap_lines(rng: random.Random, language: str) -> list[str]:
-    phrases = ZH_PHRASES if language == "zh" else EN_PHRASES
-    return rng.sample(phrases, rng.randint(1, 3))
-
-
-def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin_font: str | None,
-                  languages=("en", "zh")) -> tuple[bytes, str, dict]:
-    """One sample: (JPEG bytes, caption, img2dataset-style metadata)."""
-    digest = hashlib.sha256(f"{seed}/{shard}/{index}".encode()).digest()
-    rng = random.Random(int.from_bytes(digest[:8], "little"))
-    usable = [lang for lang in languages if lang == "en" or (lang == "zh" and cjk_font)]
-    language = rng.choice(usable)
+def render_plain(seed: int, shard: int, index: int, fonts: Fonts, languages=("en", "zh")) -> Rendered:
+    """1-3 lines of text on a simple background, in a contrasting colour."""
+    rng = sample_rng(seed, shard, index)
+    language = rng.choice(fonts.languages(languages))
     size = rng.choice(SIZES)
     img, bg_desc, bg_mean = _background(rng, size)
-    color_name, color = _text_color(rng, bg_mean)
-    lines = _wrap_lines(rng, language)
-    font_path = cjk_font if language == "zh" else latin_font
+    color_name, color = contrasting(rng, bg_mean)
+    lines = rng.sample(ZH_PHRASES if language == "zh" else EN_PHRASES, rng.randint(1, 3))
+    font_path = fonts.path(language)
     w, h = size
     margin = max(8, w // 16)
     draw = ImageDraw.Draw(img)
@@ -162,30 +117,73 @@ def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin
         y += lh + gap
     quoted = " / ".join(lines)
     n = len(lines)
-    script = "Chinese characters" if language == "zh" else "letters"
+    script = script_word(language)
     caption = (f"A {w}x{h} image of {bg_desc}, with the text \"{quoted}\" written in {color_name} {script}, "
                f"{align}, on {n} line{'s' if n > 1 else ''}.")
+    return Rendered(img, caption, lines, language, "text_rendering", "plain", {"text_lines": lines})
+
+
+def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin_font: str | None,
+                  languages=("en", "zh")) -> tuple[bytes, str, dict]:
+    """One plain sample: (JPEG bytes, caption, img2dataset-style metadata)."""
+    r = render_plain(seed, shard, index, Fonts(latin_font, cjk_font), languages)
+    return encode_jpeg(r.image), r.caption, sample_meta(r)
+
+
+def render(strategy: str, seed: int, shard: int, index: int, fonts: Fonts, languages, scenes=None) -> Rendered:
+    """One sample of `strategy`; `scenes` (an iter_scenes iterator, or None for procedural ones) feeds scene samples."""
+    if strategy == "plain":
+        return render_plain(seed, shard, index, fonts, languages)
+    if strategy == "scene":
+        return render_scene(seed, shard, index, fonts, languages, next(scenes) if scenes is not None else None)
+    return render_template(seed, shard, index, fonts, languages)
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    meta = {"caption": caption, "text_lines": lines, "language": language, "width": w, "height": h,
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def sample_meta(r: Rendered) -> dict:
+    """The KEY.json img2dataset writes, plus what the generator knows (producer/categories.py reads `category`)."""
+    w, h = r.image.size
+    return {"caption": r.caption, "texts": r.texts, "language": r.language, "width": w, "height": h,
             "original_width": w, "original_height": h, "status": "success", "url": None,
-            "generator": "producer.synthetic", "category": "text_rendering"}  # producer/categories.py reads it
-    return buf.getvalue(), caption, meta
+            "generator": "producer.synthetic", "category": r.category, "strategy": r.strategy, **r.extra}
 
 
-def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed: int = 0,
-                    languages=("en", "zh")) -> list[str]:
-    """Write `num_shards` img2dataset-layout tars of `per_shard` samples each; returns their paths."""
-    if num_shards < 1 or per_shard < 1:
-        raise ValueError(f"need at least one shard and one sample per shard, got {num_shards} x {per_shard}")
+def _strategies(strategy: str) -> tuple[str, ...]:
+    if strategy == "all":
+        return STRATEGIES
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)} or all")
+    return (strategy,)
+
+
+def _fonts(languages) -> Fonts:
     unknown = set(languages) - {"en", "zh"}
     if unknown:
         raise ValueError(f"unsupported languages {sorted(unknown)}: choose from en, zh")
     cjk_font = find_font(CJK_FONT_GLOBS) if "zh" in languages else None
     if "zh" in languages and cjk_font is None:
         warnings.warn(f"no CJK font installed (Debian: apt-get install {CJK_DEBIAN_PACKAGE}); "
-                      "generating English samples only", stacklevel=2)
-    latin_font = find_font(LATIN_FONT_CANDIDATES)
+                      "generating English samples only", stacklevel=3)
+    return Fonts(find_font(LATIN_FONT_CANDIDATES), cjk_font)
+
+
+def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed: int = 0,
+                    languages=("en", "zh"), *, strategy: str = "plain", scenes=()) -> list[str]:
+    """Write `num_shards` img2dataset-layout tars of `per_shard` samples each; returns their paths.
+    `strategy` "all" takes the strategies in turn by global sample number; `scenes` (input paths) are the
+    backgrounds of scene samples, else procedural scenes are drawn."""
+    if num_shards < 1 or per_shard < 1:
+        raise ValueError(f"need at least one shard and one sample per shard, got {num_shards} x {per_shard}")
+    strategies = _strategies(strategy)
+    if scenes and "scene" not in strategies:
+        raise ValueError(f"scene inputs are used by the scene strategy only (strategy is {strategy!r})")
+    fonts = _fonts(languages)
+    scene_iter = iter_scenes(scenes) if scenes else None
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for shard in range(num_shards):
@@ -197,26 +195,78 @@ def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed
                                mode=0o644, encoder=False) as sink:
                 for i in range(per_shard):
                     key = f"{shard:05d}{i:04d}"
-                    jpg, caption, meta = render_sample(seed, shard, i, cjk_font, latin_font, languages)
-                    meta["key"] = key
-                    sink.write({"__key__": key, "jpg": jpg, "txt": caption.encode("utf-8"),
+                    kind = strategies[(shard * per_shard + i) % len(strategies)]
+                    r = render(kind, seed, shard, i, fonts, languages, scene_iter)
+                    meta = {**sample_meta(r), "key": key}
+                    sink.write({"__key__": key, "jpg": encode_jpeg(r.image), "txt": r.caption.encode("utf-8"),
                                 "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")})
         os.replace(tmp, path)
         paths.append(path)
     return paths
 
 
+def write_preview(path: str, seed: int = 0, languages=("en", "zh"), scenes=(), per_row: int = 4) -> list[str]:
+    """A contact sheet PNG, one row per strategy, languages alternating; with `scenes`, the second half of
+    the scene row is composed into them (the first half into procedural scenes). Returns the captions."""
+    fonts = _fonts(languages)
+    langs = fonts.languages(languages)
+    scene_iter = iter_scenes(scenes) if scenes else None
+    label_font = load_font(fonts.latin, 15)
+    rows, captions = [], []
+    for kind in STRATEGIES:
+        thumbs = []
+        for i in range(per_row):
+            given = scene_iter if i >= per_row // 2 else None
+            r = render(kind, seed, 0, i, fonts, (langs[i % len(langs)],), given)
+            w, h = r.image.size
+            thumbs.append(r.image.resize((round(w * PREVIEW_HEIGHT / h), PREVIEW_HEIGHT), Image.Resampling.LANCZOS))
+            captions.append(f"{kind}: {r.caption}")
+        rows.append((PREVIEW_TITLES[kind], thumbs))
+    gap, band = 8, 24
+    width = max(sum(t.width for t in thumbs) + gap * (len(thumbs) + 1) for _, thumbs in rows)
+    sheet = Image.new("RGB", (width, len(rows) * (band + PREVIEW_HEIGHT + gap) + gap), (250, 250, 250))
+    d = ImageDraw.Draw(sheet)
+    y = gap
+    for title, thumbs in rows:
+        d.text((gap, y + 3), title, font=label_font, fill=(20, 20, 20))
+        x = gap
+        for t in thumbs:
+            sheet.paste(t, (x, y + band))
+            x += t.width + gap
+        y += band + PREVIEW_HEIGHT + gap
+    # A dithered 256-colour palette keeps the PNG small enough for the docs (photographic thumbnails, lossless).
+    palette = sheet.quantize(256, method=Image.Quantize.MEDIANCUT)
+    sheet.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
+    return captions
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m producer.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", nargs="?", help="where the shards go (not needed with --preview)")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--per-shard", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--languages", default="en,zh", help="comma-separated: en, zh")
+    p.add_argument("--strategy", default="plain", choices=(*STRATEGIES, "all"),
+                   help="plain: text on backgrounds; scene: text in scenes; template: slides/posters/screens; "
+                        "all: each in turn (default: plain)")
+    p.add_argument("--scenes", nargs="+", default=(), metavar="PATH",
+                   help="tars / Parquet files / image folders whose images are the scene strategy's backgrounds "
+                        "(default: procedural scenes)")
+    p.add_argument("--preview", metavar="PNG", help="write a contact sheet of every strategy to PNG instead of shards")
     args = p.parse_args(argv)
-    paths = generate_shards(args.out_dir, args.shards, args.per_shard, args.seed, tuple(args.languages.split(",")))
-    print(f"wrote {len(paths)} shards x {args.per_shard} samples to {args.out_dir}", file=sys.stderr)
+    languages = tuple(args.languages.split(","))
+    if args.preview:
+        for caption in write_preview(args.preview, args.seed, languages, args.scenes):
+            print(caption)
+        print(f"wrote {args.preview}", file=sys.stderr)
+        return 0
+    if not args.out_dir:
+        p.error("give OUT_DIR (or --preview PNG)")
+    paths = generate_shards(args.out_dir, args.shards, args.per_shard, args.seed, languages,
+                            strategy=args.strategy, scenes=args.scenes)
+    print(f"wrote {len(paths)} shards x {args.per_shard} {args.strategy} samples to {args.out_dir}", file=sys.stderr)
     return 0
 
 
