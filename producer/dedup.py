@@ -1,4 +1,4 @@
-"""Deduplicate a latent cache across work units: `python -m producer.dedup CACHE_DIR`.
+"""Deduplicate a latent cache across work units: `python -m producer.dedup CACHE_DIR [--workers N]`.
 
 The CPU actors drop duplicates within each input shard as they go: a shard redone after a crash must
 make exactly the same decisions, so they cannot depend on what other shards did first. Duplicates
@@ -14,9 +14,12 @@ excluded, only counted. Superseded work-unit versions (redone because their inpu
 producer/committed.py) are not judged: their rows stay on the list, which must keep covering them.
 
 How: equal digests and equal pHashes are grouped by sorting; pHash pairs within the distance are found
-by sorting on band combinations (`near_pairs`, no all-pairs comparison); one pass over those pairs in
-sample order then decides which are kept (`greedy_duplicates`). Time grows as n log n and memory peaks
-at ~140 bytes per sample (benchmarks/bench_dedup.py): about 14 GB for 100 million samples.
+by sorting on band combinations (`near_pairs`, no all-pairs comparison). What that finds (`Relations`:
+duplicates and candidate pairs, no per-sample array) goes to one pass in sample order that decides which
+are kept (`decide`). In one process time grows as n log n and memory peaks at ~95 bytes per sample
+(benchmarks/bench_dedup.py): about 10 GB for 100 million samples. With `--workers N` the same relations
+come from Ray tasks instead (producer/dedup_ray.py: parallel scan, shuffles partitioned by key), each
+holding a share of the samples, and the same pass decides: the result is the same.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ import numpy as np
 from megatron_qwen_image.cache import CacheFormatError, CacheReader, CorruptShardError
 from megatron_qwen_image.cache.exclusions import (Superseded, read_exclusions, superseded, with_superseded,
                                                   write_exclusions)
+from megatron_qwen_image.cache.manifest import ShardInfo
+from megatron_qwen_image.cache.shard import ShardFile
 from producer.config import FilterConfig
 
 log = logging.getLogger("producer.dedup")
@@ -53,19 +58,18 @@ class Duplicates:
 
 
 class HashColumns:
-    """Per sample, in scan order: a 128-bit digest of its `blake2b` string, its 64-bit pHash, which of the
-    two it has, and its place (shard number, row, base resolution), in flat arrays: ~34 bytes a sample."""
+    """Per sample, in scan order: a 128-bit digest of its `blake2b` string, its 64-bit pHash and which of the
+    two it has, in flat arrays: 25 bytes a sample. Where a sample is follows from the rows each shard had."""
 
-    TYPES = {"b2_hi": ("Q", np.uint64), "b2_lo": ("Q", np.uint64), "ph": ("Q", np.uint64),
-             "flags": ("B", np.uint8), "shard": ("i", np.int32), "row": ("i", np.int32), "base": ("i", np.int32)}
+    TYPES = {"b2_hi": ("Q", np.uint64), "b2_lo": ("Q", np.uint64), "ph": ("Q", np.uint64), "flags": ("B", np.uint8)}
 
     def __init__(self):
         self.cols = {name: array(code) for name, (code, _) in self.TYPES.items()}
 
     def __len__(self) -> int:
-        return len(self.cols["row"])
+        return len(self.cols["flags"])
 
-    def add(self, blake2b: str | None, phash: int | None, shard: int, row: int, base: int) -> int:
+    def add(self, blake2b: str | None, phash: int | None) -> int:
         """Append one sample; returns its flags (bit 0: has a digest, bit 1: has a pHash)."""
         flags = (blake2b is not None) | (phash is not None) << 1
         # A fixed-size digest of the stored digest string: any string works, equal strings stay equal.
@@ -75,9 +79,6 @@ class HashColumns:
         c["b2_lo"].append(int.from_bytes(d[8:], "little"))
         c["ph"].append(phash or 0)
         c["flags"].append(flags)
-        c["shard"].append(shard)
-        c["row"].append(row)
-        c["base"].append(base)
         return flags
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -86,62 +87,143 @@ class HashColumns:
                 for name, (_, dt) in self.TYPES.items()}
 
 
-def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_near_max_distance,
-                    progress_every_s: float = 10.0) -> Duplicates:
-    """Scan the cache for duplicates across work units. The scan keeps only `HashColumns`; key names are
-    read back for the report's examples alone."""
-    reader = CacheReader(root, verify="none")
-    sup = superseded(reader.log)
-    shards = [s for s in reader.shards() if s.work_unit not in sup.work_units]
-    cols = HashColumns()
-    counts: Counter = Counter()
+@dataclass(frozen=True)
+class Scan:
+    """The hashes of some shards in scan order, and how many rows each shard gave (0: corrupt, skipped)."""
+    columns: dict[str, np.ndarray]  # HashColumns.arrays()
+    rows: list[int]
+    counts: Counter                 # unhashed, corrupt_shards
+
+
+def scan_shards(root: str, shards: list[ShardInfo], progress_every_s: float | None = None) -> Scan:
+    """Read the hashes in the meta JSON of `shards`, in order: for the whole cache in one process, or for one
+    Ray scan task's share."""
+    cols, rows, counts = HashColumns(), [], Counter()
     t0 = last = time.time()
     for k, info in enumerate(shards):
         try:
-            metas = reader.open(info).column("meta")
+            metas = ShardFile(root, info, verify="none").column("meta")
         except CorruptShardError as e:  # loaders skip it too; nothing of it can be kept or excluded
             log.warning("dedup: skipping corrupt shard: %s", e)
             counts["corrupt_shards"] += 1
+            rows.append(0)
             continue
-        for row, meta_json in enumerate(metas):
+        for meta_json in metas:
             meta = json.loads(meta_json or "{}")
             ph = meta.get("phash")
-            if not cols.add(meta.get("blake2b"), int(ph, 16) if ph is not None else None, k, row,
-                            info.base_resolution):
+            if not cols.add(meta.get("blake2b"), int(ph, 16) if ph is not None else None):
                 counts["unhashed"] += 1
-        if time.time() - last >= progress_every_s:
+        rows.append(len(metas))
+        if progress_every_s is not None and time.time() - last >= progress_every_s:
             last = time.time()
             log.info("dedup: %d/%d shards, %d samples read (%.0f samples/s)", k + 1, len(shards),
                      len(cols), len(cols) / max(1e-9, last - t0))
-    a = cols.arrays()
-    counts["scanned"] = len(a["row"])
+    return Scan(cols.arrays(), rows, counts)
+
+
+Pairs = tuple[np.ndarray, np.ndarray]  # two int64 arrays of sample indices, element by element
+NO_PAIRS: Pairs = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True)
+class Relations:
+    """What the keep pass needs to know about a set of samples, as sample indices: duplicates and candidate
+    pairs only, so it is small next to the samples. Found by sorting (`find_relations`, one process) or by
+    hash-partitioned shuffles (producer/dedup_ray.py)."""
+    exact: Pairs       # (follower, first): the same digest as an earlier sample; the first of that digest
+    same_phash: Pairs  # (follower, first): among the firsts of digests, the same pHash as an earlier one
+    near: Pairs        # (earlier, later): the firsts of both, distinct pHashes within max_distance bits,
+                       # sorted by (later, earlier)
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The duplicates among a set of samples, by ascending index: reason 1 exact, 2 near; dup_of the kept sample
+    each one duplicates."""
+    index: np.ndarray
+    reason: np.ndarray
+    dup_of: np.ndarray
+
+    @staticmethod
+    def merge(parts: list[Decisions]) -> Decisions:
+        """Decisions about disjoint samples, as one, by index."""
+        cat = [np.concatenate([np.zeros(0, dt)] + [getattr(p, f) for p in parts])
+               for f, dt in (("index", np.int64), ("reason", np.int8), ("dup_of", np.int64))]
+        order = np.argsort(cat[0], kind="stable")
+        return Decisions(*(c[order] for c in cat))
+
+    def fate(self, idx: np.ndarray, kept_reason: int) -> tuple[np.ndarray, np.ndarray]:
+        """(reason, dup_of) a sample that follows each of `idx` takes: theirs if they are duplicates here, else
+        (kept_reason, the sample itself)."""
+        if not len(self.index):
+            return np.full(len(idx), kept_reason, np.int8), idx
+        pos = np.minimum(np.searchsorted(self.index, idx), len(self.index) - 1)
+        dup = self.index[pos] == idx
+        return np.where(dup, self.reason[pos], kept_reason).astype(np.int8), np.where(dup, self.dup_of[pos], idx)
+
+
+def find_duplicates(root: str, max_distance: int | None = FilterConfig.dedup_near_max_distance,
+                    progress_every_s: float = 10.0, workers: int | None = None, address: str | None = None,
+                    partitions: int | None = None) -> Duplicates:
+    """Scan the cache for duplicates across work units: in this process, or on Ray with `workers` (at `address`,
+    else a local Ray of that many CPUs; `partitions` per shuffle, default 2 per worker), with the same result.
+    Only hashes are kept; key names are read back for the report's examples alone."""
+    t0 = time.time()
+    reader = CacheReader(root, verify="none")
+    sup = superseded(reader.log)
+    shards = [s for s in reader.shards() if s.work_unit not in sup.work_units]
+    if workers is None:
+        scan = scan_shards(reader.root, shards, progress_every_s)
+        rows, counts = scan.rows, scan.counts
+        found = _decide_per_base(scan, shards, max_distance)
+    else:
+        # Imported here, not above: the Ray path imports this module, and Ray's start is no part of the baseline.
+        from producer.dedup_ray import decide_on_ray
+        found, rows, counts = decide_on_ray(reader.root, shards, max_distance, workers, address, partitions,
+                                            progress_every_s)
+    offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+    counts["scanned"] = int(offsets[-1])
     counts["shards"] = len(shards)
-    dup_of = np.full(len(a["row"]), -1, np.int64)
-    reason = np.zeros(len(a["row"]), np.int8)  # 0 kept, 1 exact, 2 near
-    for base in np.unique(a["base"]):  # the same image in two stages is intended: judge each stage alone
-        idx = np.flatnonzero(a["base"] == base)
-        r, d = greedy_duplicates(a["b2_hi"][idx], a["b2_lo"][idx], a["ph"][idx], a["flags"][idx], max_distance)
-        reason[idx] = r
-        dup_of[idx] = np.where(d >= 0, idx[np.maximum(d, 0)], -1)
-    counts["exact_duplicate"] = int((reason == 1).sum())
-    counts["near_duplicate"] = int((reason == 2).sum())
+    counts["exact_duplicate"] = int((found.reason == 1).sum())
+    counts["near_duplicate"] = int((found.reason == 2).sum())
+
+    def place(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (shard number, row) of sample indices
+        shard = np.searchsorted(offsets, i, "right") - 1  # "right": past shards that gave no rows
+        return shard, i - offsets[shard]
+
+    shard_of, row_of = place(found.index)
     samples: dict[str, list[int]] = {}
-    for i in np.flatnonzero(reason):
-        samples.setdefault(shards[a["shard"][i]].path, []).append(int(a["row"][i]))
-    examples = []  # the first few (duplicate, kept) pairs in manifest order, for the report
+    for shard, row in zip(shard_of.tolist(), row_of.tolist()):
+        samples.setdefault(shards[shard].path, []).append(row)
     key_cache: dict = {}
 
-    def key_of(i):
-        shard = int(a["shard"][i])
+    def key_of(shard, row):
+        shard, row = int(shard), int(row)
         if shard not in key_cache:
             key_cache[shard] = reader.open(shards[shard]).column("key")
-        return key_cache[shard][int(a["row"][i])]
+        return key_cache[shard][row]
 
-    for i in np.flatnonzero(reason)[:20]:
-        examples.append({"key": key_of(i), "reason": ("exact_duplicate", "near_duplicate")[reason[i] - 1],
-                         "duplicate_of": key_of(dup_of[i]), "shard": shards[a["shard"][i]].path,
-                         "row": int(a["row"][i])})
+    examples = []  # the first few (duplicate, kept) pairs in manifest order, for the report
+    for k in range(min(20, len(found.index))):
+        examples.append({"key": key_of(shard_of[k], row_of[k]),
+                         "reason": ("exact_duplicate", "near_duplicate")[found.reason[k] - 1],
+                         "duplicate_of": key_of(*place(found.dup_of[k])), "shard": shards[shard_of[k]].path,
+                         "row": int(row_of[k])})
     return Duplicates(samples, sup, counts, examples, time.time() - t0)
+
+
+def _decide_per_base(scan: Scan, shards: list[ShardInfo], max_distance: int | None) -> Decisions:
+    """The one-process path: relations and the keep pass for each base resolution on its own (the same image in
+    two stages is intended)."""
+    a = scan.columns
+    codes = {b: k for k, b in enumerate(dict.fromkeys(s.base_resolution for s in shards))}
+    base = np.repeat(np.array([codes[s.base_resolution] for s in shards], np.int32), scan.rows)
+    parts = []
+    for code in codes.values():
+        idx = np.flatnonzero(base == code)
+        d = decide(find_relations(a["b2_hi"][idx], a["b2_lo"][idx], a["ph"][idx], a["flags"][idx], max_distance))
+        parts.append(Decisions(idx[d.index], d.reason, idx[d.dup_of]))
+    return Decisions.merge(parts)
 
 
 def greedy_duplicates(b2_hi: np.ndarray, b2_lo: np.ndarray, ph: np.ndarray, flags: np.ndarray,
@@ -153,34 +235,57 @@ def greedy_duplicates(b2_hi: np.ndarray, b2_lo: np.ndarray, ph: np.ndarray, flag
     Equivalent to taking samples one by one and keeping each that matches no kept sample so far, with
     one rule made explicit: samples with the same bytes digest share the fate of the first of them.
     """
+    d = decide(find_relations(b2_hi, b2_lo, ph, flags, max_distance))
+    reason, dup_of = np.zeros(len(flags), np.int8), np.full(len(flags), -1, np.int64)
+    reason[d.index], dup_of[d.index] = d.reason, d.dup_of
+    return reason, dup_of
+
+
+def find_relations(b2_hi: np.ndarray, b2_lo: np.ndarray, ph: np.ndarray, flags: np.ndarray,
+                   max_distance: int | None) -> Relations:
+    """The `Relations` among samples 0..n-1, by sorting in this process (arguments as `greedy_duplicates`')."""
     n = len(flags)
     pos = np.arange(n)
-    reason, dup_of = np.zeros(n, np.int8), np.full(n, -1, np.int64)
     has_b2, has_ph = (flags & 1).astype(bool), (flags & 2).astype(bool) & (max_distance is not None)
-    # 1. Same digest: every sample after the first of its group follows that first one ("exact rep").
+    # 1. Same digest: every sample after the first of its group follows that first one.
     first_of = _first_of_equal(n, np.flatnonzero(has_b2), (b2_hi, b2_lo))
-    reps = first_of == pos
-    # 2. Among exact reps with a pHash: the same pHash again follows its first ("pHash rep"): it is within
-    #    0 bits of it, and as close to whatever that one duplicates.
-    ph_first = _first_of_equal(n, np.flatnonzero(reps & has_ph), (ph,))
-    # 3. Distinct pHashes: candidate pairs within max_distance, then the greedy pass in sample order.
-    uniq = np.flatnonzero(reps & has_ph & (ph_first == pos))
-    kept = np.ones(n, bool)
+    firsts = first_of == pos
+    # 2. Among those firsts, with a pHash: the same pHash again follows its first: it is within 0 bits of it,
+    #    and as close to whatever that one duplicates.
+    ph_first = _first_of_equal(n, np.flatnonzero(firsts & has_ph), (ph,))
+    # 3. Distinct pHashes: candidate pairs within max_distance.
+    uniq = np.flatnonzero(firsts & has_ph & (ph_first == pos))
+    near = NO_PAIRS
     if len(uniq) > 1 and max_distance:
-        earlier, later = near_pairs(ph[uniq], max_distance)
-        for i, j in zip(uniq[earlier].tolist(), uniq[later].tolist()):  # sorted by later, then earlier
-            if kept[j] and kept[i]:
-                kept[j], reason[j], dup_of[j] = False, 2, i
-    # Followers of a pHash rep: near duplicates of it if it is kept, else of what it duplicates.
-    f = np.flatnonzero(reps & has_ph & (ph_first != pos))
-    r = ph_first[f]
-    reason[f], dup_of[f], kept[f] = 2, np.where(kept[r], r, dup_of[r]), False
-    # Followers of an exact rep: exact duplicates of it if it is kept, else they share its fate.
-    f = np.flatnonzero(~reps)
-    r = first_of[f]
-    reason[f] = np.where(kept[r], 1, reason[r])
-    dup_of[f] = np.where(kept[r], r, dup_of[r])
-    return reason, dup_of
+        i, j = near_pairs(ph[uniq], max_distance)
+        near = uniq[i], uniq[j]
+    return Relations(_followers(first_of), _followers(ph_first), near)
+
+
+def decide(rel: Relations) -> Decisions:
+    """The keep pass, in sample order, from the relations alone (both paths end here): a sample close to an
+    earlier *kept* one is a near duplicate of the first such one; then the followers of a group's first take
+    its fate, or are its duplicates if it is kept."""
+    ei, ej = rel.near
+    # Only samples in some pair can lose their place to a pHash: flags for those alone, not one per sample.
+    nodes = np.unique(np.concatenate([ei, ej]))
+    kept, hits = bytearray(b"\x01") * len(nodes), array("q")
+    # Sorted by later sample: when b's pairs come, the fate of every earlier a is settled. In chunks: as Python
+    # ints the indices take ~36 bytes each.
+    for lo in range(0, len(ei), 1 << 20):
+        ca, cb = (np.searchsorted(nodes, e[lo:lo + (1 << 20)]).tolist() for e in (ei, ej))
+        for p, (a, b) in enumerate(zip(ca, cb), lo):
+            if kept[b] and kept[a]:
+                kept[b] = 0
+                hits.append(p)
+    hits = np.frombuffer(hits, np.int64)
+    near = Decisions(ej[hits], np.full(len(hits), 2, np.int8), ei[hits])  # ascending: each later sample once
+    # Followers of a pHash's first: near duplicates of it if it is kept, else of what it duplicates.
+    f, r = rel.same_phash
+    so_far = Decisions.merge([near, Decisions(f, np.full(len(f), 2, np.int8), near.fate(r, 2)[1])])
+    # Followers of a digest's first: exact duplicates of it if it is kept, else they share its fate.
+    f, r = rel.exact
+    return Decisions.merge([so_far, Decisions(f, *so_far.fate(r, 1))])
 
 
 def _first_of_equal(n: int, idx: np.ndarray, keys: tuple) -> np.ndarray:
@@ -197,43 +302,79 @@ def _first_of_equal(n: int, idx: np.ndarray, keys: tuple) -> np.ndarray:
     return first
 
 
-def near_pairs(h: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) of distinct 64-bit hashes within `max_distance` bits, sorted by (j, i).
+def _followers(first: np.ndarray) -> Pairs:
+    """(follower, first) for every i whose first[i] is not i itself."""
+    f = np.flatnonzero(first != np.arange(len(first)))
+    return f, first[f]
 
-    Pigeonhole, generalised: split the bits into d + k bands; d differing bits leave at least k bands
-    equal, so every close pair agrees exactly on some k of them. For each k-combination, sort the hashes
-    masked to those bands and compare only neighbours with equal keys. k ~ 0.6 d keeps the keys near 27+
-    bits wide (few false candidates even for 10^8 hashes) at C(d+k, k) sorts: 35 for d = 4.
-    """
+
+def band_combinations(max_distance: int) -> list[int]:
+    """The masks `near_pairs` sorts the hashes on: one per combination of k of the d + k bands (see there)."""
     d = max_distance
     k = max(1, math.ceil(0.6 * d))
     m = d + k
     edges = [round(i * 64 / m) for i in range(m + 1)]
     band_masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(edges, edges[1:])]
-    found = []
-    for combo in itertools.combinations(band_masks, k):
-        keys = h & np.uint64(sum(combo))
-        order = np.argsort(keys, kind="stable")
-        sk = keys[order]
-        lag = 1
-        while lag < len(sk):  # equal keys are adjacent after sorting: pairs at distance 1, 2, ... in a run
-            eq = np.flatnonzero(sk[lag:] == sk[:-lag])
-            if not len(eq):
-                break
-            a, b = order[eq], order[eq + lag]
-            i, j = np.minimum(a, b), np.maximum(a, b)
-            close = np.bitwise_count(h[i] ^ h[j]) <= d
-            found.append(j[close].astype(np.uint64) * np.uint64(len(h)) + i[close].astype(np.uint64))
-            lag += 1
-    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64)
-    return (codes % np.uint64(len(h))).astype(np.int64), (codes // np.uint64(len(h))).astype(np.int64)
+    return [sum(combo) for combo in itertools.combinations(band_masks, k)]
+
+
+def combination_pairs(h: np.ndarray, max_distance: int, masks: list[int], t: int) -> Pairs:
+    """Index pairs (i < j) of hashes equal under masks[t], within `max_distance` bits, and equal under no earlier
+    mask: each close pair is reported once, by the first combination it agrees on, so that combinations sorted
+    apart (another loop turn, another Ray task) need no deduplication of their pairs."""
+    keys = h & np.uint64(masks[t])
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    found_i, found_j = [], []
+    lag = 1
+    while lag < len(sk):  # equal keys are adjacent after sorting: pairs at distance 1, 2, ... in a run
+        eq = np.flatnonzero(sk[lag:] == sk[:-lag])
+        if not len(eq):
+            break
+        a, b = order[eq], order[eq + lag]
+        i, j = np.minimum(a, b), np.maximum(a, b)
+        x = h[i] ^ h[j]
+        close = np.flatnonzero(np.bitwise_count(x) <= max_distance)
+        i, j, x = i[close], j[close], x[close]
+        first = np.ones(len(x), bool)
+        for earlier in masks[:t]:
+            first &= (x & np.uint64(earlier)) != 0
+        found_i.append(i[first])
+        found_j.append(j[first])
+        lag += 1
+    return _cat(found_i), _cat(found_j)
+
+
+def near_pairs(h: np.ndarray, max_distance: int) -> Pairs:
+    """All index pairs (i < j) of distinct 64-bit hashes within `max_distance` bits, sorted by (j, i).
+
+    Pigeonhole, generalised: split the bits into d + k bands; d differing bits leave at least k bands
+    equal, so every close pair agrees exactly on some k of them. For each k-combination, sort the hashes
+    masked to those bands and compare only neighbours with equal keys (`combination_pairs`). k ~ 0.6 d keeps
+    the keys near 27+ bits wide (few false candidates even for 10^8 hashes) at C(d+k, k) sorts: 35 for d = 4.
+    """
+    masks = band_combinations(max_distance)
+    found = [combination_pairs(h, max_distance, masks, t) for t in range(len(masks))]
+    return sort_pairs(_cat([i for i, _ in found]), _cat([j for _, j in found]))
+
+
+def sort_pairs(i: np.ndarray, j: np.ndarray) -> Pairs:
+    """The pairs (i, j) sorted by (j, i): the order the keep pass takes them in."""
+    order = np.lexsort((i, j))
+    return i[order], j[order]
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
 
 
 def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_max_distance,
-                dry_run: bool = False) -> dict:
-    """Find cross-work-unit duplicates and publish them as a new exclusion list unless it equals the
-    current one. Returns a report (counts, the list number in force, a few examples)."""
-    found = find_duplicates(root, max_distance)
+                dry_run: bool = False, workers: int | None = None, address: str | None = None,
+                partitions: int | None = None) -> dict:
+    """Find cross-work-unit duplicates (in this process, or on Ray with `workers`: `find_duplicates`) and
+    publish them as a new exclusion list unless it equals the current one. Returns a report (counts, the
+    list number in force, a few examples)."""
+    found = find_duplicates(root, max_distance, workers=workers, address=address, partitions=partitions)
     current = read_exclusions(root)
     samples = with_superseded(found.samples, found.superseded)
     unchanged = current.same_rows(samples)
@@ -250,7 +391,7 @@ def dedup_cache(root: str, max_distance: int | None = FilterConfig.dedup_near_ma
             "excluded": sum(map(len, found.samples.values())),
             "superseded_samples": sum(map(len, found.superseded.samples.values())),
             "max_distance": max_distance, "exclusion_list": number, "previous_list": current.number,
-            "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run,
+            "changed": not unchanged, "written": not dry_run and not unchanged, "dry_run": dry_run, "workers": workers,
             "seconds": round(found.seconds, 3), "examples": found.examples}
 
 
@@ -261,19 +402,32 @@ def main(argv=None) -> int:
                    help="pHash Hamming distance for near-duplicates (default %(default)s; -1: exact only)")
     p.add_argument("--dry-run", action="store_true", help="report, do not publish an exclusion list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--workers", type=int, help="run on Ray with this many workers (default: in this process)")
+    p.add_argument("--address", help="with --workers: the Ray cluster to join (e.g. auto; default RAY_ADDRESS, "
+                                     "else a local Ray of --workers CPUs)")
+    p.add_argument("--partitions", type=int, help="with --workers: partitions per shuffle (default 2 per worker; "
+                                                  "more: less memory per task)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.max_distance is not None and not -1 <= args.max_distance < 32:
         p.error(f"--max-distance must be in -1..31, got {args.max_distance}")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.partitions is not None and (args.workers is None or args.partitions < 1):
+        p.error(f"--partitions must be >= 1 and comes with --workers, got {args.partitions}")
+    if args.address is not None and args.workers is None:
+        p.error("--address comes with --workers")
     try:
-        report = dedup_cache(args.cache_dir, None if args.max_distance == -1 else args.max_distance, args.dry_run)
+        report = dedup_cache(args.cache_dir, None if args.max_distance == -1 else args.max_distance, args.dry_run,
+                             args.workers, args.address, args.partitions)
     except CacheFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{report['samples']} samples in {report['shards']} shards scanned in {report['seconds']:.1f} s: "
+    print(f"{report['samples']} samples in {report['shards']} shards scanned in {report['seconds']:.1f} s"
+          + (f" on {report['workers']} Ray workers" if report["workers"] else "") + ": "
           f"{report['exact_duplicate']} exact and {report['near_duplicate']} near duplicates across work units"
           + (f", {report['unhashed']} without hashes (not judged)" if report["unhashed"] else "")
           + (f", {report['corrupt_shards']} corrupt shards skipped" if report["corrupt_shards"] else ""))

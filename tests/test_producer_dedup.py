@@ -4,6 +4,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from megatron_qwen_image.cache.manifest import ManifestLog
 from megatron_qwen_image.cache.maintenance import inspect_cache
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.config import load_config
-from producer.dedup import dedup_cache, main as dedup_main
+from producer.dedup import dedup_cache, greedy_duplicates, main as dedup_main, near_pairs
 from producer.sources import discover_shards
 from producer.synthetic import generate_shards
 from producer.workers import CpuWorker, EncoderWorker
@@ -233,16 +234,14 @@ def _sequential_reference(digests, hashes, max_distance):
     return out
 
 
-@pytest.mark.parametrize("max_distance", [None, 0, 2, 4, 6])
-def test_vectorised_dedup_equals_the_sequential_rule(max_distance):
-    import numpy as np
-    from producer.dedup import greedy_duplicates
-
-    rng = np.random.default_rng(max_distance or 0)
-    centers = rng.integers(0, 2**63, 150, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+def random_samples(n: int, seed: int, centers: int = 150) -> tuple[list, list]:
+    """(digests, pHashes) of n samples, None where a sample lacks one: `centers` clusters of pHashes 0-6 bits
+    apart, and one in ten the same bytes as an earlier sample, usually with its pHash."""
+    rng = np.random.default_rng(seed)
+    centers = rng.integers(0, 2**63, centers, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
     digests, hashes = [], []
-    for i in range(2500):
-        if i and rng.random() < 0.1:  # the same bytes as an earlier sample, usually with its pHash
+    for i in range(n):
+        if i and rng.random() < 0.1:
             j = int(rng.integers(0, i))
             digests.append(digests[j] if digests[j] is not None else f"d{i}")
             hashes.append(hashes[j] if rng.random() < 0.8 else int(rng.integers(0, 2**62)))
@@ -253,10 +252,21 @@ def test_vectorised_dedup_equals_the_sequential_rule(max_distance):
         u = rng.random()
         digests.append(None if u < 0.07 else f"d{i}")
         hashes.append(None if 0.05 < u < 0.12 else h)
+    return digests, hashes
+
+
+def hash_arrays(digests: list, hashes: list) -> tuple[np.ndarray, ...]:
+    """`greedy_duplicates`' arguments (b2_hi, b2_lo, ph, flags) for random_samples' values."""
     flags = np.array([(b is not None) | (h is not None) << 1 for b, h in zip(digests, hashes)], np.uint8)
     hi = np.array([hash(b) % 2**64 if b is not None else 0 for b in digests], np.uint64)
     ph = np.array([h if h is not None else 0 for h in hashes], np.uint64)
-    reason, dup_of = greedy_duplicates(hi, np.zeros_like(hi), ph, flags, max_distance)
+    return hi, np.zeros_like(hi), ph, flags
+
+
+@pytest.mark.parametrize("max_distance", [None, 0, 2, 4, 6])
+def test_vectorised_dedup_equals_the_sequential_rule(max_distance):
+    digests, hashes = random_samples(2500, max_distance or 0)
+    reason, dup_of = greedy_duplicates(*hash_arrays(digests, hashes), max_distance)
     expected = _sequential_reference(digests, hashes, max_distance)
     assert list(zip(reason.tolist(), dup_of.tolist())) == expected
     near = (reason == 2).sum()
@@ -264,9 +274,6 @@ def test_vectorised_dedup_equals_the_sequential_rule(max_distance):
 
 
 def test_near_pairs_finds_exactly_the_close_pairs():
-    import numpy as np
-    from producer.dedup import near_pairs
-
     rng = np.random.default_rng(1)
     variants = []
     for c in rng.integers(0, 2**63, 60, dtype=np.int64).tolist():  # clusters: a hash and 1-3 bit variants
