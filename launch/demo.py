@@ -9,7 +9,8 @@ prints the commands it runs, and docs/demo.md lists them:
 
   1 encoders     tiny random Qwen2.5-VL text encoder + tokenizer + Qwen-Image VAE, in Hugging Face layout;
                  the validation prompts (configs/prompts/demo.yaml) encoded with them
-  2 shards       synthetic text-rendering images with captions, as WebDataset tars (img2dataset layout)
+  2 shards       synthetic text-rendering images with captions, as WebDataset tars (img2dataset layout): the
+                 report's three strategies in turn (text on plain backgrounds, in scenes, in templates)
   3 producer     a local Ray: filter, encode, bucket by aspect ratio into the latent cache, once for the 256p
                  and once for the 640p bucket family (one cache holds both); then deduplicate across shards,
                  seal the cache (declare it complete) and inspect it
@@ -237,9 +238,11 @@ def encoders_stage(L: DemoPaths, args) -> Stage:
 
 def shards_stage(L: DemoPaths, args) -> Stage:
     shards, per_shard = shard_plan(args.samples)
-    return Stage("shards", "Generate synthetic text-rendering WebDataset shards",
+    # All three of the report's text-synthesis strategies in turn: plain backgrounds, text in (procedural)
+    # scenes, slides/posters/app screens.
+    return Stage("shards", "Generate synthetic text-rendering WebDataset shards (plain, in scenes, templates)",
                  [py("-m", "producer.synthetic", L.shards, "--shards", str(shards), "--per-shard", str(per_shard),
-                     "--seed", str(SEED))],
+                     "--seed", str(SEED), "--strategy", "all")],
                  outputs=[L.shards], done=shards_hold(L.shards, shards, per_shard), timeout_s=600)
 
 
