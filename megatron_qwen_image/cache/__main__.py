@@ -1,12 +1,17 @@
-"""python -m megatron_qwen_image.cache {init,inspect,verify,cleanup,seal} DIR
+"""python -m megatron_qwen_image.cache {init,inspect,verify,cleanup,seal,compact,report} DIR
 
 init     create an empty cache (what a streaming trainer started before the producers needs; producers
          create it themselves too, and init on an existing cache changes nothing)
-inspect  buckets, samples, bytes per sample, text-length histogram (--json for machines)
-verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32
-         (exit status 1 if anything is bad)
+inspect  buckets, samples, bytes per sample, text-length histogram (--json for machines); with
+         --decode KEY --encoders DIR: that sample decoded back to pixels through the VAE, as a PNG
+verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32, and
+         the manifest snapshots against the entries (exit status 1 if anything is bad)
 cleanup  delete temp files of dead writers and unreferenced shard files older than --grace-s
 seal     declare the cache complete (streaming loaders finish; writers refuse new commits)
+compact  snapshot the manifest so that readers open it with one large read plus the entries after it
+         (safe while producers write; run it now and then on a cache with many work units)
+report   the data report: drops, score histograms with thresholds, buckets, text lengths, producer
+         throughput and (with --encoders) decoded samples per bucket, as HTML + PNGs
 """
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ import sys
 import time
 
 from .format import CacheFormatError
-from .maintenance import cleanup, inspect_cache
-from .manifest import ensure_cache_dirs, seal
+from .maintenance import cleanup, inspect_cache, verify_snapshots
+from .manifest import SNAPSHOTS_KEPT, compact, ensure_cache_dirs, seal
 from .reader import CacheReader
 
 
@@ -29,7 +34,26 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _data_report():
+    # Imported on demand: it loads matplotlib and diffusers (the VAE), which inspect/verify/seal, run by
+    # trainers and producers, do not need.
+    from . import data_report
+    return data_report
+
+
 def cmd_inspect(args) -> int:
+    if args.decode is not None:
+        if not args.encoders:
+            print("error: --decode needs --encoders DIR (the Qwen-Image VAE)", file=sys.stderr)
+            return 2
+        out = args.out or f"{args.decode.replace('/', '_')}.png"
+        try:
+            _data_report().decode_key(args.dir, args.decode, args.encoders, out)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(f"{args.decode} decoded through the VAE: {out}")
+        return 0
     info = inspect_cache(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -38,6 +62,8 @@ def cmd_inspect(args) -> int:
     print(f"  {info['entries']} manifest entries ({info['work_units']} work units, {info['duplicate_entries']} "
           f"duplicate, {len(info['corrupt_entries'])} unreadable), {info['samples']} samples, "
           f"{_fmt_bytes(info['bytes'])}")
+    if info["snapshot_entries"]:
+        print(f"  manifest snapshot: {info['snapshot_entries']} entries (the rest read from entry files)")
     if info["exclusion_list"]:
         print(f"  exclusion list {info['exclusion_list']}: {info['excluded_samples']} samples skipped by loaders")
     print(f"  {'bucket':>11} {'latent':>12} {'shards':>7} {'samples':>9} {'bytes/sample':>13} {'dtype':>6} "
@@ -69,13 +95,17 @@ def cmd_verify(args) -> int:
             print(f"  verified {i}/{n} shards ({time.time() - t0:.1f} s)", file=sys.stderr)
 
     rep = r.verify_all(progress)
+    snapshot_problems = verify_snapshots(args.dir)
     for path, reason in rep["bad"]:
         print(f"BAD  {path}: {reason}")
     for reason in rep["corrupt_entries"]:
         print(f"BAD  manifest entry {reason}")
+    for reason in snapshot_problems:
+        print(f"BAD  manifest snapshot {reason}")
     print(f"{rep['ok']} shards OK ({rep['samples']} samples), {len(rep['bad'])} bad, "
-          f"{len(rep['corrupt_entries'])} unreadable manifest entries")
-    return 1 if rep["bad"] or rep["corrupt_entries"] else 0
+          f"{len(rep['corrupt_entries'])} unreadable manifest entries"
+          + (f", {len(snapshot_problems)} bad manifest snapshots" if snapshot_problems else ""))
+    return 1 if rep["bad"] or rep["corrupt_entries"] or snapshot_problems else 0
 
 
 def cmd_cleanup(args) -> int:
@@ -99,6 +129,25 @@ def cmd_seal(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    t0 = time.time()
+    c = compact(args.dir, full=args.full, keep=args.keep)
+    if c.num_entries == 0:
+        print(f"nothing to compact: the manifest of {args.dir} is empty")
+        return 0
+    how = "written" if c.created else "already there (a concurrent compaction wrote it)"
+    print(f"snapshot of {c.num_entries} manifest entries {how}: {c.path} ({c.from_snapshot} taken from the "
+          f"previous snapshot, {c.num_entries - c.from_snapshot} read from entry files, {time.time() - t0:.1f} s); "
+          f"pruned {len(c.removed)} older snapshots")
+    return 0
+
+
+def cmd_report(args) -> int:
+    index = _data_report().write_report(args.dir, args.out, args.encoders, args.per_bucket, args.reports)
+    print(f"data report: {index}" + ("" if args.encoders else " (no decoded samples: pass --encoders DIR)"))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_qwen_image.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +158,9 @@ def main(argv=None) -> int:
     s = sub.add_parser("inspect", help="summary of a cache")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    s.add_argument("--decode", metavar="KEY", default=None, help="decode this sample to a PNG (needs --encoders)")
+    s.add_argument("--encoders", default=None, help="encoders directory with the Qwen-Image VAE (vae/)")
+    s.add_argument("--out", default=None, help="--decode: PNG path (default: KEY.png here)")
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("verify", help="re-check all checksums")
     s.add_argument("dir")
@@ -122,6 +174,20 @@ def main(argv=None) -> int:
     s = sub.add_parser("seal", help="declare the cache complete")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_seal)
+    s = sub.add_parser("compact", help="snapshot the manifest for fast opening (safe while producers write)")
+    s.add_argument("dir")
+    s.add_argument("--full", action="store_true", help="read every entry file, ignoring earlier snapshots")
+    s.add_argument("--keep", type=int, default=SNAPSHOTS_KEPT,
+                   help=f"snapshots to keep, the new one included (default {SNAPSHOTS_KEPT})")
+    s.set_defaults(fn=cmd_compact)
+    s = sub.add_parser("report", help="the data report (HTML + PNGs)")
+    s.add_argument("dir")
+    s.add_argument("--encoders", default=None, help="encoders directory with the VAE: adds decoded samples per bucket")
+    s.add_argument("--out", default=None, help="output directory (default: DIR/reports/data)")
+    s.add_argument("--per-bucket", type=int, default=4, help="decoded samples per bucket (default 4)")
+    s.add_argument("--reports", nargs="+", default=None,
+                   help="producer run reports (default: DIR/reports/producer-*.json)")
+    s.set_defaults(fn=cmd_report)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

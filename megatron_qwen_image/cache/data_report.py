@@ -1,7 +1,8 @@
-"""A data report a person looks at: `python -m megatron_qwen_image.cache report CACHE [--encoders DIR]`.
+"""A data report a person looks at: `python -m megatron_qwen_image.cache report CACHE [--encoders DIR] [--out DIR]`.
 
 Writes `CACHE/reports/data/index.html` (or `--out DIR`) with one PNG per figure:
-- drops per filter, summed over the producer runs' reports (`CACHE/reports/producer-*.json`);
+- drops per filter, summed over the producer runs' reports (`CACHE/reports/producer-*.json`, where the
+  producer writes them by default, or `--reports FILE...`);
 - a histogram of each image-quality score over every measured image, kept or dropped, with the
   thresholds that were in force drawn on it (the producer counts them: producer/score_histograms.py);
 - the bucket distribution of each family (base resolution), from the manifest;
@@ -52,12 +53,14 @@ class DataSummary:
 
 
 def producer_reports(root: str) -> list[str]:
+    """Where the producer writes its run reports by default."""
     return sorted(glob.glob(os.path.join(root, "reports", "producer-*.json")))
 
 
-def summarize(root: str) -> DataSummary:
+def summarize(root: str, reports: list[str] | None = None) -> DataSummary:
+    """`reports`: the producer run reports to read (default: `producer_reports(root)`)."""
     out = DataSummary()
-    for path in producer_reports(root):
+    for path in producer_reports(root) if reports is None else reports:
         try:
             with open(path) as f:
                 r = json.load(f)
@@ -213,11 +216,12 @@ def decode_key(root: str, key: str, encoders: str, out_path: str) -> str:
     raise KeyError(f"no sample {key!r} in the cache {root}")
 
 
-def write_report(root: str, out_dir: str | None = None, encoders: str | None = None, per_bucket: int = 4) -> str:
+def write_report(root: str, out_dir: str | None = None, encoders: str | None = None, per_bucket: int = 4,
+                 reports: list[str] | None = None) -> str:
     """Write the report's PNGs and index.html; returns the HTML's path."""
     out_dir = out_dir or os.path.join(root, REPORT_DIR)
     os.makedirs(out_dir, exist_ok=True)
-    s = summarize(root)
+    s = summarize(root, reports)
     figures = [("Drops per filter", plot_drops(s, os.path.join(out_dir, "drops.png"))),
                ("Image-quality scores and thresholds", plot_scores(s, os.path.join(out_dir, "scores.png"))),
                ("Buckets per family", plot_buckets(s, os.path.join(out_dir, "buckets.png"))),

@@ -35,6 +35,7 @@ PIXEL_MULTIPLE = VAE_SCALE_FACTOR * PATCH_SIZE
 CACHE_FILE = "CACHE.json"       # format marker, written once
 SEALED_FILE = "SEALED.json"     # optional: the log is complete (num_entries)
 MANIFEST_DIR = "manifest"       # commit log: 000000000000.json, 000000000001.json, ...
+SNAPSHOT_DIR = "manifest_snapshots"  # NNNNNNNNNNNN.json: entries 0..N-1 in one file (N = its number)
 WORKUNITS_DIR = "workunits"     # hints: <work_unit_id>.json exists once that work unit is committed
 TMP_DIR = "_tmp"                # temp files of writers in progress; never read
 EXCLUSIONS_DIR = "exclusions"   # NNNNNN.json: committed samples readers skip (newest number wins)

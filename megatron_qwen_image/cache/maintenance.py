@@ -1,13 +1,16 @@
-"""Offline tools over a cache: summary (inspect), integrity (verify), garbage collection (cleanup)."""
+"""Offline tools over a cache: summary (inspect), integrity (verify), garbage collection (cleanup),
+manifest snapshots (compact is manifest.compact; verify_snapshots checks them)."""
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from .format import BUCKET_PREFIX, SHARD_SUFFIX, TMP_DIR, CorruptShardError
 from .exclusions import read_exclusions
+from .manifest import ManifestLog, SnapshotCorrupt, list_snapshots, read_snapshot, snapshot_path
 from .reader import CacheReader
 
 TEXT_LEN_BINS = (1, 33, 65, 129, 257, 513, 1025)
@@ -48,7 +51,8 @@ def inspect_cache(root: str, text_lengths: bool = True) -> dict:
     return {
         "exclusion_list": ex.number, "excluded_samples": ex.num_samples,
         "root": r.root, "format_version": r.log.info["format_version"], "sealed": r.sealed,
-        "entries": len(entries), "duplicate_entries": sum(e.duplicate for e in entries),
+        "entries": len(entries), "snapshot_entries": r.log.from_snapshot,
+        "duplicate_entries": sum(e.duplicate for e in entries),
         "corrupt_entries": [e.corrupt for e in entries if e.corrupt],
         "work_units": sum(1 for e in entries if not e.duplicate and e.corrupt is None),
         "samples": sum(b["samples"] for b in buckets.values()),
@@ -93,3 +97,28 @@ def cleanup(root: str, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def verify_snapshots(root: str) -> list[str]:
+    """Every manifest snapshot against the entry files it stands for (readers must get the same entries
+    from either). Returns the problems found; a damaged snapshot is one (readers ignore it)."""
+    snapshots = list_snapshots(root)
+    if not snapshots:
+        return []
+    files = ManifestLog(root, use_snapshots=False)
+    files.refresh()
+    problems = []
+    for n in snapshots:
+        try:
+            entries = read_snapshot(root, n)
+        except FileNotFoundError:
+            continue  # pruned meanwhile by a compaction
+        except (OSError, SnapshotCorrupt) as e:
+            problems.append(f"{e} (readers ignore it and read the entries; safe to delete)")
+            continue
+        # duplicate flags are not stored: every reader derives them from the log order
+        differ = [e.seq for e, f in zip(entries, files.entries) if e != replace(f, duplicate=False)]
+        if differ:
+            problems.append(f"{snapshot_path(root, n)}: differs from manifest entries {differ[:5]}"
+                            f"{' ...' if len(differ) > 5 else ''}: readers use it, delete it")
+    return problems

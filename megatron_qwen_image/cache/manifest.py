@@ -10,19 +10,34 @@ at all. Entries are never modified or deleted, so the existing names always form
 Exactly-once: if the same work unit is ever committed twice (a crashed writer's rerun, a zombie
 actor), readers use only its FIRST entry in log order and ignore later ones. Because the log is
 totally ordered, every reader (every rank) makes the same choice.
+
+Snapshots (compaction): `manifest_snapshots/NNNNNNNNNNNN.json` holds what readers take from entries
+0..N-1 in one file, so that opening a log of 10^6 entries is one large read plus the tail. Entries are
+never removed for it (the dense prefix stays; readers that do not know snapshots read entries as before),
+and a snapshot that fails its checks is ignored, so a snapshot can only ever make reading faster.
 """
 from __future__ import annotations
 
+import gc
+import io
 import json
+import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .format import (CACHE_FILE, ENTRY_DIGITS, MANIFEST_DIR, SEALED_FILE, TMP_DIR, WORKUNITS_DIR,
-                     CacheFormatError, check_version, new_cache_file_content, parse_bucket_name,
-                     read_cache_file)
+from .format import (CACHE_FILE, ENTRY_DIGITS, FORMAT_NAME, FORMAT_VERSION, MANIFEST_DIR, SEALED_FILE,
+                     SNAPSHOT_DIR, TMP_DIR, WORKUNITS_DIR, CacheFormatError, bucket_name, check_version, crc32, new_cache_file_content,
+                     parse_bucket_name, read_cache_file)
 from ..fsutil import atomic_replace, create_exclusive, fsync_dir, link_exclusive, unique_tmp_name, write_durable
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_KIND = "manifest-snapshot"
+SNAPSHOTS_KEPT = 2  # the newest few stay, so a reader that listed the directory a moment ago finds its pick
+SNAPSHOT_CHUNK = 1000  # records per line of a snapshot
 
 
 def entry_path(root: str, seq: int) -> str:
@@ -174,6 +189,12 @@ class ShardInfo:
                          latent_dtype=d["latent_dtype"], text_dim=int(d["text_dim"]), text_dtype=d["text_dtype"],
                          base_resolution=base_resolution, seq=seq, work_unit=work_unit)
 
+    def to_json(self) -> dict:
+        """The entry's description of this shard again (from_json of it gives an equal ShardInfo)."""
+        return {"path": self.path, "bucket": bucket_name(*self.bucket), "num_samples": self.num_samples,
+                "bytes": self.bytes, "crc32": self.crc32, "latent_shape": list(self.latent_shape),
+                "latent_dtype": self.latent_dtype, "text_dim": self.text_dim, "text_dtype": self.text_dtype}
+
 
 @dataclass
 class LogEntry:
@@ -194,23 +215,147 @@ def parse_entry(root: str, seq: int, raw: bytes) -> LogEntry:
     except (ValueError, AttributeError) as e:
         return LogEntry(seq, corrupt=f"{path}: {e}")
     check_version(version, path)  # an unknown version is refused, never skipped
+    return entry_from_json(root, seq, d)
+
+
+def entry_from_json(root: str, seq: int, d: dict) -> LogEntry:
+    """The reader's view of a (version-checked) entry: an entry file's content or a snapshot's record."""
     try:
         base = d.get("base_resolution")
         shards = [ShardInfo.from_json(s, seq, d["work_unit"], base) for s in d["shards"]]
         return LogEntry(seq, work_unit=d["work_unit"], wuid=d["work_unit_id"], shards=shards,
                         supersedes=d.get("supersedes"))
     except (KeyError, TypeError, ValueError) as e:
-        return LogEntry(seq, corrupt=f"{path}: missing/bad field {e}")
+        return LogEntry(seq, corrupt=f"{entry_path(root, seq)}: missing/bad field {e}")
+
+
+def entry_to_record(root: str, e: LogEntry) -> dict:
+    """What a snapshot stores of an entry: its fields readers use (entry_from_json of it gives `e` back),
+    or why it is unreadable, without the path (the cache may be opened under another path)."""
+    if e.corrupt is not None:
+        return {"corrupt": e.corrupt.removeprefix(entry_path(root, e.seq) + ": ")}
+    rec = {"work_unit": e.work_unit, "work_unit_id": e.wuid, "shards": [s.to_json() for s in e.shards]}
+    if e.shards:  # an entry's shards share its base resolution; without shards it shows nowhere
+        rec["base_resolution"] = e.shards[0].base_resolution
+    if e.supersedes is not None:
+        rec["supersedes"] = e.supersedes
+    return rec
+
+
+def record_to_entry(root: str, seq: int, rec: dict) -> LogEntry:
+    if "corrupt" in rec:
+        return LogEntry(seq, corrupt=f"{entry_path(root, seq)}: {rec['corrupt']}")
+    return entry_from_json(root, seq, rec)
+
+
+def snapshot_path(root: str, num_entries: int) -> str:
+    return os.path.join(root, SNAPSHOT_DIR, f"{num_entries:0{ENTRY_DIGITS}d}.json")
+
+
+def list_snapshots(root: str) -> list[int]:
+    """Entry counts of the snapshots present, newest (largest) first."""
+    try:
+        names = os.listdir(os.path.join(root, SNAPSHOT_DIR))
+    except FileNotFoundError:
+        return []
+    return sorted((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit() and int(n[:-5]) > 0),
+                  reverse=True)
+
+
+class SnapshotCorrupt(ValueError):
+    """A snapshot failed a check (truncated, garbage, not of this log): readers ignore it."""
+
+
+def _file_crc(path: str) -> int:
+    with open(path, "rb") as f:
+        return crc32(f.read())
+
+
+def encode_snapshot(root: str, entries: list[LogEntry]) -> bytes:
+    """Header line (JSON: what it covers, checksums), then the entries' records in log order, as lines
+    that each hold a JSON array of up to SNAPSHOT_CHUNK records (one parse call per line is faster than
+    one per record; a line at a time keeps a reader's extra memory small)."""
+    n = len(entries)
+    body = b"".join(json.dumps([entry_to_record(root, e) for e in entries[i:i + SNAPSHOT_CHUNK]],
+                               separators=(",", ":")).encode() + b"\n" for i in range(0, n, SNAPSHOT_CHUNK))
+    header = {"format": FORMAT_NAME, "kind": SNAPSHOT_KIND, "format_version": FORMAT_VERSION, "num_entries": n,
+              # ties the snapshot to this log: a log rebuilt under the same root fails the check
+              "last_entry_crc32": _file_crc(entry_path(root, n - 1)),
+              "body_bytes": len(body), "body_crc32": crc32(body), "created_unix": time.time()}
+    return json.dumps(header).encode() + b"\n" + body
+
+
+def read_snapshot(root: str, num_entries: int) -> list[LogEntry]:
+    """Entries 0..num_entries-1 from their snapshot. Raises SnapshotCorrupt if it fails a check,
+    CacheFormatError if it is of an unknown format version, OSError if it cannot be read (gone)."""
+    path = snapshot_path(root, num_entries)
+    with open(path, "rb") as f:
+        head = f.readline()
+        body = f.read()  # the one large read
+    try:
+        h = json.loads(head)
+        if not head.endswith(b"\n") or h.get("format") != FORMAT_NAME or h.get("kind") != SNAPSHOT_KIND:
+            raise ValueError("not a manifest snapshot")
+    except (ValueError, AttributeError) as e:
+        raise SnapshotCorrupt(f"{path}: bad header ({e})") from None
+    check_version(h.get("format_version"), path)  # like entries: an unknown version is refused, never skipped
+    if h.get("num_entries") != num_entries or h.get("body_bytes") != len(body) or h.get("body_crc32") != crc32(body):
+        raise SnapshotCorrupt(f"{path}: truncated or damaged (size/CRC-32 differ from its header)")
+    try:
+        last_crc = _file_crc(entry_path(root, num_entries - 1))
+    except FileNotFoundError:
+        last_crc = None
+    if last_crc != h.get("last_entry_crc32"):
+        raise SnapshotCorrupt(f"{path}: does not match manifest entry {num_entries - 1} (a snapshot of another log)")
+    entries = []
+    try:
+        for line in io.BytesIO(body):
+            entries.extend([record_to_entry(root, seq, rec) for seq, rec in enumerate(json.loads(line), len(entries))])
+    except (ValueError, TypeError, AttributeError) as e:  # only a buggy writer gets past the CRC with these
+        raise SnapshotCorrupt(f"{path}: bad record ({e})") from None
+    if len(entries) != num_entries:
+        raise SnapshotCorrupt(f"{path}: {len(entries)} records, header says {num_entries}")
+    return entries
+
+
+def load_newest_snapshot(root: str) -> list[LogEntry]:
+    """Entries from the newest snapshot that passes its checks ([] if none does); warns about bad ones."""
+    for n in list_snapshots(root):
+        try:
+            return read_snapshot(root, n)
+        except FileNotFoundError:
+            continue  # pruned by a compaction since we listed the directory; an older one will do
+        except (OSError, SnapshotCorrupt) as e:
+            log.warning("ignoring manifest snapshot (reading the entries instead): %s", e)
+    return []
+
+
+@contextmanager
+def _gc_paused():
+    """Reading a large log allocates millions of objects that all stay alive: the cyclic GC would walk the
+    growing list again and again for nothing (it more than doubles the open time of a snapshot)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class ManifestLog:
-    """A reader's incremental view of the log: entries 0..n-1, with duplicates marked."""
+    """A reader's incremental view of the log: entries 0..n-1, with duplicates marked.
 
-    def __init__(self, root: str):
+    The first refresh starts from the newest valid snapshot if there is one (`use_snapshots`), then
+    reads the entries after it one by one, as every later refresh does."""
+
+    def __init__(self, root: str, use_snapshots: bool = True):
         self.root = root
         self.info = read_cache_file(root)
         self.entries: list[LogEntry] = []
         self._committed_wuids: set[str] = set()
+        self._try_snapshot = use_snapshots
+        self.from_snapshot = 0  # how many entries came from a snapshot
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -218,9 +363,26 @@ class ManifestLog:
     def sealed_count(self) -> int | None:
         return sealed_count(self.root)
 
+    def _add(self, e: LogEntry) -> None:
+        if e.corrupt is None:
+            if e.wuid in self._committed_wuids:
+                e.duplicate = True
+            else:
+                self._committed_wuids.add(e.wuid)
+        self.entries.append(e)
+
     def refresh(self, limit: int | None = None) -> int:
         """Read entries that appeared since the last call (up to `limit` in total); return how many."""
+        with _gc_paused():
+            return self._read(limit)
+
+    def _read(self, limit: int | None) -> int:
         added = 0
+        if self._try_snapshot and not self.entries and limit != 0:
+            self._try_snapshot = False  # only the first look: later ones read just the new tail
+            for e in load_newest_snapshot(self.root)[:limit]:
+                self._add(e)
+            added = self.from_snapshot = len(self.entries)
         while limit is None or len(self.entries) < limit:
             seq = len(self.entries)
             try:
@@ -228,13 +390,7 @@ class ManifestLog:
                     raw = f.read()
             except FileNotFoundError:
                 break
-            e = parse_entry(self.root, seq, raw)
-            if e.corrupt is None:
-                if e.wuid in self._committed_wuids:
-                    e.duplicate = True
-                else:
-                    self._committed_wuids.add(e.wuid)
-            self.entries.append(e)
+            self._add(parse_entry(self.root, seq, raw))
             added += 1
         return added
 
@@ -245,3 +401,55 @@ class ManifestLog:
             if e.corrupt is None and not e.duplicate:
                 out.extend(e.shards)
         return out
+
+
+@dataclass
+class Compaction:
+    """What one compaction did."""
+    num_entries: int            # entries the snapshot covers (0: the log is empty, nothing written)
+    path: str | None
+    created: bool               # False: a valid snapshot of that length was there already (a racing compaction)
+    from_snapshot: int          # entries taken from the previous snapshot instead of their files
+    removed: list[str]          # older snapshots pruned
+
+
+def compact(root: str, full: bool = False, keep: int = SNAPSHOTS_KEPT) -> Compaction:
+    """Write a snapshot of the committed log (entries 0..n-1 for the n seen now) for readers to start from.
+
+    Safe while writers append: entries 0..n-1 all exist and never change, so the snapshot is exact for
+    them, and appends that land meanwhile are simply the tail readers read after it. Safe against a
+    racing compaction: a snapshot is created exclusively under its entry count (equal counts mean equal
+    entries) and readers take the newest valid one. Starts from the newest snapshot unless `full`."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the new snapshot must be kept")
+    ml = ManifestLog(root, use_snapshots=not full)
+    ml.refresh()
+    n = len(ml)
+    if n == 0:
+        return Compaction(0, None, False, 0, [])
+    os.makedirs(os.path.join(root, SNAPSHOT_DIR), exist_ok=True)
+    path, tmp_dir = snapshot_path(root, n), os.path.join(root, TMP_DIR)
+    with _gc_paused():
+        data = encode_snapshot(root, ml.entries)
+    created = create_exclusive(path, data, tmp_dir)
+    if not created:
+        try:
+            read_snapshot(root, n)
+        except (OSError, SnapshotCorrupt) as e:  # a damaged one under that name: replace it
+            log.warning("replacing manifest snapshot: %s", e)
+            atomic_replace(path, data, tmp_dir)
+            created = True
+    # Prune: older snapshots beyond the newest `keep`, and any numbered past the end of the log (of
+    # another log: entries are never deleted). A newer one whose last entry exists is a racing
+    # compaction's: readers prefer it, so it stays.
+    present = list_snapshots(root)
+    stale = [m for m in present[keep:] if m < n] + [m for m in present
+                                                     if m > n and not os.path.exists(entry_path(root, m - 1))]
+    removed = []
+    for m in stale:
+        try:
+            os.unlink(snapshot_path(root, m))
+            removed.append(snapshot_path(root, m))
+        except FileNotFoundError:
+            pass  # a racing compaction pruned it
+    return Compaction(n, path, created, ml.from_snapshot, removed)
