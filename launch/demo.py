@@ -13,7 +13,8 @@ prints the commands it runs, and docs/demo.md lists them:
                  report's three strategies in turn (text on plain backgrounds, in scenes, in templates)
   3 producer     a local Ray: filter, encode, bucket by aspect ratio into the latent cache, once for the 256p
                  and once for the 640p bucket family (one cache holds both); then deduplicate across shards,
-                 seal the cache (declare it complete) and inspect it
+                 seal the cache (declare it complete), inspect it and write its data report
+                 (OUT/cache/reports/data/index.html)
   4 train_256p   curriculum stage 1: the tiny MMDiT at TP=2 on 2 CPU processes (torchrun, gloo) on the 256p
                  family, with checkpoints, validation images and a held-out validation loss half-way and at
                  the end
@@ -274,6 +275,9 @@ def producer_stage(L: DemoPaths, args) -> Stage:
         # sealing comes after everything that writes the cache: a sealed cache means the stage is done
         py("-m", "megatron_qwen_image.cache", "seal", L.cache),
         py("-m", "megatron_qwen_image.cache", "inspect", L.cache),
+        # what a person looks at: drops, score histograms, buckets, text lengths, decoded samples per bucket
+        py("-m", "megatron_qwen_image.cache", "report", L.cache, "--encoders", L.encoders, "--per-bucket", "3",
+           "--reports", *reports),
     ], outputs=[L.cache, *reports, *map(table_path, reports)],
         done=all(os.path.isfile(r) for r in reports) and sealed_count(L.cache) is not None, timeout_s=1200)
 

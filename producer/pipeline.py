@@ -39,7 +39,7 @@ import ray
 
 from megatron_qwen_image.cache import CacheFormatError, CacheWriter
 from megatron_qwen_image.cache.exclusions import covers, publish_superseded, read_exclusions
-from megatron_qwen_image.cache.manifest import ManifestLog, ensure_cache_dirs
+from megatron_qwen_image.cache.manifest import ManifestLog, compact, count_entries, ensure_cache_dirs, list_snapshots
 from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.encoders.local_dir import EncoderDirError, check_encoders_dir
 from producer.autoscale import OpenShard, PoolState, plan_scaling
@@ -51,6 +51,7 @@ from producer.sources import InputError, InputFingerprint, ShardSpec, discover_i
 from producer.workers import CpuWorker, EncoderWorker
 
 log = logging.getLogger("producer")
+COMPACT_AFTER_ENTRIES = 1000  # manifest entries since the newest snapshot that make a run end with a compaction
 COMMIT_DRAIN_S = 30.0  # on an interruption, how long commits already sent may take to finish
 
 
@@ -460,7 +461,20 @@ class ProducerRun:
         report = reporter.final(self.stats, elapsed, self._run_info(), self.out, stopped, self.cfg.filters)
         if self.report_path:
             reporter.write(report, self.report_path)
+        self._compact_manifest()
         return report
+
+    def _compact_manifest(self) -> None:
+        """Snapshot the manifest once COMPACT_AFTER_ENTRIES entries have piled up since the newest snapshot, so
+        that trainers open a big cache with one large read (docs/cache_format.md, Snapshots). Safe while other
+        producers write; a failure only costs readers speed, so it is logged, never raised."""
+        try:
+            tail = count_entries(self.cache_dir) - max(list_snapshots(self.cache_dir), default=0)
+            if tail >= COMPACT_AFTER_ENTRIES:
+                c = compact(self.cache_dir)
+                log.info("manifest snapshot of %d entries: %s", c.num_entries, c.path)
+        except (OSError, CacheFormatError, ValueError) as e:
+            log.warning("manifest compaction skipped (readers read the entries instead): %s", e)
 
     def _finish_commits_in_flight(self, active: dict, timeout_s: float = COMMIT_DRAIN_S) -> None:
         """On an interruption: let the commits already sent finish (they take milliseconds) before the actors

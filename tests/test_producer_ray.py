@@ -16,10 +16,12 @@ import torch
 from megatron_qwen_image.cache import BucketedLoader, CacheReader, CacheWriter
 from megatron_qwen_image.cache.exclusions import read_exclusions
 from megatron_qwen_image.cache.maintenance import cleanup
+from megatron_qwen_image.cache.manifest import ManifestLog, list_snapshots
 from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.__main__ import main
 from producer.config import load_config
 from producer.errors import root_cause
+from producer import pipeline
 from producer.pipeline import init_ray, run_producer
 from producer.report import format_table
 from producer.synthetic import generate_shards
@@ -113,14 +115,21 @@ def test_end_to_end_cache_is_read_by_the_loader(clean_run):
     assert seen and seen <= {r["key"] for r in recs}
 
 
-def test_rerun_skips_committed_work_units(clean_run, tiny, shards):
+def test_rerun_skips_committed_work_units(clean_run, tiny, shards, monkeypatch):
     cache, _ = clean_run
     entries = len(os.listdir(os.path.join(cache, "manifest")))
+    assert list_snapshots(cache) == []  # the first run's 2 entries are below COMPACT_AFTER_ENTRIES
+    monkeypatch.setattr(pipeline, "COMPACT_AFTER_ENTRIES", entries)
     report = run_producer(_cfg(tiny), [shards], cache)
     assert report["shards"]["skipped_already_committed"] == 2 and report["shards"]["committed"] == 0
     assert report["samples"]["written"] == 0
     assert len(os.listdir(os.path.join(cache, "manifest"))) == entries
     assert len(_records(cache)) == 2 * PER_SHARD
+    # With the threshold reached, the run ended with a manifest snapshot that readers start from.
+    assert list_snapshots(cache) == [entries]
+    log = ManifestLog(cache)
+    log.refresh()
+    assert log.from_snapshot == entries and log.live_shards() == CacheReader(cache).shards()
 
 
 def test_the_same_inputs_for_another_bucket_family_are_work_units_of_their_own(clean_run, tiny, shards, tmp_path):
