@@ -431,6 +431,7 @@ def build_summary(L: DemoPaths, args, results: list[StageResult], wall_s: float)
         "wall_s": round(wall_s, 2), "stages": [asdict(r) for r in results],
         "outputs": {
             "encoders": L.encoders, "shards": L.shards, "cache": L.cache,
+            "data_report": os.path.join(L.cache, "reports", "data", "index.html"),
             **{f"producer_report_{f}p": L.report(f) for f in FAMILIES},
             **{f"train_{name}_stats": T.stats for name, T in stages.items()},
             **{f"tensorboard_{name}": T.tensorboard for name, T in stages.items()},
@@ -490,6 +491,7 @@ def print_summary(s: dict) -> None:
         print("  validation loss (held-out keys, fixed sigmas and noise): " + ", ".join(
             f"step {v['step']}: {v['val_loss']:.3f} ({v['val_s']:.1f} s)" for v in s["validation"][stage]))
     print(f"\nValidation grid (stage 1): {s['outputs']['validation_grid']}")
+    print(f"Data report of the cache: {s['outputs']['data_report']}")
     print(f"Loss curves of both stages: {s['outputs']['loss_png']}", flush=True)
 
 
