@@ -46,10 +46,15 @@ def test_demo_end_to_end(tmp_path):
         summary = json.load(f)
     o = summary["outputs"]
     assert [s["status"] for s in summary["stages"]] == ["ran"] * len(demo.STAGES)
-    for label in ("encoders", "shards", "cache", "producer_report_256p", "producer_report_640p", "train_256p_stats",
-                  "train_mixed_stats", "loss_png", "logs"):
+    for label in ("encoders", "shards", "cache", "data_report", "producer_report_256p", "producer_report_640p",
+                  "train_256p_stats", "train_mixed_stats", "loss_png", "logs"):
         assert os.path.isabs(o[label]) and os.path.exists(o[label]), label
         assert o[label] in proc.stdout, f"the demo does not print where {label} is"
+    # The data report decoded samples of every bucket the cache holds.
+    page = open(o["data_report"]).read()
+    for bucket in os.listdir(o["cache"]):
+        if bucket.startswith("bucket="):
+            assert f'src="samples_{bucket[len("bucket="):]}.png"' in page, bucket
 
     # Producer reports, one per bucket family: every generated sample is accounted for (written or dropped for a
     # named reason), in each family.
