@@ -2,6 +2,7 @@
 made by the actors' own code, its figures and contact sheets, and one sample decoded back to pixels."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from megatron_qwen_image.cache import CacheReader
 from megatron_qwen_image.cache.__main__ import main as cache_main
-from megatron_qwen_image.cache.data_report import decode_key, summarize, write_report
+from megatron_qwen_image.cache.data_report import decode_key, pick_samples, summarize, write_report
+from megatron_qwen_image.cache.exclusions import write_exclusions
 from megatron_qwen_image.encoders.vae import QwenVAEEncoder
 from producer.config import load_config
 from producer.report import ProgressReporter, RunStats, ShardOutcomes
@@ -102,3 +104,18 @@ def test_decode_one_key_back_to_pixels_through_the_vae(produced, tiny_dir, tmp_p
     with pytest.raises(KeyError, match="no sample 'nope'"):
         decode_key(cache, "nope", tiny_dir, str(tmp_path / "x.png"))
     assert torch.equal(lat, reader.open(info).sample(0)[1])  # reading never modified the cache
+
+
+def test_contact_sheets_leave_out_what_the_exclusion_list_excludes(produced, tmp_path):
+    cache = str(tmp_path / "cache")
+    shutil.copytree(produced[0], cache)
+    before = pick_samples(cache, per_bucket=2)
+    bucket, rows = max(before.items(), key=lambda kv: len(kv[1]))
+    info = next(s for s in CacheReader(cache).shards() if f"{s.bucket[0]}x{s.bucket[1]}" == bucket)
+    first_key = CacheReader(cache).open(info).sample(0)[0]
+    assert rows[0][0] == first_key
+    write_exclusions(cache, {info.path: [0]}, {"tool": "test"})
+    after = pick_samples(cache, per_bucket=2)
+    assert first_key not in [k for k, _, _ in after[bucket]]
+    assert {b: [k for k, _, _ in r] for b, r in after.items() if b != bucket} == \
+        {b: [k for k, _, _ in r] for b, r in before.items() if b != bucket}

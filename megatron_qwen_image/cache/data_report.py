@@ -28,6 +28,7 @@ import torch
 
 from ..encoders.vae import QwenVAEEncoder
 from ..image_grid import image_grid, save_png
+from .exclusions import read_exclusions
 from .reader import CacheReader
 
 matplotlib.use("Agg")  # no display on servers and CI
@@ -177,11 +178,11 @@ def _decode(vae: QwenVAEEncoder, latents: list[torch.Tensor]) -> list:
     return vae.to_pil(vae.decode(torch.stack([lat.float() for lat in latents])).float())
 
 
-def contact_sheets(root: str, encoders: str, out_dir: str, per_bucket: int = 4) -> list[tuple[str, str]]:
-    """For each bucket, its first `per_bucket` samples in manifest order decoded to pixels, with captions:
-    [(bucket name, PNG path)]."""
+def pick_samples(root: str, per_bucket: int) -> dict[str, list]:
+    """For each bucket, its first `per_bucket` samples in manifest order that loaders read (not on the exclusion
+    list): {bucket name: [(key, latent, caption)]}."""
     reader = CacheReader(root, verify="sample")
-    vae = QwenVAEEncoder.from_pretrained(encoders, decoder_only=True)
+    excluded = read_exclusions(root).rows  # what loaders skip is not what training reads: left out here too
     picked: dict = defaultdict(list)
     for info in reader.shards():
         name = f"{info.bucket[0]}x{info.bucket[1]}"
@@ -189,9 +190,19 @@ def contact_sheets(root: str, encoders: str, out_dir: str, per_bucket: int = 4) 
             continue
         shard = reader.open(info)
         captions = shard.column("caption")
-        for i in range(min(info.num_samples, per_bucket - len(picked[name]))):
+        skip = set(excluded.get(info.path, np.zeros(0, np.int64)).tolist())
+        for i in (i for i in range(info.num_samples) if i not in skip):
+            if len(picked[name]) >= per_bucket:
+                break
             key, lat, _ = shard.sample(i)
             picked[name].append((key, lat.clone(), captions[i]))
+    return picked
+
+
+def contact_sheets(root: str, encoders: str, out_dir: str, per_bucket: int = 4) -> list[tuple[str, str]]:
+    """`pick_samples` decoded to pixels, a captioned row per bucket: [(bucket name, PNG path)]."""
+    picked = pick_samples(root, per_bucket)
+    vae = QwenVAEEncoder.from_pretrained(encoders, decoder_only=True)
     sheets = []
     for name, rows in sorted(picked.items()):
         images = _decode(vae, [lat for _, lat, _ in rows])
