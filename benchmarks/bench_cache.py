@@ -80,20 +80,9 @@ def shard_files(cache: str) -> list[str]:
     return out
 
 
-def raw_read(paths, buf: memoryview) -> int:
-    """Sequential readinto() of whole files into one reused, already touched buffer (like the
-    loader's steady state, whose batch buffers are reused)."""
-    total = 0
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
-    return total
-
-
-def raw_read_rotating(paths, bufs: list[memoryview]) -> int:
-    """raw_read, each batch-size read into the next of `bufs` in turn: the destination memory a loader
-    writes, whose batches cannot all share one buffer."""
+def raw_read(paths, *bufs: memoryview) -> int:
+    """Sequential readinto() of whole files into already touched buffers, each read into the next of `bufs`
+    in turn: one reused buffer, or as many as a loader holds batches (which cannot all share one buffer)."""
     total, k = 0, 0
     for p in paths:
         with open(p, "rb", buffering=0) as f:
@@ -193,12 +182,12 @@ def main(argv=None):
         rotation = [memoryview(bytearray(cache_bytes // (n // G))) for _ in range(PREFETCH + 2)]
         raw_read(files, small)
         raw_read(files, big)
-        raw_read_rotating(files, rotation)
+        raw_read(files, *rotation)
         raw_read(tars, big)
         simple = {
             "raw read, 8 MiB buffer": lambda: raw_read(files, small),
             "raw read, batch-size buffer": lambda: raw_read(files, big),
-            ROTATING: lambda: raw_read_rotating(files, rotation),
+            ROTATING: lambda: raw_read(files, *rotation),
             "webdataset (same collate, fp32 out)": lambda: run_wds(tars, G),
         }
         variants = {

@@ -9,6 +9,7 @@ running cluster. Prints live progress; writes a JSON + table report.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import signal
@@ -81,9 +82,7 @@ def dry_run(cfg, inputs: list[str], samples: int) -> None:
     specs = [s for d in detected for s in d.shards]
     for spec in specs[:DRY_RUN_SHARDS]:
         print(f"shard {spec.work_unit} ({spec.kind}: {spec.path})")
-        for n, rec in enumerate(iter_shard(spec, cfg.sources)):
-            if n >= samples:
-                break
+        for rec in itertools.islice(iter_shard(spec, cfg.sources), samples):
             if isinstance(rec, BadRecord):
                 print(f"  {rec.key or '-'}: dropped: {rec.reason} ({rec.detail[:100]})")
             else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ import posixpath
 import re
 import tarfile
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -45,6 +43,7 @@ log = logging.getLogger("producer.sources")
 FOLDER_SIZE_SAMPLES = 8  # images stat'ed to estimate a folder slice's bytes (ShardSpec.input_bytes)
 # BadRecord reasons that mean the shard could not be read to its end (the rest of it is missing).
 ENDED_EARLY = ("truncated_tar", "broken_shard")
+FOLDER_KINDS = ("folder", "imagefolder")  # shards that read one file per sample
 
 
 @dataclass(frozen=True)
@@ -98,9 +97,6 @@ class ShardSpec:
                                 max((st.st_mtime_ns for st in stats), default=0))
 
 
-FOLDER_KINDS = ("folder", "imagefolder")  # shards that read one file per sample
-
-
 def _size_or_zero(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -147,6 +143,17 @@ class SourceOptions:
     redo_changed: bool = option(False, "an input changed since its work unit was committed: redo it as the unit's "
                                 "next version (the old one's samples go on the exclusion list); false: keep the "
                                 "committed version and warn (--redo-changed)")
+
+
+def _scalars(pairs, skip=()) -> dict:
+    """The JSON-scalar values of (column, value) pairs, less the `skip` columns: what a sample's metadata keeps
+    of a table row."""
+    return {k: v for k, v in pairs if k not in skip and (isinstance(v, (str, int, float, bool)) or v is None)}
+
+
+def _caption_bytes(cap):
+    """A table's caption value as the bytes the filters judge (str encoded; bytes and None as they are)."""
+    return cap.encode("utf-8", errors="surrogatepass") if isinstance(cap, str) else cap
 
 
 def work_unit_name(rel: str) -> str:
@@ -330,19 +337,23 @@ def read_metadata_rows(path: str) -> list[dict]:
         return rows
 
 
+def _metadata_names(rows: list[dict]) -> list[str]:
+    """The columns of imagefolder metadata rows (their union: JSON Lines rows may differ)."""
+    return sorted({k for r in rows for k in r if k != "__error__"})
+
+
 def _imagefolder_input(where: str, metadata: list[str], root: str, base: str,
                        options: SourceOptions) -> DetectedInput:
     """Each metadata file's rows, `folder_shard_size` a shard; `file_name` is relative to the file's folder."""
-    specs, layout, captions = [], None, set()
+    specs, captions = [], set()
     for meta_path in metadata:
         d = os.path.dirname(meta_path)
         rows = read_metadata_rows(meta_path)
-        names = sorted({k for r in rows for k in r if k != "__error__"})
         try:
-            layout = metadata_columns(names, meta_path, options.caption_column, options.key_column)
+            cols = metadata_columns(_metadata_names(rows), meta_path, options.caption_column, options.key_column)
         except LayoutError as e:
             raise InputError(str(e)) from None
-        captions.add(layout.caption)
+        captions.add(cols.caption)
         rel_dir = posixpath.normpath(posixpath.join(base, os.path.relpath(d, root)))
         for i in range(0, len(rows), options.folder_shard_size):
             part = rows[i : i + options.folder_shard_size]
@@ -432,7 +443,7 @@ def read_sidecar(path: str) -> tuple[dict[str, dict], list[BadRecord]]:
         if r.get("status", SUCCESS) != SUCCESS:
             failed.append(BadRecord(key, "download_failed", f"{r.get('status')}: {r.get('error_message')}"))
         else:
-            by_key[key] = {k: v for k, v in r.items() if isinstance(v, (str, int, float, bool)) or v is None}
+            by_key[key] = _scalars(r.items())
     return by_key, failed
 
 
@@ -530,14 +541,11 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "", root: str 
                         img, ext = got, _ext(img["path"])
                     else:
                         img = img.get("bytes")
-                cap = cols[cap_col][i]
-                if isinstance(cap, str):
-                    cap = cap.encode("utf-8", errors="surrogatepass")
+                cap = _caption_bytes(cols[cap_col][i])
                 if not isinstance(img, (bytes, bytearray)):
                     yield BadRecord(key, "missing_image", f"row {row - 1}: image column holds {type(img).__name__}")
                     continue
-                meta = {k: v for k, v in ((c, cols[c][i]) for c in columns if c not in (img_col, cap_col))
-                        if isinstance(v, (str, int, float, bool)) or v is None}
+                meta = _scalars(((c, cols[c][i]) for c in columns), skip=(img_col, cap_col))
                 yield RawSample(key, bytes(img), ext, cap, meta, source)
     except Exception as e:  # pyarrow raises several types for corrupt files; none may crash the actor
         yield BadRecord(None, "broken_shard", f"{path}: {type(e).__name__}: {e}")
@@ -610,9 +618,8 @@ def iter_imagefolder(spec: ShardSpec, options: SourceOptions) -> Iterator[RawSam
     """A Hugging Face imagefolder's metadata rows: the image at `file_name` (relative to the metadata file's
     folder), the caption column, the other columns as metadata; key = prefix/file name without extension."""
     rows = [json.loads(r) for r in spec.rows]
-    names = sorted({k for r in rows for k in r if k != "__error__"})
     try:
-        cols = metadata_columns(names, spec.path, options.caption_column, options.key_column)
+        cols = metadata_columns(_metadata_names(rows), spec.path, options.caption_column, options.key_column)
     except LayoutError as e:
         yield BadRecord(None, "broken_shard", str(e))
         return
@@ -632,7 +639,5 @@ def iter_imagefolder(spec: ShardSpec, options: SourceOptions) -> Iterator[RawSam
             yield data
             continue
         cap = row.get(cols.caption)
-        meta = {k: v for k, v in row.items() if k not in ("file_name", cols.caption)
-                and (isinstance(v, (str, int, float, bool)) or v is None)}
-        yield RawSample(key, data, _ext(name), cap.encode("utf-8", errors="surrogatepass") if isinstance(cap, str)
-                        else None, meta, spec.work_unit)
+        yield RawSample(key, data, _ext(name), _caption_bytes(cap) if isinstance(cap, str) else None,
+                        _scalars(row.items(), skip=("file_name", cols.caption)), spec.work_unit)

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from producer.synthetic_common import (CJK_DEBIAN_PACKAGE, CJK_FONT_GLOBS, COLORS, EN_PHRASES,
                                        LATIN_FONT_CANDIDATES, SIZES, ZH_PHRASES, Fonts, Rendered, contrasting,
-                                       find_font, load_font, sample_rng, script_word)
+                                       draw_gradient, find_font, load_font, sample_rng, script_word)
 from producer.synthetic_scene import iter_scenes, render_scene
 from producer.synthetic_template import render_template
 
@@ -63,11 +63,7 @@ def _background(rng: random.Random, size) -> tuple[Image.Image, str, tuple]:
     draw = ImageDraw.Draw(img)
     if kind == "gradient":
         vertical = rng.random() < 0.5
-        n = h if vertical else w
-        for i in range(n):
-            t = i / max(1, n - 1)
-            col = tuple(int(ca[k] * (1 - t) + cb[k] * t) for k in range(3))
-            draw.line([(0, i), (w, i)] if vertical else [(i, 0), (i, h)], fill=col)
+        draw_gradient(draw, size, ca, cb, vertical)
         desc = f"a {'vertical' if vertical else 'horizontal'} {a} to {b} gradient background"
     elif kind == "stripes":
         step = rng.choice((16, 24, 32))

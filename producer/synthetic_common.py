@@ -100,6 +100,16 @@ def luma(c) -> float:
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 
 
+def draw_gradient(draw: ImageDraw.ImageDraw, size, a, b, vertical: bool = True) -> None:
+    """A linear a -> b gradient over the (w, h) area at the origin: top to bottom, or left to right."""
+    w, h = size
+    n = h if vertical else w
+    for i in range(n):
+        t = i / max(1, n - 1)
+        col = tuple(int(a[k] * (1 - t) + b[k] * t) for k in range(3))
+        draw.line([(0, i), (w, i)] if vertical else [(i, 0), (i, h)], fill=col)
+
+
 def contrasting(rng: random.Random, background, names=None) -> tuple[str, tuple]:
     """A named colour far from `background` in luma, so text on it stays readable."""
     options = [n for n in (names or COLORS) if abs(luma(COLORS[n]) - luma(background)) > 90]

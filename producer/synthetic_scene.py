@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from producer.sources import RawSample, discover_shards, iter_shard
 from producer.synthetic_common import (COLORS, EN_PHRASES, SIZES, ZH_PHRASES, Fonts, Rendered, contrasting,
-                                       draw_lines, fit_font, sample_rng, script_word)
+                                       draw_gradient, draw_lines, fit_font, sample_rng, script_word)
 
 SHADOW_OFFSET = 6  # px, at most, in x and y
 SHADOW_BLUR = 4  # Gaussian radius
@@ -139,9 +139,7 @@ def procedural_scene(rng: random.Random, size) -> Scene:
     else:
         sky = rng.choice((((110, 160, 220), (200, 225, 245), "blue"), ((240, 170, 110), (250, 220, 170), "sunset")))
         horizon = int(h * rng.uniform(0.55, 0.7))
-        for y in range(horizon):
-            t = y / max(1, horizon - 1)
-            d.line([(0, y), (w, y)], fill=tuple(int(sky[0][k] * (1 - t) + sky[1][k] * t) for k in range(3)))
+        draw_gradient(d, (w, horizon), sky[0], sky[1])
         x = 0
         while x < w:  # buildings with window grids
             bw, top = rng.randint(w // 6, w // 3), rng.randint(h // 6, horizon - 20)

@@ -8,8 +8,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from producer.synthetic_common import (COLORS, Fonts, Rendered, contrasting, draw_lines, fit_font, luma, plural,
-                                       quote_list, sample_rng, script_word)
+from producer.synthetic_common import (COLORS, Fonts, Rendered, contrasting, draw_gradient, draw_lines, fit_font,
+                                       luma, plural, quote_list, sample_rng, script_word)
 
 SLIDE_SIZE, POSTER_SIZE, SCREEN_SIZE = (512, 288), (352, 480), (288, 512)
 
@@ -76,12 +76,8 @@ SCREEN_COLORS = ("dark blue", "green", "purple", "teal", "red")
 
 
 def _gradient(size, top, bottom) -> Image.Image:
-    w, h = size
     img = Image.new("RGB", size)
-    d = ImageDraw.Draw(img)
-    for y in range(h):
-        t = y / max(1, h - 1)
-        d.line([(0, y), (w, y)], fill=tuple(int(top[k] * (1 - t) + bottom[k] * t) for k in range(3)))
+    draw_gradient(ImageDraw.Draw(img), size, top, bottom)
     return img
 
 

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .format import (CACHE_FILE, ENTRY_DIGITS, FORMAT_NAME, FORMAT_VERSION, MANIFEST_DIR, SEALED_FILE,
-                     SNAPSHOT_DIR, TMP_DIR, WORKUNITS_DIR, CacheFormatError, bucket_name, check_version, crc32, new_cache_file_content,
-                     parse_bucket_name, read_cache_file)
+                     SNAPSHOT_DIR, TMP_DIR, WORKUNITS_DIR, CacheFormatError, bucket_name, check_version, crc32,
+                     file_crc32, new_cache_file_content, parse_bucket_name, read_cache_file)
 from ..fsutil import atomic_replace, create_exclusive, fsync_dir, link_exclusive, unique_tmp_name, write_durable
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_KIND = "manifest-snapshot"
 SNAPSHOTS_KEPT = 2  # the newest few stay, so a reader that listed the directory a moment ago finds its pick
 SNAPSHOT_CHUNK = 1000  # records per line of a snapshot
+ENTRY_CRC_CHUNK = 1 << 16  # read buffer for an entry file's CRC: entries are small, file_crc32's default is 16 MiB
 
 
 def entry_path(root: str, seq: int) -> str:
@@ -266,11 +267,6 @@ class SnapshotCorrupt(ValueError):
     """A snapshot failed a check (truncated, garbage, not of this log): readers ignore it."""
 
 
-def _file_crc(path: str) -> int:
-    with open(path, "rb") as f:
-        return crc32(f.read())
-
-
 def encode_snapshot(root: str, entries: list[LogEntry]) -> bytes:
     """Header line (JSON: what it covers, checksums), then the entries' records in log order, as lines
     that each hold a JSON array of up to SNAPSHOT_CHUNK records (one parse call per line is faster than
@@ -280,7 +276,7 @@ def encode_snapshot(root: str, entries: list[LogEntry]) -> bytes:
                                separators=(",", ":")).encode() + b"\n" for i in range(0, n, SNAPSHOT_CHUNK))
     header = {"format": FORMAT_NAME, "kind": SNAPSHOT_KIND, "format_version": FORMAT_VERSION, "num_entries": n,
               # ties the snapshot to this log: a log rebuilt under the same root fails the check
-              "last_entry_crc32": _file_crc(entry_path(root, n - 1)),
+              "last_entry_crc32": file_crc32(entry_path(root, n - 1), chunk=ENTRY_CRC_CHUNK),
               "body_bytes": len(body), "body_crc32": crc32(body), "created_unix": time.time()}
     return json.dumps(header).encode() + b"\n" + body
 
@@ -302,7 +298,7 @@ def read_snapshot(root: str, num_entries: int) -> list[LogEntry]:
     if h.get("num_entries") != num_entries or h.get("body_bytes") != len(body) or h.get("body_crc32") != crc32(body):
         raise SnapshotCorrupt(f"{path}: truncated or damaged (size/CRC-32 differ from its header)")
     try:
-        last_crc = _file_crc(entry_path(root, num_entries - 1))
+        last_crc = file_crc32(entry_path(root, num_entries - 1), chunk=ENTRY_CRC_CHUNK)
     except FileNotFoundError:
         last_crc = None
     if last_crc != h.get("last_entry_crc32"):
