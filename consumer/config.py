@@ -53,6 +53,8 @@ ModelSection = section("ModelSection", QwenImageConfig, {
     "axes_dims_rope": "MSRoPE frame/height/width dims, summing to the head dim",
     "layernorm_epsilon": "epsilon of every norm",
     "rope_theta": "RoPE base",
+    "zero_cond_t": "Qwen-Image-Edit-2511: condition-image tokens modulated at timestep 0 (no extra weights; "
+                   "must match the checkpoint's config)",
 }, doc="The MMDiT's architecture: fields of QwenImageConfig (released model's defaults).")
 
 ParallelismSection = section("ParallelismSection", QwenImageConfig, {

@@ -4,7 +4,8 @@ import ...`).
 - `TINY_DIFFUSERS_CONFIG` / `build_tiny_diffusers_transformer(seed)`: a tiny random diffusers
   QwenImageTransformer2DModel at the contract's tiny sizes (configs/model/tiny.yaml), every parameter randomised
   (norm weights and biases too, so a wrong mapping cannot hide behind ones/zeros).
-- `make_inputs(...)`: a batch in the model's forward signature, with per-sample text lengths (padding mask).
+- `make_inputs(...)`: a batch in the model's forward signature, with per-sample text lengths (padding mask);
+  `make_edit_inputs(...)` the same with condition images' tokens after the target's (the edit layout).
 - `single_process_model_parallel(tp=1)`: a gloo world of size 1 with megatron parallel_state initialised, for
   in-process tests; cleans up afterwards.
 - `megatron_from_diffusers(diff_model, tp_size, tp_rank, **config_overrides)`: our QwenImageMMDiT holding the
@@ -38,6 +39,15 @@ PARITY_SHAPES = [
     (2, 6, 2, [5, 5], 1),
     (3, 3, 5, [2, 9, 6], 1),
     (1, 2, 3, [4], 2),
+]
+
+
+# Edit parity shapes (batch, target (h, w), condition (h, w) per image, text lengths): the condition larger,
+# smaller or of another aspect than the target (odd sides), one and two condition images (Edit-2509 "Plus").
+EDIT_PARITY_SHAPES = [
+    (2, (4, 6), [(3, 5)], [7, 3]),
+    (1, (3, 3), [(4, 2)], [5]),
+    (2, (2, 4), [(3, 3), (2, 5)], [4, 6]),
 ]
 
 
@@ -79,14 +89,26 @@ def make_inputs(batch: int, h: int, w: int, text_lens, seed: int = 0, frames: in
     )
 
 
+def make_edit_inputs(batch: int, target, conds, text_lens, seed: int = 0):
+    """make_inputs for a target of `target` = (h, w) patches, with each condition image's (h, w) tokens
+    appended to hidden_states and img_shapes as QwenImageEditPipeline builds them: [(1, h, w), (1, ch, cw)...]."""
+    inputs = make_inputs(batch, *target, text_lens, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    n_cond = sum(h * w for h, w in conds)
+    cond = torch.randn(batch, n_cond, inputs["hidden_states"].shape[2], generator=gen)
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], cond], dim=1)
+    inputs["img_shapes"] = [[(1, *target)] + [(1, h, w) for h, w in conds]] * batch
+    return inputs
+
+
 def diffusers_forward(model, inputs) -> torch.Tensor:
-    """diffusers' forward with the pipeline's img_shapes layout ([[(f, h, w)]] per sample)."""
+    """diffusers' forward with the pipeline's img_shapes layout ([[(f, h, w), ...]] per sample)."""
     return model(
         hidden_states=inputs["hidden_states"],
         encoder_hidden_states=inputs["encoder_hidden_states"],
         encoder_hidden_states_mask=inputs["encoder_hidden_states_mask"],
         timestep=inputs["timestep"],
-        img_shapes=[[tuple(s)] for s in inputs["img_shapes"]],
+        img_shapes=[[tuple(f) for f in s] if isinstance(s, list) else [tuple(s)] for s in inputs["img_shapes"]],
         return_dict=False,
     )[0]
 

@@ -66,6 +66,31 @@ def test_round_trip_is_bit_exact(released, tmp_path, tp):
     assert (out / "diffusion_pytorch_model.safetensors.index.json").exists()
 
 
+def test_edit_2511_round_trip_is_bit_exact(tmp_path):
+    """An Edit-2511-shaped transformer (zero_cond_t: true) imports, loads with zero_cond_t, gives diffusers'
+    outputs on edit inputs, and exports bit-exactly with its config (zero_cond_t included)."""
+    from consumer.checkpointing import load_model_weights
+    from megatron_qwen_image.model import QwenImageMMDiT
+    from megatron_qwen_image.model.diffusers_mapping import config_from_diffusers
+    from tests.reference_models import make_edit_inputs
+
+    src, ckpt, out = tmp_path / "edit2511", tmp_path / "ckpt", tmp_path / "exported"
+    reference = build_tiny_diffusers_transformer(seed=6, zero_cond_t=True)
+    reference.save_pretrained(str(src), max_shard_size="200KB")
+    import_diffusers(str(src), str(ckpt), tp=2, progress=False)
+    export_diffusers(str(ckpt), str(out), progress=False)
+    _assert_bit_exact(_state_dict(src), _state_dict(out))
+    assert json.load(open(out / "config.json"))["zero_cond_t"] is True
+    assert _diffusers_model(out).config.zero_cond_t is True
+    with single_process_model_parallel():
+        model = QwenImageMMDiT(config_from_diffusers(json.load(open(src / "config.json")), perform_initialization=False))
+        assert model.config.zero_cond_t is True
+        load_model_weights(model, str(ckpt))
+        inputs = make_edit_inputs(2, (4, 6), [(3, 5)], [7, 3], seed=3)
+        with torch.no_grad():
+            assert rel_max_err(model(**inputs), diffusers_forward(reference, inputs)) <= 1e-5
+
+
 def test_bf16_weights_stay_bf16_and_round_trip(tmp_path):
     src, ckpt, out = tmp_path / "bf16", tmp_path / "ckpt", tmp_path / "exported"
     build_tiny_diffusers_transformer(seed=4).to(torch.bfloat16).save_pretrained(str(src))  # one file, no index

@@ -14,10 +14,12 @@ from megatron_qwen_image.model.diffusers_mapping import (
     tensor_mappings_for,
 )
 from tests.reference_models import (
+    EDIT_PARITY_SHAPES,
     PARITY_SHAPES,
     TINY_DIFFUSERS_CONFIG,
     build_tiny_diffusers_transformer,
     diffusers_forward,
+    make_edit_inputs,
     make_inputs,
     megatron_from_diffusers,
     rel_max_err,
@@ -150,6 +152,54 @@ def test_backward_matches_diffusers(mp_world):
         assert rel_max_err(ours[name], ref[name]) <= 1e-4, name
 
 
+@pytest.fixture(scope="module")
+def edit_models():
+    """diffusers models with the same random weights, without and with zero_cond_t (Edit-2511)."""
+    return {zc: build_tiny_diffusers_transformer(seed=4, zero_cond_t=zc) for zc in (False, True)}
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["edit", "edit-2511"])
+@pytest.mark.parametrize("batch,target,conds,text_lens", EDIT_PARITY_SHAPES)
+def test_edit_forward_matches_diffusers(mp_world, edit_models, zero_cond_t, batch, target, conds, text_lens):
+    """Condition tokens after the target's, MSRoPE frame index 1, 2 ... for them; with zero_cond_t their
+    modulation at timestep 0. Every image token's output (condition tokens too) equals diffusers'."""
+    diff = edit_models[zero_cond_t]
+    model = megatron_from_diffusers(diff).eval()
+    assert model.config.zero_cond_t is zero_cond_t
+    inputs = make_edit_inputs(batch, target, conds, text_lens, seed=sum(target))
+    with torch.no_grad():
+        ref = diffusers_forward(diff, inputs)
+        out = model(**inputs)
+    assert out.shape == ref.shape == inputs["hidden_states"].shape
+    assert rel_max_err(out, ref) <= TOL
+
+
+def test_zero_cond_t_changes_the_output(mp_world, edit_models):
+    """The parity above is not vacuous: the same weights with and without zero_cond_t give other outputs, on
+    the target's tokens too; without condition images zero_cond_t changes nothing (as in diffusers)."""
+    inputs = make_edit_inputs(2, (4, 6), [(3, 5)], [7, 3], seed=1)
+    plain = make_inputs(2, 4, 6, [7, 3], seed=1)
+    with torch.no_grad():
+        a, b = (megatron_from_diffusers(edit_models[zc]).eval() for zc in (False, True))
+        assert rel_max_err(a(**inputs)[:, :24], b(**inputs)[:, :24]) > 1e-2
+        assert torch.equal(a(**plain), b(**plain))
+
+
+@pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="selective",
+                                                recompute_modules=["core_attn", "layernorm", "mlp"])],
+                         ids=["no-recompute", "selective-all"])
+def test_edit_backward_matches_diffusers(mp_world, cpu_emulation, edit_models, recompute):
+    """zero_cond_t gradients (both timesteps' modulation) equal diffusers', with and without recompute."""
+    diff = build_tiny_diffusers_transformer(seed=5, zero_cond_t=True).train()
+    model = megatron_from_diffusers(diff, **recompute).train()
+    inputs = make_edit_inputs(2, (4, 6), [(3, 5)], [7, 3], seed=2)
+    _loss(diffusers_forward(diff, inputs)).backward()
+    _loss(model(**inputs)).backward()
+    ref = _mapped_grads(diff)
+    for name, p in model.named_parameters():
+        assert rel_max_err(_grad(p), ref[name]) <= 1e-4, name
+
+
 def test_mapping_round_trip_bit_exact(mp_world, diff_model):
     sd = diff_model.state_dict()
     # diffusers -> ours (TP=1) -> diffusers, via a real model's state dict (with megatron's _extra_state keys)
@@ -231,14 +281,19 @@ def test_config_round_trip(diff_model):
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
         k: tuple(v.shape) for k, v in diff_model.state_dict().items()}
     assert diffusers_config_from(config_from_diffusers(kwargs)) == kwargs
+    # Edit-2511: zero_cond_t is read and written back
+    edit = config_from_diffusers({**TINY_DIFFUSERS_CONFIG, "zero_cond_t": True})
+    assert edit.zero_cond_t is True and diffusers_config_from(edit)["zero_cond_t"] is True
     # released defaults
     released = config_from_diffusers({})
+    assert released.zero_cond_t is False
     assert (released.num_layers, released.hidden_size, released.ffn_hidden_size) == (60, 3072, 12288)
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"_class_name": "FluxTransformer2DModel"}, "_class_name"),
-    ({"zero_cond_t": True}, "zero_cond_t"),
+    ({"zero_cond_t": "yes"}, "zero_cond_t"),
+    ({"use_additional_t_cond": True}, "use_additional_t_cond"),
     ({"use_layer3d_rope": True}, "use_layer3d_rope"),
     ({"num_heads": 4}, "unknown keys"),
 ])

@@ -61,6 +61,17 @@ def test_tp2_sequence_parallel_forward_and_gradients_match_diffusers(ranks):
         assert result["sp_marked_params"] == expected
 
 
+def test_tp2_edit_forward_and_gradients_match_diffusers(ranks):
+    """Condition tokens after the target's at TP=2, without and with zero_cond_t (Edit-2511) and sequence
+    parallelism (the target/condition boundary then falls inside a rank's token shard)."""
+    for result in ranks:
+        assert set(result["edit_rel_err"]) == {f"zero_cond_t={zc},sp={sp}" for zc in (False, True)
+                                               for sp in (False, True)}
+        for case, err in result["edit_rel_err"].items():
+            assert err["forward"] <= TOL, (result["rank"], case, err)
+            assert err["grad"] <= 1e-4, (result["rank"], case, err)
+
+
 def test_tp2_activation_plan_matches_what_autograd_saves_with_and_without_sp(ranks):
     """The dry-run planner's per-block activation bytes (consumer.activation_plan) within 10 % of the bytes
     autograd keeps on each TP rank; sequence parallelism keeps less."""

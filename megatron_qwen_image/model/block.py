@@ -6,6 +6,13 @@ Per block (diffusers' QwenImageTransformerBlock):
     img += gate1 * img_attn;  txt += gate1' * txt_attn
     img += gate2 * MLP_img(LN(img) * (1 + scale2) + shift2);  txt likewise with txt_mlp
 LN is LayerNorm without weight or bias (eps 1e-6); MLP is Linear -> GELU(tanh) -> Linear (megatron's MLP).
+
+Editing models append the condition images' tokens to the image stream (after the target's). With
+zero_cond_t (Qwen-Image-Edit-2511) those tokens take their shift/scale/gate from img_mod(temb of timestep 0)
+and the target's from img_mod(temb), as diffusers' `_modulate(..., modulate_index)`; the text stream and
+everything else see the sample's timestep only. The two segments are contiguous (target first), so each is
+modulated with its own [b, h] parameters (`per_segment`) instead of materialising per-token [s, b, h]
+parameters as diffusers does: no extra activation memory, the same arithmetic.
 """
 from __future__ import annotations
 
@@ -71,12 +78,27 @@ def get_qwen_image_block_spec(
     )
 
 
-class QwenImageBlock(MegatronModule):
-    """One dual-stream block. forward(img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths) ->
-    (img, txt), streams sequence-first [s, b, h] (with sequence parallelism: this rank's token shards).
+def per_segment(fn, tokens: tuple, params: tuple, split) -> torch.Tensor:
+    """fn(*tokens, *params[0]) when `params` has one set; with two, fn on tokens[:split] with params[0] and on
+    tokens[split:] with params[1], concatenated along the sequence (dim 0). `split` is a host int (this rank's
+    count of target tokens; with sequence parallelism it may be 0 or the whole shard)."""
+    if len(params) == 1 or split >= tokens[0].shape[0]:
+        return fn(*tokens, *params[0])
+    if split <= 0:
+        return fn(*tokens, *params[1])
+    return torch.cat([fn(*(t[:split] for t in tokens), *params[0]),
+                      fn(*(t[split:] for t in tokens), *params[1])])
 
-    Every argument but the host list `text_lengths` is a tensor, so the whole block can run under megatron's
-    tensor_parallel.checkpoint for full recompute (the caller closes over text_lengths).
+
+class QwenImageBlock(MegatronModule):
+    """One dual-stream block. forward(img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths,
+    cond_temb, image_split) -> (img, txt), streams sequence-first [s, b, h] (with sequence parallelism: this
+    rank's token shards).
+
+    cond_temb (zero_cond_t only, else None): the timestep-0 embedding for the image tokens from `image_split`
+    on (this rank's first condition token). Every argument but the host values `text_lengths` and
+    `image_split` is a tensor (or None), so the whole block can run under megatron's tensor_parallel.checkpoint
+    for full recompute (the caller closes over the host values).
     """
 
     def __init__(self, config: QwenImageConfig, submodules: QwenImageBlockSubmodules, layer_number: int = 1,
@@ -116,19 +138,27 @@ class QwenImageBlock(MegatronModule):
             return tensor_parallel.checkpoint(lambda t: self._run_mlp(mlp, t), False, x)
         return self._run_mlp(mlp, x)
 
-    def forward(self, img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths=None):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb).chunk(6, dim=-1)
+    def forward(self, img, txt, temb, img_cos, img_sin, txt_cos, txt_sin, text_lengths=None, cond_temb=None,
+                image_split=None):
+        if cond_temb is None:
+            img_mods = (self.img_mod(temb).chunk(6, dim=-1),)
+        else:  # one GEMM for both timesteps, as diffusers runs img_mod on cat([temb, temb0])
+            img_mods = tuple(m.chunk(6, dim=-1) for m in self.img_mod(torch.cat([temb, cond_temb])).chunk(2))
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
 
+        def on_img(fn, tokens, which):  # fn over the image stream, each segment with its own modulation
+            return per_segment(fn, tokens, tuple(tuple(m[i] for i in which) for m in img_mods), image_split)
+
         img_attn, txt_attn = self.attention(
-            self._modulated(img, i_shift1, i_scale1), self._modulated(txt, t_shift1, t_scale1),
+            on_img(self._modulated, (img,), (0, 1)), self._modulated(txt, t_shift1, t_scale1),
             img_cos, img_sin, txt_cos, txt_sin, text_lengths,
         )
         residual = self.fusion.gated_residual
-        img = residual(img, i_gate1, img_attn)
+        img = on_img(lambda x, y, gate: residual(x, gate, y), (img, img_attn), (2,))
         txt = residual(txt, t_gate1, txt_attn)
 
-        img = residual(img, i_gate2, self._mlp(self.img_mlp, self._modulated(img, i_shift2, i_scale2)))
+        img_mlp = self._mlp(self.img_mlp, on_img(self._modulated, (img,), (3, 4)))
+        img = on_img(lambda x, y, gate: residual(x, gate, y), (img, img_mlp), (5,))
         txt = residual(txt, t_gate2, self._mlp(self.txt_mlp, self._modulated(txt, t_shift2, t_scale2)))
 
         if img.dtype == torch.float16:  # as diffusers: keep fp16 finite

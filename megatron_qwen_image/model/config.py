@@ -39,7 +39,8 @@ class QwenImageConfig(TransformerConfig):
 
     Added fields: in_channels (packed latent channels), out_channels (latent channels before packing),
     patch_size, joint_attention_dim (text feature width), axes_dims_rope (MSRoPE frame/height/width dims,
-    summing to the head dim), rope_theta.
+    summing to the head dim), rope_theta, zero_cond_t (Qwen-Image-Edit-2511: the condition images' tokens are
+    modulated with the embedding of timestep 0, the target's with the sample's timestep; no extra weights).
 
     Fields of TransformerConfig that this model reads: num_layers, hidden_size, num_attention_heads,
     kv_channels (head dim), ffn_hidden_size, layernorm_epsilon, tensor_model_parallel_size, params_dtype,
@@ -55,6 +56,7 @@ class QwenImageConfig(TransformerConfig):
     joint_attention_dim: int = 3584
     axes_dims_rope: Tuple[int, int, int] = (16, 56, 56)
     rope_theta: int = 10000
+    zero_cond_t: bool = False
 
     # --- TransformerConfig fields whose defaults become the released model's ---
     num_layers: int = 60

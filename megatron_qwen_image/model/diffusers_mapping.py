@@ -225,8 +225,14 @@ def megatron_to_diffusers(rank_sds: Sequence[Mapping[str, torch.Tensor]]) -> Dic
 
 # ---------------------------------------------------------------- configs
 _UNSUPPORTED_VARIANTS = {  # diffusers options for other Qwen-Image variants, refused unless at their default
-    "guidance_embeds": False, "zero_cond_t": False, "use_additional_t_cond": False, "use_layer3d_rope": False,
+    "guidance_embeds": False, "use_additional_t_cond": False, "use_layer3d_rope": False,
 }
+
+
+def _strict_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"diffusers config {key}={value!r} must be true or false")
+    return value
 
 
 def config_from_diffusers(config_dict: Mapping, **overrides) -> QwenImageConfig:
@@ -244,7 +250,7 @@ def config_from_diffusers(config_dict: Mapping, **overrides) -> QwenImageConfig:
         if cfg.pop(key, default) != default:
             raise ValueError(f"diffusers config {key}={config_dict[key]!r} is not supported (only {default!r})")
     known = {"patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-             "num_attention_heads", "joint_attention_dim", "axes_dims_rope"}
+             "num_attention_heads", "joint_attention_dim", "axes_dims_rope", "zero_cond_t"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown keys in the diffusers config: {unknown}")
@@ -267,6 +273,8 @@ def config_from_diffusers(config_dict: Mapping, **overrides) -> QwenImageConfig:
         patch_size=int(cfg.get("patch_size", q.patch_size)),
         joint_attention_dim=int(cfg.get("joint_attention_dim", q.joint_attention_dim)),
         axes_dims_rope=tuple(int(a) for a in cfg.get("axes_dims_rope", q.axes_dims_rope)),
+        # Edit-2511: condition tokens modulated at timestep 0; the same weights as every other variant
+        zero_cond_t=_strict_bool(cfg.get("zero_cond_t", q.zero_cond_t), "zero_cond_t"),
     )
     kwargs.update(overrides)
     return QwenImageConfig(**kwargs)
@@ -288,7 +296,7 @@ def diffusers_config_from(config: QwenImageConfig) -> dict:
         "joint_attention_dim": config.joint_attention_dim,
         "axes_dims_rope": list(config.axes_dims_rope),
         "guidance_embeds": False,
-        "zero_cond_t": False,
+        "zero_cond_t": bool(config.zero_cond_t),
         "use_additional_t_cond": False,
         "use_layer3d_rope": False,
     }

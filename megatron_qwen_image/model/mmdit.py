@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -105,11 +105,14 @@ class QwenImageMMDiT(MegatronModule):
     ) -> torch.Tensor:
         """hidden_states [B, N, in_channels] packed latents; encoder_hidden_states [B, L, joint_attention_dim];
         encoder_hidden_states_mask [B, L] (True/1 = valid token) or None; timestep sigma in [0, 1], [B];
-        img_shapes: per sample (frames, h, w) in patch units (or a list of them per sample).
+        img_shapes: per sample (frames, h, w) in patch units, or a list of them per sample: the target first,
+        then the condition images of an edit sample, whose tokens follow the target's in hidden_states
+        (diffusers' edit layout: [(1, h, w), (1, ch, cw)]; MSRoPE gives image i frame index i).
         text_lengths: the valid text tokens of each sample as host integers, when the caller knows them (the
         trainer reads them from the CPU mask before the copy): the model then never syncs the host to read the
         mask. None: derived from the mask.
-        Returns the prediction [B, N, patch_size**2 * out_channels]."""
+        Returns the prediction [B, N, patch_size**2 * out_channels] for every image token, condition tokens
+        included (as diffusers; the edit pipeline and the trainer keep the target's first tokens)."""
         cfg = self.config
         if timestep is None:
             raise ValueError("timestep is required: sigma in [0, 1], shape [B]")
@@ -129,15 +132,24 @@ class QwenImageMMDiT(MegatronModule):
         img = self.img_in(hidden_states)
         timestep = timestep.to(img.dtype)  # as diffusers (the sigma is rounded to the compute dtype)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
-        temb = self.time_embed(timestep, img.dtype)
+        n_target = images[0][0] * images[0][1] * images[0][2]  # condition images' tokens follow the target's
+        if cfg.zero_cond_t and len(images) > 1:
+            # Edit-2511: condition tokens are modulated at timestep 0 (one embedding pass for both, as diffusers)
+            temb, cond_temb = self.time_embed(torch.cat([timestep, timestep * 0]), img.dtype).chunk(2)
+        else:
+            temb, cond_temb = self.time_embed(timestep, img.dtype), None
         rope = self.rope(images, text_len, device=img.device)
 
         # Sequence-first inside the blocks (megatron's [s, b, h]); with SP each TP rank keeps 1/TP of the tokens.
         img, txt = img.transpose(0, 1).contiguous(), txt.transpose(0, 1).contiguous()
+        image_split = n_target  # this rank's count of target tokens in its image stream
         if self.sequence_parallel:
             tp = cfg.tensor_model_parallel_size
             img, txt = enter_sequence_parallel(img, tp), enter_sequence_parallel(txt, tp)
-        img, txt = self._run_layers(img, txt, temb, rope, text_lengths)
+            image_split = min(max(n_target - parallel_state.get_tensor_model_parallel_rank() * img.shape[0], 0),
+                              img.shape[0])
+        tensors = rope if cond_temb is None else (*rope, cond_temb)
+        img, txt = self._run_layers(img, txt, temb, tensors, text_lengths, image_split)
         if self.sequence_parallel:
             img = leave_sequence_parallel(img, n_img)
         img = img.transpose(0, 1)
@@ -163,23 +175,26 @@ class QwenImageMMDiT(MegatronModule):
             raise ValueError(f"text_lengths {text_lengths} must give one length in [0, {text_len}] per sample")
         return None if all(n == text_len for n in text_lengths) else text_lengths
 
-    def _run_layers(self, img, txt, temb, rope, text_lengths):
+    def _run_layers(self, img, txt, temb, tensors, text_lengths, image_split):
+        """`tensors`: the four RoPE tables, then cond_temb when the condition tokens have their own timestep."""
         cfg = self.config
         recompute = cfg.recompute_granularity == "full" and torch.is_grad_enabled()
         n = len(self.layers)
 
         def run(start, end):
-            def forward_chunk(img, txt, temb, *rope):  # tensors only, for checkpoint; text_lengths closed over
+            def forward_chunk(img, txt, temb, *tensors):  # tensors only, for checkpoint; host values closed over
+                rope, cond_temb = tensors[:4], (tensors[4] if len(tensors) > 4 else None)
                 for layer in self.layers[start:end]:
-                    img, txt = layer(img, txt, temb, *rope, text_lengths)
+                    img, txt = layer(img, txt, temb, *rope, text_lengths, cond_temb, image_split)
                 return img, txt
             return forward_chunk
 
         def checkpointed(start, end, img, txt):
-            return tensor_parallel.checkpoint(run(start, end), cfg.distribute_saved_activations, img, txt, temb, *rope)
+            return tensor_parallel.checkpoint(run(start, end), cfg.distribute_saved_activations, img, txt, temb,
+                                              *tensors)
 
         if not recompute:
-            return run(0, n)(img, txt, temb, *rope)
+            return run(0, n)(img, txt, temb, *tensors)
         if cfg.recompute_method == "uniform":
             for start in range(0, n, cfg.recompute_num_layers):
                 img, txt = checkpointed(start, min(start + cfg.recompute_num_layers, n), img, txt)
@@ -189,5 +204,5 @@ class QwenImageMMDiT(MegatronModule):
             if i < cfg.recompute_num_layers:
                 img, txt = checkpointed(i, i + 1, img, txt)
             else:
-                img, txt = run(i, i + 1)(img, txt, temb, *rope)
+                img, txt = run(i, i + 1)(img, txt, temb, *tensors)
         return img, txt

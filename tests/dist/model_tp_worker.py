@@ -26,9 +26,11 @@ from megatron_qwen_image.model.diffusers_mapping import (  # noqa: E402
     tensor_mappings_for,
 )
 from tests.reference_models import (  # noqa: E402
+    EDIT_PARITY_SHAPES,
     PARITY_SHAPES,
     build_tiny_diffusers_transformer,
     diffusers_forward,
+    make_edit_inputs,
     make_inputs,
     megatron_from_diffusers,
     rel_max_err,
@@ -70,6 +72,30 @@ def forward_errors(model, diff) -> dict:
         inputs = make_inputs(batch, h, w, lens, seed=h * 10 + w, frames=frames)
         with torch.no_grad():
             errors[f"{batch}x{frames}x{h}x{w}-{lens}"] = rel_max_err(model(**inputs), diffusers_forward(diff, inputs))
+    return errors
+
+
+def edit_errors(tp, rank) -> dict:
+    """Edit inputs (condition tokens after the target's), without and with zero_cond_t and sequence
+    parallelism: the worst forward error over EDIT_PARITY_SHAPES and the worst gradient error on one shape."""
+    errors = {}
+    for zero_cond_t in (False, True):
+        diff = build_tiny_diffusers_transformer(seed=4, zero_cond_t=zero_cond_t)
+        ref_out = [diffusers_forward(diff, make_edit_inputs(*shape, seed=i)).detach()
+                   for i, shape in enumerate(EDIT_PARITY_SHAPES)]
+        inputs = make_edit_inputs(2, (3, 5), [(4, 3)], [7, 3], seed=9)  # 15 + 12 image tokens: SP pads
+        diff.train()
+        loss_of(diffusers_forward(diff, inputs)).backward()
+        ref_grads = diffusers_to_megatron(
+            {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in diff.named_parameters()}, tp, rank)
+        for sp in (False, True):
+            model = megatron_from_diffusers(diff, tp, rank, sequence_parallel=sp)
+            with torch.no_grad():
+                fwd = [rel_max_err(model.eval()(**make_edit_inputs(*shape, seed=i)), ref_out[i])
+                       for i, shape in enumerate(EDIT_PARITY_SHAPES)]
+            _, grads = train_step(model.train(), inputs)
+            errors[f"zero_cond_t={zero_cond_t},sp={sp}"] = {
+                "forward": max(fwd), "grad": max(rel_max_err(grads[n], ref_grads[n]) for n in ref_grads)}
     return errors
 
 
@@ -140,6 +166,9 @@ def main():
     _, sp_grads = train_step(megatron_from_diffusers(diff_train, tp, rank, **sp).train(), inputs)
     result["sp_grad_rel_err"] = {n: rel_max_err(sp_grads[n], ref_grads[n]) for n in ref_grads}
     result["sp_recompute_rel_err"] = recompute_errors(diff_train, tp, rank, inputs, base_out, base_grads, **sp)
+
+    # -- editing: condition tokens (and Edit-2511's zero_cond_t) at TP, with and without SP
+    result["edit_rel_err"] = edit_errors(tp, rank)
 
     # -- activation memory: what autograd saves per block, with and without SP, against the planner
     result["activations"] = {}
