@@ -17,7 +17,8 @@ class MetricsLogger:
 
     JSONL record keys: step, loss, grad_norm, lr, step_time_s, samples_per_s, image_tokens_per_s, consumed_samples,
     skipped, latent_hw (the batch's latent height/width), samples and micro_batch (this step's global batch and
-    micro-batch: they vary by bucket with train.batching=balanced), image_tokens; with the latent cache also, counted since the start of
+    micro-batch: they vary by bucket with train.batching=balanced), image_tokens, task ("t2i" or "ti2i": every
+    global batch is of one task) and cond_tokens (the condition images' tokens of an edit batch); with the latent cache also, counted since the start of
     this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters); at a validation
     step (consumer.validation) also val_s (seconds it took), val_images, val_loss and val_loss_sigma_<s> per
     sigma. One JSON object per line, flushed each step, so a crashed or running job's file is always readable.
@@ -54,6 +55,8 @@ class MetricsLogger:
             for key in ("loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "image_tokens_per_s"):
                 if record.get(key) is not None:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
+            if record.get("task") is not None:  # the loss of each task on its own curve
+                self._tb.add_scalar(f"train/loss_{record['task']}", record["loss"], step)
             if "latent_hw" in record and "image_tokens_per_s" in record:  # throughput per bucket (pixel w x h)
                 w, h = bucket_of_latent(tuple(record["latent_hw"]))
                 for key in ("samples_per_s", "image_tokens_per_s"):
@@ -73,7 +76,8 @@ class MetricsLogger:
                   f"lr {record['lr']:.3e} | {record['step_time_s']:.3f} s/step | "
                   f"{record['samples_per_s']:.2f} samples/s"
                   + (" ({} x {}x{})".format(record["samples"], *bucket_of_latent(tuple(record["latent_hw"])))
-                     if "samples" in record else "") + f" | ETA {eta:.0f} s"
+                     if "samples" in record else "")
+                  + (f" {record['task']}" if record.get("task", "t2i") != "t2i" else "") + f" | ETA {eta:.0f} s"
                   + (" | SKIPPED (inf/nan grads)" if record.get("skipped") else ""), flush=True)
         if "val_s" in record:
             print(validation_line(record), flush=True)

@@ -107,12 +107,25 @@ def microbatch_loss(model, batch: dict, sl: slice, step: int, cfg: TrainConfig, 
     noise, sigma = draw_noise_and_sigmas(batch["keys"][sl], step, cfg.train.seed, (c, h, w), x0.shape[1], spec,
                                          device)
     noise = pack_latents(noise, p)
+    cond, cond_grids = condition_tokens(batch, sl, p, device)
     text = batch["text_embeds"][sl, :longest]
     if text.is_contiguous():
         text = to_device(text, device)
     else:  # copy whole rows and cut on the device: a strided host slice would be staged through unpinned memory
         text = to_device(batch["text_embeds"][sl], device)[:, :longest]
-    return sample_losses(model, x0, noise, sigma, text.to(dtype), lengths, (h // p, w // p), dtype).mean()
+    return sample_losses(model, x0, noise, sigma, text.to(dtype), lengths, (h // p, w // p), dtype,
+                         cond, cond_grids).mean()
+
+
+def condition_tokens(batch: dict, sl: slice, p: int, device: torch.device):
+    """An edit batch's condition images (batch["cond_latents"]: one [B, C, h, w] per image, the same shapes
+    across the batch) packed and concatenated as the image stream takes them -> ([b, Nc, C] or None, their
+    (h, w) patch grids); (None, []) for a text-to-image batch."""
+    conds = batch.get("cond_latents") or []
+    if not conds:
+        return None, []
+    packed = [pack_latents(to_device(c[sl], device).to(torch.float32), p) for c in conds]
+    return torch.cat(packed, dim=1), [(c.shape[-2] // p, c.shape[-1] // p) for c in conds]
 
 
 def step_batch_sizes(cfg: TrainConfig, dp_size: int, latent_hw) -> tuple[int, int]:
@@ -157,8 +170,10 @@ def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: 
     if cfg.optimizer.clip_grad <= 0:  # megatron computes the norm only when clipping (else it returns 0.0 or None)
         grad_norm = None
     p = cfg.model.patch_size
+    cond_tokens = sum((c.shape[-2] // p) * (c.shape[-1] // p) for c in batch.get("cond_latents") or [])
     return {"loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "skipped": not ok,
-            "latent_hw": [h, w], "samples": gbs, "micro_batch": mb, "image_tokens": gbs * (h // p) * (w // p)}
+            "latent_hw": [h, w], "samples": gbs, "micro_batch": mb, "image_tokens": gbs * (h // p) * (w // p),
+            "task": batch.get("task", "t2i"), "cond_tokens": gbs * cond_tokens}
 
 
 def data_counters(data_iterator, device: torch.device) -> dict:

@@ -133,11 +133,19 @@ def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def sample_losses(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
-                  text_lengths: Sequence[int], grid_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+                  text_lengths: Sequence[int], grid_hw: tuple[int, int], dtype: torch.dtype,
+                  cond: torch.Tensor | None = None, cond_grids: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """The per-sample loss [B] of `model` (a QwenImageMMDiT) on packed latents x0 and noise [B, N, C] at sigma [B]:
     its prediction from x_t (cast to `dtype`), the sigma as timestep and the text [B, L, D] with its valid
     lengths (host ints), on a (h, w) patch grid of one frame, against v = noise - x0. The training step and the
-    validation loss both score the model through this one call."""
-    pred = model(noisy_latents(x0, noise, sigma).to(dtype), text, None, sigma, img_shapes=[(1, *grid_hw)] * x0.shape[0],
-                 text_lengths=text_lengths)
-    return flow_matching_loss(pred, velocity_target(x0, noise))
+    validation loss both score the model through this one call.
+
+    Editing (TI2I): `cond` [B, Nc, C] holds the condition images' packed clean latents, one (h, w) patch grid
+    each in `cond_grids`. They follow x_t in the image stream, as QwenImageEditPipeline feeds them, and the
+    loss is on the target's N tokens only (the condition is given, not predicted)."""
+    x_t = noisy_latents(x0, noise, sigma)
+    images = [(1, *grid_hw)] + [(1, *g) for g in cond_grids]
+    if cond is not None:
+        x_t = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+    pred = model(x_t.to(dtype), text, None, sigma, img_shapes=[images] * x0.shape[0], text_lengths=text_lengths)
+    return flow_matching_loss(pred[:, :x0.shape[1]], velocity_target(x0, noise))

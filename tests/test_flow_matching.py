@@ -110,3 +110,27 @@ def test_loss_is_per_sample_mse():
     per_sample = fm.flow_matching_loss(pred, target)
     ref = torch.stack([torch.nn.functional.mse_loss(p, t) for p, t in zip(pred, target)])
     torch.testing.assert_close(per_sample, ref)
+
+
+def test_edit_loss_feeds_the_condition_clean_and_scores_only_the_target():
+    """sample_losses with condition latents = diffusers' transformer on [x_t, clean condition tokens] with the
+    edit pipeline's img_shapes, scored on the target tokens only; the condition changes the loss."""
+    from tests.reference_models import build_tiny_diffusers_transformer, megatron_from_diffusers
+    from tests.reference_models import single_process_model_parallel
+
+    diff = build_tiny_diffusers_transformer(seed=8, zero_cond_t=True)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 12, 64, generator=gen), torch.randn(2, 12, 64, generator=gen)
+    cond = torch.randn(2, 6, 64, generator=gen)
+    text = torch.randn(2, 5, 64, generator=gen)
+    sigma = torch.tensor([0.3, 0.8])
+    with single_process_model_parallel(), torch.no_grad():
+        model = megatron_from_diffusers(diff).eval()
+        ours = fm.sample_losses(model, x0, noise, sigma, text, [5, 5], (3, 4), torch.float32, cond, [(2, 3)])
+        pred = diff(hidden_states=torch.cat([fm.noisy_latents(x0, noise, sigma), cond], dim=1),
+                    encoder_hidden_states=text, encoder_hidden_states_mask=torch.ones(2, 5), timestep=sigma,
+                    img_shapes=[[(1, 3, 4), (1, 2, 3)]] * 2, return_dict=False)[0]
+        ref = (pred[:, :12] - (noise - x0)).pow(2).mean(dim=(1, 2))
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=0)
+        other = fm.sample_losses(model, x0, noise, sigma, text, [5, 5], (3, 4), torch.float32, cond + 1, [(2, 3)])
+        assert not torch.allclose(ours, other)
