@@ -12,6 +12,12 @@ The pipeline (diffusers 0.42.1, pipelines/qwenimage/pipeline_qwenimage.py), and 
   4. unpack, de-normalise with the VAE config's means/stds, decode the one frame, postprocess to PIL
      (`QwenVAEEncoder.decode` + diffusers' VaeImageProcessor).
 
+Editing (QwenImageEditPipeline / QwenImageEditPlusPipeline.__call__): the condition images' normalised VAE
+latents, packed, are appended to the latents at every step (`torch.cat([latents, image_latents], dim=1)`)
+with img_shapes [(1, h, w), (1, ch, cw), ...], and the prediction is cut back to the target's tokens before
+guidance and the scheduler step. The text features are the edit encoder's (megatron_qwen_image.encoders.edit:
+the instruction with the condition image in the prompt).
+
 Tensor parallelism: every rank of a TP group runs the same loop on the same inputs; the model's outputs are
 complete on every rank (its last layers are replicated), and the noise is drawn on the host from the same
 seed, so all ranks of the group hold identical latents at every step and decode identical images.
@@ -106,29 +112,43 @@ def guided(cond: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
     return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
+def pack_conditions(conds: Sequence[torch.Tensor], patch_size: int = 2) -> tuple[torch.Tensor, list]:
+    """Condition latents, one [B, 16, h, w] per condition image -> (packed tokens [B, sum(h·w/4), 64] in image
+    order, their (h, w) patch grids): what the edit pipelines append to the latents."""
+    packed = torch.cat([pack_latents(c, patch_size) for c in conds], dim=1)
+    return packed, [(c.shape[-2] // patch_size, c.shape[-1] // patch_size) for c in conds]
+
+
 @torch.no_grad()
 def sample_latents(model, text: TextBatch, latents: torch.Tensor, width: int, height: int, steps: int,
                    scheduler=None, negative: Optional[TextBatch] = None, guidance: float = 1.0,
-                   progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   cond: Optional[torch.Tensor] = None, cond_grids: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Run the Euler flow-matching loop from the packed `latents` (initial_noise) and return the final packed
     latents. `model` is the (unwrapped) QwenImageMMDiT; `text`/`negative` are on the model's device, in its
     dtype, like `latents`. Guidance runs only with a negative prompt and guidance > 1, as in the pipeline.
-    `progress(step, steps)` is called after each step."""
+    `progress(step, steps)` is called after each step. Editing: `cond` [B, Nc, 64] the packed condition
+    latents (pack_conditions), `cond_grids` their patch grids."""
     check_size(width, height)
     p = model.config.patch_size
-    img_shapes = [(1, height // VAE_SCALE_FACTOR // p, width // VAE_SCALE_FACTOR // p)] * latents.shape[0]
+    target = (1, height // VAE_SCALE_FACTOR // p, width // VAE_SCALE_FACTOR // p)
+    img_shapes = [[target] + [(1, *g) for g in cond_grids]] * latents.shape[0]
     batch = latents.shape[0]
+    if (cond is None) != (not cond_grids) or (cond is not None and cond.shape[0] != batch):
+        raise ValueError("condition latents need their grids and one entry per latent")
     if text.embeds.shape[0] != batch or (negative is not None and negative.embeds.shape[0] != batch):
         raise ValueError(f"{latents.shape[0]} latents need as many prompts (and negative prompts)")
     scheduler = scheduler or load_scheduler()
     timesteps = set_timesteps(scheduler, steps, latents.shape[1], device=latents.device)
     cfg = negative is not None and guidance > 1
+    n = latents.shape[1]
     for i, t in enumerate(timesteps):
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        pred = model(latents, text.embeds, None, timestep, img_shapes=img_shapes, text_lengths=text.lengths)
+        x = latents if cond is None else torch.cat([latents, cond], dim=1)
+        pred = model(x, text.embeds, None, timestep, img_shapes=img_shapes, text_lengths=text.lengths)[:, :n]
         if cfg:
-            neg = model(latents, negative.embeds, None, timestep, img_shapes=img_shapes,
-                        text_lengths=negative.lengths)
+            neg = model(x, negative.embeds, None, timestep, img_shapes=img_shapes,
+                        text_lengths=negative.lengths)[:, :n]
             pred = guided(pred, neg, guidance)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         if progress is not None:
@@ -145,13 +165,19 @@ def decode_images(vae, latents: torch.Tensor, width: int, height: int) -> list:
 @dataclass
 class SampleRequest:
     """One image to generate: unpadded prompt features [L, D] (and a negative prompt's, for guidance), its
-    pixel size and the seed of its initial noise (the pipeline's `generator=torch.Generator().manual_seed(seed)`)."""
+    pixel size and the seed of its initial noise (the pipeline's `generator=torch.Generator().manual_seed(seed)`).
+    An edit: `cond_latents`, the condition images' normalised latents [16, h, w] (the edit encoder's)."""
 
     embeds: torch.Tensor
     width: int
     height: int
     seed: int
     negative_embeds: Optional[torch.Tensor] = None
+    cond_latents: tuple = ()
+
+    @property
+    def cond_shapes(self) -> tuple:
+        return tuple(tuple(c.shape) for c in self.cond_latents)
 
     @classmethod
     def from_prompt(cls, prompt) -> "SampleRequest":
@@ -161,11 +187,11 @@ class SampleRequest:
 
 
 def batches_of(requests: Sequence[SampleRequest], batch_size: int) -> list[list[int]]:
-    """Indices of `requests` grouped into batches of one size and one guidance mode (a batch runs one loop),
-    at most `batch_size` each, groups in order of first appearance."""
+    """Indices of `requests` grouped into batches of one size, one guidance mode and one condition layout (a
+    batch runs one loop), at most `batch_size` each, groups in order of first appearance."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault((r.width, r.height, r.negative_embeds is not None), []).append(i)
+        groups.setdefault((r.width, r.height, r.negative_embeds is not None, r.cond_shapes), []).append(i)
     return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
 
 
@@ -188,7 +214,13 @@ def generate(model, requests: Sequence[SampleRequest], steps: int, guidance: flo
         negative = (TextBatch.from_list([r.negative_embeds for r in batch]).to(device, dtype)
                     if batch[0].negative_embeds is not None else None)
         step = None if progress is None else (lambda i, n, b=b: progress(b * steps + i, len(plan) * steps))
-        latents = sample_latents(model, text, noise, width, height, steps, scheduler, negative, guidance, step)
+        cond, grids = None, []
+        if batch[0].cond_latents:
+            conds = [torch.stack([r.cond_latents[k] for r in batch]).to(device, dtype)
+                     for k in range(len(batch[0].cond_latents))]
+            cond, grids = pack_conditions(conds, model.config.patch_size)
+        latents = sample_latents(model, text, noise, width, height, steps, scheduler, negative, guidance, step,
+                                 cond, grids)
         for i, lat in zip(idx, latents):
             out[i] = lat
     return out
