@@ -59,6 +59,17 @@ class EncoderConfig:
     seed: int = option(0, "seed of vae_sample_mode=sample")
 
 
+@dataclass
+class EditConfig:
+    """Edit samples (TI2I: source image, instruction, target image), found by their inputs (producer/layouts.py)."""
+
+    template: str = option("edit", "how the instruction is encoded with its source image(s), as diffusers' "
+                           "QwenImageEditPipeline (edit) or QwenImageEditPlusPipeline (edit_plus: several sources, "
+                           "'Picture N:' prompts, 384² vision-tower images)", choices=("edit", "edit_plus"))
+    condition_area: int = option(1024 * 1024, "pixel area of a source image as the VAE encodes it (aspect kept, "
+                                 "sides multiples of 32): the edit pipelines' 1024²")
+
+
 _POOL_RANGE = re.compile(r"^\d+:\d+$")
 
 
@@ -133,6 +144,7 @@ class ProducerConfig:
     pools: PoolConfig = field(default_factory=PoolConfig)
     sources: SourceOptions = field(default_factory=SourceOptions)
     categories: CategoryConfig = field(default_factory=CategoryConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> ProducerConfig:
@@ -161,6 +173,8 @@ def validate(cfg: ProducerConfig) -> None:
     }
     for key, v in positive.items():
         require(v is None or v > 0, key, f"must be > 0, got {v!r}")
+    require(cfg.edit.condition_area >= 32 * 32, "edit.condition_area",
+            f"must be at least 32² = 1024 pixels, got {cfg.edit.condition_area}")
     require(f.max_aspect is None or f.max_aspect >= 1, "filters.max_aspect",
             f"must be >= 1 (long side / short side), got {f.max_aspect!r}")
     require(f.dedup_near_max_distance is None or 0 <= f.dedup_near_max_distance < 32, "filters.dedup_near_max_distance",

@@ -8,6 +8,11 @@ duplicate, then the resize/crop to the sample's bucket (the cache's `bucket_for_
 Duplicates are judged within one work unit (input shard): a redo of the shard after a crash then makes
 exactly the same decisions, which the exactly-once cache relies on. Only kept samples enter the
 duplicate index, so a duplicate of a rejected image is not rejected for it.
+
+Edit samples (TI2I) bring source images (`RawSample.cond_images`): each goes through the same image checks
+(not the duplicate checks: one source is often edited several ways), before its target, and a failure drops
+the pair under `source_<reason>`. A kept pair's sources become condition images (buckets.condition_image:
+the edit pipeline's size, cropped like the target when of its aspect).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from megatron_qwen_image.cache import bucket_for_size, resize_to_bucket
+from megatron_qwen_image.cache.buckets import CONDITION_AREA, CONDITION_MULTIPLE, condition_image
 from producer.config import FilterConfig
 from producer.score_histograms import count_scores
 from producer.sources import BadRecord, RawSample
@@ -62,21 +68,32 @@ REASONS = {
     "caption_too_long": "caption longer than filters.max_caption_tokens (MLLM tokenizer)",
 }
 
+# The image checks a source image of an edit pair goes through; it is dropped under "source_<reason>".
+SOURCE_IMAGE_REASONS = ("empty_file", "file_too_small", "file_too_large", "decompression_bomb", "broken_file",
+                        "min_side", "max_aspect", "luma_dark", "luma_bright", "saturation", "entropy", "clarity",
+                        "texture")
+REASONS.update({f"source_{r}": f"edit pair whose source image fails: {REASONS[r]}" for r in SOURCE_IMAGE_REASONS})
+
 _LETTER_OR_DIGIT = re.compile(r"[^\W_]")  # any Unicode letter or digit
 
 
 @dataclass
 class Prepared:
-    """A sample that passed the CPU filters, resized/cropped to its bucket (uint8 HxWx3)."""
+    """A sample that passed the CPU filters, resized/cropped to its bucket (uint8 HxWx3). An edit sample also
+    has its source images as the VAE encodes them (`cond_images`, uint8 HxWx3 at buckets.condition_size) and,
+    for templates whose vision tower sees them at another size (edit_plus), as it sees them (`cond_vision`)."""
 
     key: str
     image: np.ndarray
     caption: str
     source: str
     meta: dict = field(default_factory=dict)
+    cond_images: list = field(default_factory=list)
+    cond_vision: list = field(default_factory=list)
 
     def __reduce__(self):
-        return _rebuild_prepared, (self.key, _row_bands(self.image), self.caption, self.source, self.meta)
+        return _rebuild_prepared, (self.key, _row_bands(self.image), self.caption, self.source, self.meta,
+                                   [_row_bands(c) for c in self.cond_images], [_row_bands(c) for c in self.cond_vision])
 
 
 # Ray copies every pickled buffer larger than 1 MiB into its object store with 6 threads it starts for
@@ -92,8 +109,13 @@ def _row_bands(image: np.ndarray) -> list[np.ndarray]:
     return [image[i:i + rows] for i in range(0, image.shape[0], rows)]
 
 
-def _rebuild_prepared(key, bands, caption, source, meta) -> "Prepared":
-    return Prepared(key, bands[0] if len(bands) == 1 else np.concatenate(bands), caption, source, meta)
+def _joined(bands: list[np.ndarray]) -> np.ndarray:
+    return bands[0] if len(bands) == 1 else np.concatenate(bands)
+
+
+def _rebuild_prepared(key, bands, caption, source, meta, conds=(), vision=()) -> "Prepared":
+    return Prepared(key, _joined(bands), caption, source, meta, [_joined(c) for c in conds],
+                    [_joined(c) for c in vision])
 
 
 class NearDuplicateIndex:
@@ -164,9 +186,13 @@ def _needed_size(w: int, h: int, bucket: tuple[int, int]) -> tuple[int, int]:
 class SampleFilter:
     """The CPU stage for one actor: caption checks, decode, image filters, dedup, bucket resize."""
 
-    def __init__(self, cfg: FilterConfig, base_resolution: int, tokenizer=None):
+    def __init__(self, cfg: FilterConfig, base_resolution: int, tokenizer=None, condition_area: int = CONDITION_AREA,
+                 vision_area: int | None = None):
+        """`condition_area`: the pixel area of an edit pair's condition images as the VAE encodes them;
+        `vision_area`: the area the MLLM's vision tower sees them at, when not that one (edit_plus: 384²)."""
         self.cfg = cfg
         self.base_resolution = base_resolution
+        self.condition_area, self.vision_area = condition_area, vision_area
         self.tokenizer = tokenizer
         self._boilerplate = [re.compile(p, re.IGNORECASE) for p in cfg.caption_boilerplate]
         # PIL's own guard (warning above the limit, error above twice it) follows ours in this process.
@@ -215,10 +241,15 @@ class SampleFilter:
         return out
 
     # ------------------------------------------------------------------ images
-    def image_or_reason(self, data: bytes) -> tuple[Image.Image | None, dict, str | None]:
-        """Decode with every guard; returns (bucketed RGB image, info, None) or (None, info, reason)."""
+    def image_or_reason(self, data: bytes, as_source: bool = False) -> tuple[Image.Image | None, dict, str | None]:
+        """Decode with every guard; returns (bucketed RGB image, info, None) or (None, info, reason).
+
+        `as_source`: `data` is the source image of an edit pair: no duplicate checks, and it comes back whole
+        (decoded, EXIF-rotated, RGB) for buckets.condition_image, its JPEG decode drafted to cover the
+        condition (and vision) area."""
         cfg = self.cfg
         info: dict = {"bytes": len(data)}
+        dedup = not as_source
         if not data:
             return None, info, "empty_file"
         if cfg.min_file_bytes is not None and len(data) < cfg.min_file_bytes:
@@ -226,7 +257,7 @@ class SampleFilter:
         if cfg.max_file_bytes is not None and len(data) > cfg.max_file_bytes:
             return None, info, "file_too_large"
         digest = None
-        if cfg.dedup_exact:
+        if cfg.dedup_exact and dedup:
             digest = hashlib.blake2b(data, digest_size=16).digest()
             info["blake2b"] = digest.hex()  # stored in meta: producer.dedup finds duplicates across shards
             if digest in self._exact:
@@ -247,7 +278,11 @@ class SampleFilter:
                 return None, info, "max_aspect"
             orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
             rotated_wh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            bucket = bucket_for_size(rotated_wh[0], rotated_wh[1], self.base_resolution)
+            if dedup:
+                bucket = bucket_for_size(rotated_wh[0], rotated_wh[1], self.base_resolution)
+            else:  # a square of the largest area it is resized to covers every aspect's condition size
+                side = math.isqrt(max(self.condition_area, self.vision_area or 0)) + CONDITION_MULTIPLE
+                bucket = (side, side)
             if img.format == "JPEG":
                 # Decode at the smallest JPEG scale (1/2, 1/4, 1/8) that still covers the bucket.
                 nw, nh = _needed_size(w, h, bucket if rotated_wh == (w, h) else bucket[::-1])
@@ -273,6 +308,8 @@ class SampleFilter:
         reason = self._quality_reason(stats)
         if reason:
             return None, info, reason
+        if not dedup:
+            return img, info, None
         ph = None
         if self._near is not None:
             ph = phash64(thumb)
@@ -330,6 +367,10 @@ class SampleFilter:
             if reason:
                 drops[reason] += 1
                 continue
+            sources, reason = self._sources_or_reason(r, scores, transforms)
+            if reason:
+                drops[reason] += 1
+                continue
             img, info, reason = self.image_or_reason(r.image)
             count_scores(scores, info.get("scores", {}))
             if reason:
@@ -339,5 +380,38 @@ class SampleFilter:
                 transforms["exif_rotated"] += 1
             src_meta = {k: v for k, v in r.meta.items() if not (k == "caption" and v == text)}  # stored anyway
             meta = {"source_meta": src_meta, **info}
-            kept.append(Prepared(r.key, np.asarray(img, dtype=np.uint8), text, r.source, meta))
+            prepared = Prepared(r.key, np.asarray(img, dtype=np.uint8), text, r.source, meta)
+            if sources:
+                self._add_conditions(prepared, sources, tuple(info["original_size"]), tuple(info["bucket"]))
+                transforms["edit_pairs"] += 1
+            kept.append(prepared)
         return kept, drops, transforms, scores
+
+    def _sources_or_reason(self, r: RawSample, scores: Counter, transforms: Counter) -> tuple[list, str | None]:
+        """An edit sample's decoded source images (checked like images, not for duplicates), or the reason
+        ("source_<reason>") the first failing one drops the pair. Checked before the target, so that a pair
+        dropped for its source leaves no trace in the duplicate index."""
+        out = []
+        for data in r.cond_images:
+            img, info, reason = self.image_or_reason(data, as_source=True)
+            count_scores(scores, info.get("scores", {}))
+            if reason:
+                return [], f"source_{reason}"
+            if "exif_orientation" in info:
+                transforms["exif_rotated"] += 1
+            out.append(img)
+        return out, None
+
+    def _add_conditions(self, prepared: Prepared, sources: list, target_size: tuple, bucket: tuple) -> None:
+        """The condition images of a kept pair (buckets.condition_image), and their meta: each source's
+        original size and its condition size."""
+        w, h = bucket
+        target_wh = (target_size[1], target_size[0]) if prepared.meta.get("exif_orientation", 1) in (5, 6, 7, 8) \
+            else target_size
+        conds = [condition_image(s, target_wh, (w, h), self.condition_area) for s in sources]
+        prepared.cond_images = [np.asarray(c, dtype=np.uint8) for c in conds]
+        if self.vision_area is not None:
+            prepared.cond_vision = [np.asarray(condition_image(s, target_wh, (w, h), self.vision_area), dtype=np.uint8)
+                                    for s in sources]
+        prepared.meta["conditions"] = [{"original_size": list(s.size), "size": list(c.size)}
+                                       for s, c in zip(sources, conds)]

@@ -10,8 +10,16 @@
 | Hugging Face imagefolder | `metadata.jsonl` or `metadata.csv` with a `file_name` column | the file it names | `caption`, `text` or `prompt` |
 | image folder | images with `NAME.txt` sidecars | `NAME.jpg` | `NAME.txt` |
 
-Columns are found by name and type; `sources.image_column` / `caption_column` / `key_column` name them
-instead. Two candidates for one role is an error that lists them (never a guess).
+Edit samples (image editing, TI2I: source image, instruction, target image) in the same layouts: a tar
+sample with a `KEY.src.<ext>` member (several sources: `KEY.src0.<ext>`, `KEY.src1.<ext>`, ...) beside its
+target `KEY.jpg` and instruction `KEY.txt`; a Parquet file with a second image column named like a source
+(`source_image`, `src_img`, `input_image`, `original_image`, ...: CONDITION_COLUMN_NAMES), whose target is
+the other image column (an `edited_image`/`target_image`-like name wins when there are several) and whose
+instruction is an `instruction`/`edit_prompt`-like column before a plain caption.
+
+Columns are found by name and type; `sources.image_column` / `caption_column` / `key_column` /
+`condition_columns` name them instead. Two candidates for one role is an error that lists them (never a
+guess).
 """
 from __future__ import annotations
 
@@ -23,6 +31,11 @@ import pyarrow as pa
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 IMAGE_COLUMN_NAMES = ("image", "img") + IMAGE_EXTS  # binary columns that hold encoded images
 CAPTION_COLUMN_NAMES = ("caption", "text", "prompt")
+# Edit datasets (InstructPix2Pix, MagicBrush, UltraEdit, OmniEdit, ...): the source image and the instruction.
+CONDITION_COLUMN_NAMES = ("source_image", "source_img", "src_image", "src_img", "input_image", "input_img",
+                          "original_image", "original_img", "condition_image", "reference_image")
+TARGET_COLUMN_NAMES = ("edited_image", "edited_img", "target_image", "target_img", "output_image", "output_img")
+INSTRUCTION_COLUMN_NAMES = ("instruction", "edit_instruction", "edit_prompt", "edit")
 SUCCESS = "success"  # img2dataset's status of a downloaded row
 
 
@@ -39,10 +52,15 @@ class Columns:
     key: str | None = None      # None: file stem + row number (Parquet), the file's stem (imagefolder)
     status: str | None = None   # img2dataset: rows whose status is not "success" are failed downloads
     layout: str = "Parquet"
+    conditions: tuple = ()      # edit samples: the source image column(s), in order
 
     def describe(self) -> str:
         key = f"key column {self.key!r}" if self.key else "keys from the row number"
         status = f", failed downloads from {self.status!r}" if self.status else ""
+        if self.conditions:
+            return (f"edit pairs: source image column{'s' * (len(self.conditions) > 1)} "
+                    f"{', '.join(map(repr, self.conditions))}, target image column {self.image!r}, instruction "
+                    f"column {self.caption!r}, {key}{status}")
         return f"image column {self.image!r}, caption column {self.caption!r}, {key}{status}"
 
 
@@ -82,21 +100,38 @@ def _named(option_value: str | None, names: list, where: str, option: str) -> st
 
 
 def parquet_columns(schema: pa.Schema, where: str, image: str | None = None, caption: str | None = None,
-                    key: str | None = None) -> Columns:
-    """The image, caption, key and status columns of a Parquet file, by its schema (LayoutError if unclear).
-    `image`/`caption`/`key`: the config's choices (None: detect)."""
+                    key: str | None = None, conditions: list | None = None) -> Columns:
+    """The image, caption, key, status and (edit samples) source image columns of a Parquet file, by its
+    schema (LayoutError if unclear). `image`/`caption`/`key`/`conditions`: the config's choices (None: detect)."""
     names = list(schema.names)
     types = {f.name: f.type for f in schema}
     features = _hf_features(schema)
+    hf = [n for n in names if isinstance(features.get(n), dict) and features[n].get("_type") == "Image"]
+    structs = [n for n in names if _is_image_struct(types[n])]
+    binaries = [n for n in names if n.lower() in IMAGE_COLUMN_NAMES + CONDITION_COLUMN_NAMES + TARGET_COLUMN_NAMES
+                and _is_binary(types[n])]
+    holds_images = hf or structs or binaries  # the kind of image column this file has (first kind found)
+    if conditions is None:
+        found = [n for n in holds_images if n.lower() in CONDITION_COLUMN_NAMES]
+        if len(found) > 1:
+            raise LayoutError(f"{where}: {len(found)} candidate source image columns {found}; name them in order "
+                              f"with sources.condition_columns=[...] ([] for none)")
+        conditions = found
+    for c in conditions:
+        _named(c, names, where, "sources.condition_columns")
     image = _named(image, names, where, "sources.image_column")
     if image is None:
-        hf = [n for n in names if isinstance(features.get(n), dict) and features[n].get("_type") == "Image"]
-        structs = [n for n in names if _is_image_struct(types[n])]
-        binaries = [n for n in names if n.lower() in IMAGE_COLUMN_NAMES and _is_binary(types[n])]
-        image = _pick("image", hf or structs or binaries, where, names, "sources.image_column")
+        rest = [n for n in holds_images if n not in conditions]
+        if conditions and len(rest) > 1:
+            rest = [n for n in rest if n.lower() in TARGET_COLUMN_NAMES] or rest
+        image = _pick("image", rest, where, names, "sources.image_column")
+    if image in conditions:
+        raise LayoutError(f"{where}: column {image!r} is both the target image and a source image")
     caption = _named(caption, names, where, "sources.caption_column")
     if caption is None:
-        caption = _pick("caption", [n for n in names if n.lower() in CAPTION_COLUMN_NAMES and _is_text(types[n])],
+        texts = [n for n in names if _is_text(types[n])]
+        instructions = [n for n in texts if n.lower() in INSTRUCTION_COLUMN_NAMES] if conditions else []
+        caption = _pick("caption", instructions or [n for n in texts if n.lower() in CAPTION_COLUMN_NAMES],
                         where, names, "sources.caption_column")
     img2dataset = "status" in names and image.lower() in IMAGE_EXTS and _is_binary(types[image])
     if key is None and img2dataset and "key" in names:
@@ -104,7 +139,7 @@ def parquet_columns(schema: pa.Schema, where: str, image: str | None = None, cap
     key = _named(key, names, where, "sources.key_column")
     layout = ("img2dataset parquet" if img2dataset else
               "Hugging Face datasets parquet" if features or _is_image_struct(types[image]) else "Parquet")
-    return Columns(image, caption, key, "status" if img2dataset else None, layout)
+    return Columns(image, caption, key, "status" if img2dataset else None, layout, tuple(conditions))
 
 
 def metadata_columns(names: list, where: str, caption: str | None = None, key: str | None = None) -> Columns:

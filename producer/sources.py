@@ -112,6 +112,9 @@ class RawSample:
     caption: bytes | None  # raw bytes: UTF-8 validity is a filter, not a reader concern
     meta: dict = field(default_factory=dict)  # the img2dataset KEY.json / parquet extra columns
     source: str = ""
+    # An edit sample (TI2I): the source images the instruction (`caption`) edits into `image`, in order;
+    # a tar's KEY.src.<ext> (or KEY.src0.<ext>, KEY.src1.<ext>, ...), a table's condition image column(s).
+    cond_images: tuple = ()
 
 
 @dataclass
@@ -130,6 +133,9 @@ class SourceOptions:
                                       "{bytes, path} struct or a binary column named image/jpg/png/...)")
     caption_column: str | None = option(None, "Parquet or imagefolder-metadata column of the caption (null: "
                                         "detect: caption, text or prompt)")
+    condition_columns: list[str] | None = option(None, "Parquet columns of an edit sample's source image(s), in order "
+                                            "(null: detect: one image column named source_image, src_img, "
+                                            "input_image, original_image, ...; []: none, text-to-image)")
     key_column: str | None = option(None, "column of the sample key (null: img2dataset's `key`, else file stem + "
                                     "row number / the image's file name)")
     image_paths_outside_input: bool = option(False, "read image files a table names (Hugging Face `{bytes: null, "
@@ -262,7 +268,8 @@ def _parquet_input(where: str, files: list[str], rel, root: str, options: Source
 
 
 def _parquet_columns(schema, path: str, options: SourceOptions) -> Columns:
-    return parquet_columns(schema, path, options.image_column, options.caption_column, options.key_column)
+    return parquet_columns(schema, path, options.image_column, options.caption_column, options.key_column,
+                           options.condition_columns)
 
 
 def _file_inputs(path: str, options: SourceOptions) -> list[DetectedInput]:
@@ -407,12 +414,35 @@ def split_key(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem) if d else stem, ext.lower()
 
 
+_CONDITION_MEMBER = re.compile(r"^src(\d*)\.(" + "|".join(IMAGE_EXTS) + r")$")
+
+
+def condition_members(parts: dict) -> list[bytes] | str:
+    """An edit sample's source images among a tar group's members: `src.<ext>` (one), or `src0.<ext>`,
+    `src1.<ext>`, ... (several, in that order). A problem (a number given twice, a gap) is returned as text."""
+    found: dict[int, list[str]] = {}
+    for ext in parts:
+        m = _CONDITION_MEMBER.match(ext)
+        if m:
+            found.setdefault(int(m.group(1) or 0), []).append(ext)
+    if not found:
+        return []
+    clash = [names for names in found.values() if len(names) > 1]
+    if clash or sorted(found) != list(range(len(found))):
+        return f"source image members {sorted(e for names in found.values() for e in names)} are not src.<ext> " \
+               f"or src0.<ext>, src1.<ext>, ... once each"
+    return [parts[found[i][0]] for i in range(len(found))]
+
+
 def _group_to_sample(key: str, parts: dict[str, bytes], source: str) -> RawSample | BadRecord | None:
     if _OVERSIZE in parts:  # already reported as file_too_large
         return None
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if img_ext is None:
         return BadRecord(key, "missing_image", f"members: {sorted(parts)}")
+    conds = condition_members(parts)
+    if isinstance(conds, str):
+        return BadRecord(key, "missing_image", conds)
     meta: dict = {}
     if "json" in parts:
         try:
@@ -424,7 +454,7 @@ def _group_to_sample(key: str, parts: dict[str, bytes], source: str) -> RawSampl
     caption = parts.get("txt")
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"].encode("utf-8")
-    return RawSample(key, parts[img_ext], img_ext, caption, meta, source)
+    return RawSample(key, parts[img_ext], img_ext, caption, meta, source, tuple(conds))
 
 
 def read_sidecar(path: str) -> tuple[dict[str, dict], list[BadRecord]]:
@@ -520,6 +550,7 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "", root: str 
             yield BadRecord(None, "broken_shard", str(e))
             return
         img_col, cap_col, key_col, status_col = cols_of.image, cols_of.caption, cols_of.key, cols_of.status
+        cond_cols = cols_of.conditions
         columns = pf.schema_arrow.names
         row = 0
         for batch in pf.iter_batches(batch_size=options.parquet_batch_rows, columns=columns):
@@ -531,24 +562,36 @@ def iter_parquet(path: str, options: SourceOptions, source: str = "", root: str 
                     err = cols.get("error_message", [None] * batch.num_rows)[i]
                     yield BadRecord(key, "download_failed", f"row {row - 1}: {cols[status_col][i]}: {err}")
                     continue
-                img, ext = cols[img_col][i], ""
-                if isinstance(img, dict):
-                    if img.get("bytes") is None and img.get("path"):
-                        got = read_named_file(img["path"], base, root or base, key, options)
-                        if isinstance(got, BadRecord):
-                            yield got
-                            continue
-                        img, ext = got, _ext(img["path"])
-                    else:
-                        img = img.get("bytes")
-                cap = _caption_bytes(cols[cap_col][i])
-                if not isinstance(img, (bytes, bytearray)):
-                    yield BadRecord(key, "missing_image", f"row {row - 1}: image column holds {type(img).__name__}")
+                images = [_table_image(cols[c][i], c, row - 1, key, base, root or base, options)
+                          for c in (img_col, *cond_cols)]
+                bad = next((x for x in images if isinstance(x, BadRecord)), None)
+                if bad is not None:  # the pair is dropped together
+                    yield bad
                     continue
-                meta = _scalars(((c, cols[c][i]) for c in columns), skip=(img_col, cap_col))
-                yield RawSample(key, bytes(img), ext, cap, meta, source)
+                cap = _caption_bytes(cols[cap_col][i])
+                meta = _scalars(((c, cols[c][i]) for c in columns), skip=(img_col, cap_col, *cond_cols))
+                (img, ext), conds = images[0], tuple(data for data, _ in images[1:])
+                yield RawSample(key, img, ext, cap, meta, source, conds)
     except Exception as e:  # pyarrow raises several types for corrupt files; none may crash the actor
         yield BadRecord(None, "broken_shard", f"{path}: {type(e).__name__}: {e}")
+
+
+def _table_image(value, column: str, row: int, key: str, base: str, root: str,
+                 options: SourceOptions) -> tuple[bytes, str] | BadRecord:
+    """A table cell holding an image -> (bytes, ext): binary, or a `datasets` Image struct's `bytes`, else the
+    file at its `path` (read_named_file); a cell without an image is `missing_image` naming the column."""
+    ext = ""
+    if isinstance(value, dict):
+        if value.get("bytes") is None and value.get("path"):
+            got = read_named_file(value["path"], base, root, key, options)
+            if isinstance(got, BadRecord):
+                return got
+            value, ext = got, _ext(value["path"])
+        else:
+            value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        return BadRecord(key, "missing_image", f"row {row}: column {column!r} holds {type(value).__name__}")
+    return bytes(value), ext
 
 
 # --------------------------------------------------------------------------- files a sample names

@@ -29,6 +29,9 @@ from producer.errors import IncompleteShard
 from producer.filters import Prepared, SampleFilter
 from producer.sources import ENDED_EARLY, BadRecord, ShardSpec, iter_shard
 
+# QwenImageEditPlusPipeline's CONDITION_IMAGE_SIZE: the area its vision tower sees each source image at.
+EDIT_PLUS_VISION_AREA = 384 * 384
+
 
 class StaleAttempt(RuntimeError):
     """A chunk or commit for a work-unit attempt this actor has no (complete) writer for."""
@@ -89,7 +92,8 @@ class CpuWorker:
             if not cfg.encoders.dir:
                 raise ValueError("encoders.dir is required: the caption-length filter uses the MLLM tokenizer")
             tokenizer = load_tokenizer(cfg.encoders.dir)
-        self.filter = SampleFilter(f, cfg.base_resolution, tokenizer)
+        vision_area = EDIT_PLUS_VISION_AREA if cfg.edit.template == "edit_plus" else None
+        self.filter = SampleFilter(f, cfg.base_resolution, tokenizer, cfg.edit.condition_area, vision_area)
         self.categorize = Categorizer(cfg.categories)
 
     def ping(self) -> int:

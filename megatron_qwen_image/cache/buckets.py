@@ -10,6 +10,12 @@ Rule (docs/cache_format.md, "Buckets"):
 - Producers then resize so the image covers the bucket (scale = max(bw/W, bh/H), Lanczos) and
   center-crop to exactly (bw, bh). A fixed, small set of ratios keeps buckets few and full, so that
   global batches (one bucket each) fill quickly.
+
+Condition images of edit samples (image editing, TI2I) are not bucketed: they get the size diffusers'
+QwenImageEditPipeline gives its input image, `condition_size` (area about CONDITION_AREA = 1024², the aspect
+kept, both sides multiples of 32), Lanczos-resized as its VaeImageProcessor.resize does. `condition_image`
+first crops a source of the target's aspect exactly as its target was cropped to the bucket, so source and
+target stay pixel-aligned; a source of another aspect keeps its own (and so its own condition size).
 """
 from __future__ import annotations
 
@@ -63,6 +69,50 @@ def resize_to_bucket(image, bucket: tuple[int, int]):
         image = image.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     return image.crop((left, top, left + bw, top + bh))
+
+
+CONDITION_AREA = 1024 * 1024  # QwenImageEditPipeline's calculate_dimensions(1024 * 1024, ratio)
+CONDITION_MULTIPLE = 32
+SAME_ASPECT_TOLERANCE = 0.01  # relative: a source within 1 % of its target's aspect is cropped like the target
+
+
+def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
+    """(w, h) of a condition image of aspect width:height, exactly diffusers' `calculate_dimensions(area, ratio)`
+    (pipeline_qwenimage_edit.py): w = sqrt(area * ratio), h = w / ratio, each rounded (Python's round) to a
+    multiple of 32."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"condition image size {width}x{height} must be positive")
+    if area < CONDITION_MULTIPLE ** 2:
+        raise ValueError(f"condition area {area} must be at least {CONDITION_MULTIPLE}^2")
+    ratio = width / height
+    w = math.sqrt(area * ratio)
+    h = w / ratio
+    w, h = round(w / CONDITION_MULTIPLE) * CONDITION_MULTIPLE, round(h / CONDITION_MULTIPLE) * CONDITION_MULTIPLE
+    if w <= 0 or h <= 0:
+        raise ValueError(f"condition image size {width}x{height} is too elongated for area {area}")
+    return w, h
+
+
+def condition_image(image, target_size: tuple[int, int], bucket: tuple[int, int], area: int = CONDITION_AREA):
+    """A decoded source image (PIL RGB) -> the condition image the cache encodes.
+
+    `target_size` is the target's (w, h) before it was cropped to `bucket`. A source of the same aspect is
+    center-cropped to the bucket's aspect as resize_to_bucket cropped its target, then resized to
+    condition_size(bucket); any other source keeps its aspect: condition_size(its own size). Lanczos, as
+    the edit pipeline's VaeImageProcessor.resize."""
+    w, h = image.size
+    tw, th = target_size
+    if abs((w / h) / (tw / th) - 1) <= SAME_ASPECT_TOLERANCE:
+        bw, bh = bucket
+        cw, ch = min(w, w * (bw / bh) / (w / h)), min(h, h * (w / h) / (bw / bh))
+        left, top = (w - cw) / 2, (h - ch) / 2
+        image = image.crop((round(left), round(top), round(left + cw), round(top + ch)))
+        size = condition_size(bw, bh, area)
+    else:
+        size = condition_size(w, h, area)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
 
 
 def latent_size(bucket: tuple[int, int]) -> tuple[int, int]:
