@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_qwen_image.cache import CacheWriter
+from megatron_qwen_image.cache.buckets import EDIT_PLUS_VISION_AREA
 from producer.categories import UNCATEGORISED, Categorizer
 from producer.config import ProducerConfig
 from producer.errors import IncompleteShard
 from producer.filters import Prepared, SampleFilter
 from producer.sources import ENDED_EARLY, BadRecord, ShardSpec, iter_shard
-
-# QwenImageEditPlusPipeline's CONDITION_IMAGE_SIZE: the area its vision tower sees each source image at.
-EDIT_PLUS_VISION_AREA = 384 * 384
 
 
 class StaleAttempt(RuntimeError):

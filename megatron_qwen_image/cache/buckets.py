@@ -72,24 +72,26 @@ def resize_to_bucket(image, bucket: tuple[int, int]):
 
 
 CONDITION_AREA = 1024 * 1024  # QwenImageEditPipeline's calculate_dimensions(1024 * 1024, ratio)
+EDIT_PLUS_VISION_AREA = 384 * 384  # QwenImageEditPlusPipeline's CONDITION_IMAGE_SIZE: what its vision tower sees
 CONDITION_MULTIPLE = 32
 SAME_ASPECT_TOLERANCE = 0.01  # relative: a source within 1 % of its target's aspect is cropped like the target
 
 
 def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
     """(w, h) of a condition image of aspect width:height, exactly diffusers' `calculate_dimensions(area, ratio)`
-    (pipeline_qwenimage_edit.py): w = sqrt(area * ratio), h = w / ratio, each rounded (Python's round) to a
-    multiple of 32."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"condition image size {width}x{height} must be positive")
-    if area < CONDITION_MULTIPLE ** 2:
-        raise ValueError(f"condition area {area} must be at least {CONDITION_MULTIPLE}^2")
+    (pipeline_qwenimage_edit.py), written the same way so the floats and Python's half-to-even `round` match:
+    w = sqrt(area * ratio), h = w / ratio, each rounded to a multiple of 32 (so the Edit pipeline's rounding of
+    its output size to multiples of 16 never changes them)."""
+    for name, v in (("width", width), ("height", height), ("area", area)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"condition_size: {name} must be a positive integer, got {v!r}")
     ratio = width / height
     w = math.sqrt(area * ratio)
     h = w / ratio
     w, h = round(w / CONDITION_MULTIPLE) * CONDITION_MULTIPLE, round(h / CONDITION_MULTIPLE) * CONDITION_MULTIPLE
     if w <= 0 or h <= 0:
-        raise ValueError(f"condition image size {width}x{height} is too elongated for area {area}")
+        raise ValueError(f"condition_size: a {width}x{height} image is too elongated for area {area} (a side "
+                         "rounds to 0)")
     return w, h
 
 

@@ -38,6 +38,9 @@ TOKENIZER = Component("tokenizer", "Qwen2 tokenizer", (("tokenizer_config.json",
 VAE = Component("vae", "Qwen-Image VAE (AutoencoderKLQwenImage)",
                 (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")))
 PRODUCER_COMPONENTS = (TEXT_ENCODER, TOKENIZER, VAE)
+# Image-editing pipelines (Qwen-Image-Edit): the Qwen2-VL processor, an image processor and its own tokenizer.
+PROCESSOR = Component("processor", "Qwen2-VL processor", (("preprocessor_config.json",), ("tokenizer_config.json",),
+                                                          ("tokenizer.json", "vocab.json")))
 
 
 def component_dir(local_dir: str, component: Component) -> str:

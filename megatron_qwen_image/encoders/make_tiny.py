@@ -9,14 +9,20 @@ writes (nothing is downloaded; every file comes from `save_pretrained`, so the s
     OUT_DIR/tokenizer/         Qwen2Tokenizer: a byte-level BPE trained here with `tokenizers`, Qwen2's
                                pre-tokenizer regex and the chat special tokens (<|im_start|>, <|im_end|>, ...)
     OUT_DIR/text_encoder/      Qwen2_5_VLForConditionalGeneration, hidden_size 64 (the contract's tiny width)
+    OUT_DIR/processor/         the Qwen2-VL processor of the edit pipelines: Qwen2VLImageProcessor (patch 14, merge 2,
+                               temporal patch 2 as the tiny vision tower; at most 64 vision tokens an image) + tokenizer
     OUT_DIR/vae/               AutoencoderKLQwenImage, z_dim 16, spatial factor 8 (as released)
     OUT_DIR/transformer/       QwenImageTransformer2DModel at configs/model/tiny.yaml's shape
     OUT_DIR/scheduler/         FlowMatchEulerDiscreteScheduler with Qwen-Image's released settings
     OUT_DIR/clip/              a tiny CLIPModel + tokenizer + image processor for the model-based filter
 
-The tokenizer is trained on the prompt template's words (among others), so every template word is a
-single token as in the real Qwen vocabulary: the template prefix then tokenizes to the same 34 tokens
-that diffusers hard-codes, which the encoder tests check against the computed drop index.
+The tokenizer is trained on the prompt templates' words (among others), so every template word is a
+single token as in the real Qwen vocabulary: the template prefixes then tokenize to the same 34 (text-to-image)
+and 64 (edit, edit plus) tokens that diffusers hard-codes, which the encoder tests check against the computed
+drop indices.
+
+The edit pipelines (QwenImageEditPipeline, QwenImageEditPlusPipeline) are built from these parts in the tests;
+there is no model_index.json for them.
 """
 from __future__ import annotations
 
@@ -34,9 +40,10 @@ import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer)
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from megatron_qwen_image.encoders.edit import EDIT, EDIT_PLUS
 from megatron_qwen_image.encoders.text import PROMPT_TEMPLATE
 from megatron_qwen_image.flow_matching import RELEASED_SCHEDULER
 
@@ -91,8 +98,9 @@ _ZH_TEXT = (
 
 
 def _training_corpus() -> list[str]:
-    """Text the tiny BPE learns from: the prompt template many times, English words, Chinese phrases."""
-    lines = [PROMPT_TEMPLATE.format("") for _ in range(200)]
+    """Text the tiny BPE learns from: the prompt templates many times, English words, Chinese phrases."""
+    templates = [PROMPT_TEMPLATE.format(""), EDIT.format("", 1), EDIT_PLUS.format("", 2)]
+    lines = [t for t in templates for _ in range(200)]
     words = _EN_WORDS
     for i in range(400):
         n = 4 + i % 9
@@ -183,6 +191,16 @@ def build_text_encoder(out_dir: str, tokenizer, seed: int):
     return model
 
 
+def build_processor(out_dir: str, tokenizer):
+    """The edit pipelines' Qwen2-VL processor, saved as its parts (image processor config + tokenizer files, the
+    released processor/ layout): transformers cannot build a Qwen2VLProcessor object without torchvision (see
+    encoders/edit.py). Saved as "Qwen2VLImageProcessor", so AutoImageProcessor picks the class it would for the
+    released files. Small max_pixels (64 merged tokens) keeps the tiny tests fast; min_pixels as released."""
+    Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, patch_size=14,
+                             merge_size=2, temporal_patch_size=2).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
 def build_vae(out_dir: str, seed: int):
     torch.manual_seed(seed + 1)
     # Three down-sampling stages -> spatial factor 8 and z_dim 16, as released; narrow channels for speed.
@@ -255,6 +273,7 @@ def make_tiny(out_dir: str, seed: int = 0, with_clip: bool = True, with_transfor
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(os.path.join(out_dir, "tokenizer"))
     build_text_encoder(os.path.join(out_dir, "text_encoder"), tokenizer, seed)
+    build_processor(os.path.join(out_dir, "processor"), tokenizer)
     build_vae(os.path.join(out_dir, "vae"), seed)
     build_scheduler(os.path.join(out_dir, "scheduler"))
     if with_transformer:
