@@ -47,6 +47,7 @@ class RunStats:
     transforms: Counter = field(default_factory=Counter)
     buckets: Counter = field(default_factory=Counter)
     categories: Counter = field(default_factory=Counter)  # written samples per category (categories.py)
+    tasks: Counter = field(default_factory=Counter)  # written samples per task: t2i, ti2i (edit pairs)
     scores: Counter = field(default_factory=Counter)  # measured images per score bin (score_histograms.py)
     shards_committed: int = 0
     cpu_seconds: float = 0.0
@@ -59,6 +60,7 @@ class RunStats:
         self.transforms.update(s.get("transforms", {}))
         self.buckets.update(s["buckets"])
         self.categories.update(s.get("categories", {}))
+        self.tasks.update(s.get("tasks", {}))
         self.scores.update(s.get("scores", {}))
         self.cpu_seconds += s.get("cpu_seconds", 0.0)
         self.encode_seconds += s.get("encode_seconds", 0.0)
@@ -70,6 +72,7 @@ class RunStats:
         self.transforms.update(o.transforms)
         self.buckets.update(o.buckets)
         self.categories.update(o.categories)
+        self.tasks.update(o.tasks)
         self.scores.update(o.scores)
         self.shards_committed += o.shards_committed
         self.cpu_seconds += o.cpu_seconds
@@ -138,6 +141,7 @@ class ProgressReporter:
             "transforms": dict(s.transforms),
             "buckets": dict(sorted(s.buckets.items(), key=lambda kv: _bucket_key(kv[0]))),
             "categories": dict(sorted(s.categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "tasks": dict(sorted(s.tasks.items())),
             "score_histograms": histograms(s.scores, filters or FilterConfig()),
             "timeline": self.timeline + [[round(elapsed, 2), s.seen, s.written]],
             "throughput": {"samples_seen_per_s": round(s.seen / el, 3), "samples_written_per_s": round(s.written / el, 3),
@@ -200,6 +204,10 @@ def format_table(r: dict) -> str:
     out += ["", f"{'category':<24}{'samples':>10}{'share':>11}", "-" * 45]
     for k, v in r.get("categories", {}).items():
         out.append(f"{k:<24}{v:>10,}{100 * v / total:>10.1f}%")
+    if r.get("tasks", {}).get("ti2i"):  # only a run with edit pairs: a text-to-image report stays as it was
+        out += ["", f"{'task':<24}{'samples':>10}{'share':>11}", "-" * 45]
+        for k, v in r["tasks"].items():
+            out.append(f"{k:<24}{v:>10,}{100 * v / total:>10.1f}%")
     for c in r["changed_work_units"]:
         out.append(f"CHANGED {c['work_unit']} ({c['path']}): {c['change']}" + (" (redone)" if c["redone"] else ""))
     for f in r["failed_shards"]:

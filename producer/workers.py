@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from megatron_qwen_image.cache import CacheWriter
 from megatron_qwen_image.cache.buckets import EDIT_PLUS_VISION_AREA
@@ -159,6 +160,8 @@ class EncoderWorker:
                                                   seed=e.seed, batch_size=e.vae_batch_size)
         self.model_filters = [build_model_filter(s, device) for s in cfg.model_filters]
         self.writers: dict[str, _OpenWorkUnit] = {}  # by work unit
+        self._device, self._dtype = device, dtype
+        self._edit = None  # (QwenEditTextEncoder, QwenEditConditionEncoder), loaded with the first edit sample
 
     def ping(self) -> int:
         return os.getpid()
@@ -186,7 +189,7 @@ class EncoderWorker:
         w.chunks += 1
         writer = w.writer
         stats = {"seen": chunk.seen, "written": 0, "drops": Counter(chunk.drops), "transforms": dict(chunk.transforms),
-                 "buckets": Counter(), "categories": Counter(), "cpu_seconds": chunk.cpu_seconds,
+                 "buckets": Counter(), "categories": Counter(), "tasks": Counter(), "cpu_seconds": chunk.cpu_seconds,
                  "scores": dict(chunk.scores)}
         samples: list[Prepared] = chunk.samples
         if writer.already_committed:  # a rerun raced a commit: nothing to add, never duplicate
@@ -207,17 +210,49 @@ class EncoderWorker:
             samples = keep
         if samples:
             latents = self._encode_images(samples)
-            texts = self.text.encode([s.caption for s in samples])
-            for s, lat, txt in zip(samples, latents, texts):
+            texts, conds = self._encode_texts(samples)
+            for s, lat, txt, cond in zip(samples, latents, texts, conds):
                 meta = dict(s.meta)
                 if s.key in scores:
                     meta.setdefault("scores", {}).update(scores[s.key])
                 meta["text_tokens"] = int(txt.shape[0])
-                writer.add(s.key, lat.cpu(), txt.cpu(), s.caption, s.source, json_safe(meta))
+                writer.add(s.key, lat.cpu(), txt.cpu(), s.caption, s.source, json_safe(meta),
+                           cond_latents=[c.cpu() for c in cond] or None)
                 stats["buckets"][f"{s.image.shape[1]}x{s.image.shape[0]}"] += 1
                 stats["categories"][s.meta.get("category", UNCATEGORISED)] += 1
+                stats["tasks"]["ti2i" if cond else "t2i"] += 1
             stats["written"] = len(samples)
         return self._finish_stats(stats, t0)
+
+    def _encode_texts(self, samples: list[Prepared]) -> tuple[list, list]:
+        """Text features and condition latents in input order: a caption alone (text-to-image) through the T2I
+        template; an edit sample's instruction with its source images through the edit template, and the
+        sources through the VAE. The edit samples' images are already sized (buckets.condition_image)."""
+        texts, conds = [None] * len(samples), [[] for _ in samples]
+        plain = [i for i, s in enumerate(samples) if not s.cond_images]
+        edits = [i for i, s in enumerate(samples) if s.cond_images]
+        for i, t in zip(plain, self.text.encode([samples[i].caption for i in plain])):
+            texts[i] = t
+        if edits:
+            text, vae = self._edit_encoders()
+            vision = [[Image.fromarray(a) for a in (samples[i].cond_vision or samples[i].cond_images)] for i in edits]
+            for i, t in zip(edits, text.encode([samples[i].caption for i in edits], vision, presized=True)):
+                texts[i] = t
+            for i in edits:
+                conds[i] = vae.encode([Image.fromarray(a) for a in samples[i].cond_images], presized=True)
+        return texts, conds
+
+    def _edit_encoders(self):
+        """The edit encoders (edit.template), loaded once, on the first edit sample: a text-to-image run needs no
+        processor/ directory."""
+        if self._edit is None:
+            from megatron_qwen_image.encoders.edit import TEMPLATES, QwenEditConditionEncoder, QwenEditTextEncoder
+
+            e, template = self.cfg.encoders, TEMPLATES[self.cfg.edit.template]
+            text = QwenEditTextEncoder.from_pretrained(e.dir, device=self._device, dtype=self._dtype, template=template,
+                                                       batch_size=e.text_batch_size)
+            self._edit = text, QwenEditConditionEncoder(self.vae, template)
+        return self._edit
 
     def _encode_images(self, samples: list[Prepared]) -> list:
         """VAE latents in input order; same-size images are batched together."""
@@ -236,6 +271,7 @@ class EncoderWorker:
         stats["drops"] = dict(stats["drops"])
         stats["buckets"] = dict(stats["buckets"])
         stats["categories"] = dict(stats["categories"])
+        stats["tasks"] = dict(stats["tasks"])
         stats["encode_seconds"] = time.perf_counter() - t0
         return stats
 

@@ -182,3 +182,51 @@ def test_edit_config_keys():
         load_config(None, ["edit.condition_area=100"])
     with pytest.raises(ConfigError, match="edit.template"):
         load_config(None, ["edit.template=inpaint"])
+
+
+def test_encoder_worker_writes_edit_pairs_as_the_edit_encoders_compute_them(tmp_path):
+    """A shard mixing text-to-image samples and edit pairs (one with two sources, edit_plus) through both
+    workers: edit samples carry their condition latents into the cache, each the edit encoders' output on
+    the prepared images; text-to-image samples keep the T2I template; the stats count both tasks."""
+    import torch
+
+    from megatron_qwen_image.cache import CacheReader
+    from megatron_qwen_image.encoders.edit import TEMPLATES, QwenEditConditionEncoder, QwenEditTextEncoder
+    from megatron_qwen_image.encoders.make_tiny import ensure_tiny
+    from megatron_qwen_image.encoders.text import QwenTextEncoder
+    from megatron_qwen_image.encoders.vae import QwenVAEEncoder
+    from producer.workers import CpuWorker, EncoderWorker
+
+    tiny = ensure_tiny()
+    tar = write_tar(tmp_path / "mixed.tar", [
+        {"__key__": "t2i", "jpg": picture(400, 300, 1), "txt": "A plain picture of a circle."},
+        {"__key__": "edit1", "src.png": picture(400, 300, 2, "PNG"), "jpg": picture(400, 300, 3),
+         "txt": "Make the circle red."},
+        {"__key__": "edit2", "src0.jpg": picture(400, 300, 4), "src1.jpg": picture(300, 300, 5),
+         "jpg": picture(400, 300, 6), "txt": "Put the circle of picture 2 into picture 1."},
+    ])
+    cfg = load_config("configs/producer/default.yaml", [f"encoders.dir={tiny}", "latent_dtype=fp32",
+                                                        "edit.template=edit_plus", "edit.condition_area=16384"])
+    [spec] = discover_shards([tar])
+    [chunk] = CpuWorker(cfg).process_shard(spec)
+    enc = EncoderWorker(cfg, str(tmp_path / "cache"))
+    stats = enc.add_chunk(spec.work_unit, 0, chunk)
+    assert stats["tasks"] == {"t2i": 1, "ti2i": 2}
+    enc.commit(spec.work_unit, 0, 1)
+    records = {r["key"]: r for r in CacheReader(str(tmp_path / "cache")).iter_records()}
+    prepared = {s.key: s for s in chunk.samples}
+    assert records["t2i"]["cond_latents"] == []
+    (t2i_text,) = QwenTextEncoder.from_pretrained(tiny).encode([prepared["t2i"].caption])
+    torch.testing.assert_close(records["t2i"]["text_embed"].float(), t2i_text.to(torch.bfloat16).float())
+    text = QwenEditTextEncoder.from_pretrained(tiny, template=TEMPLATES["edit_plus"])
+    vae = QwenEditConditionEncoder(QwenVAEEncoder.from_pretrained(tiny), TEMPLATES["edit_plus"])
+    for key, n in (("edit1", 1), ("edit2", 2)):
+        s, rec = prepared[key], records[key]
+        assert len(s.cond_images) == len(s.cond_vision) == n
+        conds = vae.encode([Image.fromarray(a) for a in s.cond_images], presized=True)
+        assert [tuple(c.shape) for c in rec["cond_latents"]] == [tuple(c.shape) for c in conds]
+        for got, want in zip(rec["cond_latents"], conds):
+            torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+        (t,) = text.encode([s.caption], [[Image.fromarray(a) for a in s.cond_vision]], presized=True)
+        torch.testing.assert_close(rec["text_embed"].float(), t.to(torch.bfloat16).float())
+        assert rec["meta"]["conditions"][0]["size"] == [s.cond_images[0].shape[1], s.cond_images[0].shape[0]]

@@ -172,13 +172,15 @@ class QwenEditTextEncoder:
         return resize_to_area(as_rgb(image), self.template.vision_area or self.template.vae_area)
 
     @torch.no_grad()
-    def encode_batch(self, instructions: Sequence[str], images: Sequence) -> list[torch.Tensor]:
-        """One forward pass (one padded batch, as the pipeline does); `images[i]`: prompt i's image or images."""
+    def encode_batch(self, instructions: Sequence[str], images: Sequence, presized: bool = False) -> list[torch.Tensor]:
+        """One forward pass (one padded batch, as the pipeline does); `images[i]`: prompt i's image or images.
+        `presized`: the images already are what the pipeline hands the processor (the producer sizes them on
+        its CPU actors: buckets.condition_image), so they are not resized again."""
         if len(instructions) != len(images):
             raise ValueError(f"got {len(instructions)} instructions but {len(images)} condition image entries")
         per_prompt = _images_per_prompt(images)
         txt = [self.template.format(p, len(ims)) for p, ims in zip(instructions, per_prompt)]
-        vision = [self.vision_image(im) for ims in per_prompt for im in ims]
+        vision = [as_rgb(im) if presized else self.vision_image(im) for ims in per_prompt for im in ims]
         inputs = self.processor(text=txt, images=vision, padding=True, return_tensors="pt").to(self.device)
         # The pipeline's arguments exactly: without mm_token_type_ids (which the processor also returns),
         # transformers 5 gives every token 1-D positions instead of Qwen2.5-VL's 3-D ones (diffusers#14194);
@@ -189,13 +191,14 @@ class QwenEditTextEncoder:
         valid = torch.split(out.last_hidden_state[mask], mask.sum(dim=1).tolist(), dim=0)
         return [v[self.drop_idx:] for v in valid]
 
-    def encode(self, instructions: Sequence[str], images: Sequence) -> list[torch.Tensor]:
+    def encode(self, instructions: Sequence[str], images: Sequence, presized: bool = False) -> list[torch.Tensor]:
         """Features `[L_i, hidden]` per instruction, in order, `batch_size` prompts per forward pass."""
         if isinstance(instructions, str):
             raise TypeError("encode() takes a list of instructions, not a single string")
         out: list[torch.Tensor] = []
         for i in range(0, len(instructions), self.batch_size):
-            out.extend(self.encode_batch(instructions[i : i + self.batch_size], images[i : i + self.batch_size]))
+            out.extend(self.encode_batch(instructions[i : i + self.batch_size], images[i : i + self.batch_size],
+                                         presized))
         return out
 
 
@@ -221,13 +224,15 @@ class QwenEditConditionEncoder:
         return resize_to_area(as_rgb(image), self.template.vae_area)
 
     @torch.no_grad()
-    def encode(self, images: Sequence) -> list[torch.Tensor]:
-        """Latents `[z_dim, h/8, w/8]` per condition image, in order."""
+    def encode(self, images: Sequence, presized: bool = False) -> list[torch.Tensor]:
+        """Latents `[z_dim, h/8, w/8]` per condition image, in order. `presized`: the images already have their
+        condition size (the producer's, buckets.condition_image) and are not resized again."""
         if isinstance(images, PIL.Image.Image):
             raise TypeError("encode() takes a list of images, not a single image")
         out = []
         for image in images:
-            x = image_to_tensor(self.vae_image(image))[None, :, None]  # [1, 3, 1, H, W]: one frame
+            image = as_rgb(image) if presized else self.vae_image(image)
+            x = image_to_tensor(image)[None, :, None]  # [1, 3, 1, H, W]: one frame
             z = self.vae_encoder.vae.encode(x.to(self.vae_encoder.device, self.vae_encoder.dtype)).latent_dist.mode()
             z = (z - self._mean.to(z.device, z.dtype)) / self._std.to(z.device, z.dtype)
             out.append(z[0, :, 0])
