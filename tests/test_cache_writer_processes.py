@@ -83,7 +83,7 @@ KILLED_WRITER = textwrap.dedent("""
     w = CacheWriter(sys.argv[1], "unit-killed", flush_bytes=10_000)
     for i in range(6):
         w.add(f"k{i}", torch.randn(16, 32, 32), torch.randn(4, 8))
-    w._buckets[(256, 256)].flush()  # data on disk, in the middle of a shard
+    w._groups[(256, 256), ()].flush()  # data on disk, in the middle of a shard (bucket 256x256, no conditions)
     print("READY", flush=True)
     time.sleep(600)
 """)

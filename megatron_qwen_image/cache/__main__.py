@@ -2,10 +2,12 @@
 
 init     create an empty cache (what a streaming trainer started before the producers needs; producers
          create it themselves too, and init on an existing cache changes nothing)
-inspect  buckets, samples, bytes per sample, text-length histogram (--json for machines); with
-         --decode KEY --encoders DIR: that sample decoded back to pixels through the VAE, as a PNG
-verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32, and
-         the manifest snapshots against the entries (exit status 1 if anything is bad)
+inspect  buckets (image-editing samples per condition group: "640x480 +cond 16x80x60"), samples, bytes
+         per sample, text-length histogram (--json for machines); with --decode KEY --encoders DIR:
+         that sample decoded back to pixels through the VAE, as a PNG
+verify   re-check every shard: size, whole-file CRC-32, Arrow structure, every sample's CRC-32 (over
+         its condition latents too), and the manifest snapshots against the entries (exit status 1 if
+         anything is bad)
 cleanup  delete temp files of dead writers and unreferenced shard files older than --grace-s
 seal     declare the cache complete (streaming loaders finish; writers refuse new commits)
 compact  snapshot the manifest so that readers open it with one large read plus the entries after it
@@ -66,12 +68,13 @@ def cmd_inspect(args) -> int:
         print(f"  manifest snapshot: {info['snapshot_entries']} entries (the rest read from entry files)")
     if info["exclusion_list"]:
         print(f"  exclusion list {info['exclusion_list']}: {info['excluded_samples']} samples skipped by loaders")
-    print(f"  {'bucket':>11} {'latent':>12} {'shards':>7} {'samples':>9} {'bytes/sample':>13} {'dtype':>6} "
+    width = max([11, *map(len, info["buckets"])])  # image-editing groups are named "640x480 +cond 16x80x60"
+    print(f"  {'bucket':>{width}} {'latent':>12} {'shards':>7} {'samples':>9} {'bytes/sample':>13} {'dtype':>6} "
           f"{'text D':>6} {'text len min/mean/max':>22}")
     for name, b in info["buckets"].items():
         tl = b.get("text_len", {})
         lens = f"{tl.get('min', '-')}/{tl.get('mean', 0):.1f}/{tl.get('max', '-')}" if tl else "-"
-        print(f"  {name:>11} {'x'.join(map(str, b['latent_shape'])):>12} {b['shards']:>7} {b['samples']:>9} "
+        print(f"  {name:>{width}} {'x'.join(map(str, b['latent_shape'])):>12} {b['shards']:>7} {b['samples']:>9} "
               f"{_fmt_bytes(b['bytes_per_sample']):>13} {','.join(b['latent_dtypes']):>6} "
               f"{','.join(map(str, b['text_dims'])):>6} {lens:>22}")
     hist = {}

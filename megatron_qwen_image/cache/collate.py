@@ -7,10 +7,16 @@ import torch
 
 
 def collate(samples, output_dtype: torch.dtype | None = torch.float32, alloc=None) -> dict:
-    """[(key, latent [C,H,W], text [L_i, D]), ...] -> the batch dict.
+    """[(key, latent [C,H,W], text [L_i, D]) or (key, latent, text, conds), ...] -> the batch dict, where
+    `conds` is a sequence of condition latents [C, h, w], one per condition image (image editing; empty or
+    left out: text-to-image).
 
     {"latents": [B,C,H,W], "text_embeds": [B,L,D] zero-padded to the batch's longest L,
-     "text_mask": [B,L] bool (True = real token), "keys": [str]}.
+     "text_mask": [B,L] bool (True = real token), "keys": [str],
+     "cond_latents": [one [B,C,h,w] per condition image] ([] for text-to-image), "task": "t2i" | "ti2i"}.
+    All samples must share their condition shapes: condition tokens are never padded (the MMDiT has no
+    key-padding mask for image tokens, and their RoPE positions depend on each condition's h, w), so a
+    batch is one condition group, as a shard is (docs/cache_format.md, "Condition latents").
     One copy per tensor, straight into the output (with the dtype conversion); only the padding is
     zeroed. output_dtype=None keeps the stored dtype. `alloc(shape, dtype)` provides the output
     tensors (default torch.empty; the loader passes a BufferPool).
@@ -18,26 +24,41 @@ def collate(samples, output_dtype: torch.dtype | None = torch.float32, alloc=Non
     if not samples:
         raise ValueError("cannot collate an empty batch")
     alloc = alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    keys = [key for key, _, _ in samples]
-    _, lat0, txt0 = samples[0]
+    keys = [s[0] for s in samples]
+    conds = [tuple(s[3]) if len(s) > 3 else () for s in samples]
+    _, lat0, txt0 = samples[0][:3]
     shape, dim = tuple(lat0.shape), txt0.shape[1]
-    lengths = [txt.shape[0] for _, _, txt in samples]
+    cond_shapes = _shapes(conds[0])
+    lengths = [s[2].shape[0] for s in samples]
     max_len = max(lengths)
     latents = alloc((len(samples), *shape), output_dtype or lat0.dtype)
     text = alloc((len(samples), max_len, dim), output_dtype or txt0.dtype)
     mask = torch.zeros((len(samples), max_len), dtype=torch.bool)
-    for i, (key, lat, txt) in enumerate(samples):
+    cond_latents = [alloc((len(samples), *cs), output_dtype or c.dtype) for cs, c in zip(cond_shapes, conds[0])]
+    for i, sample in enumerate(samples):
+        key, lat, txt = sample[:3]
         if tuple(lat.shape) != shape:
             raise ValueError(f"sample {key!r}: latent {tuple(lat.shape)} differs from {shape} in the same batch")
         if txt.shape[1] != dim:
             raise ValueError(f"sample {key!r}: text embedding is {txt.shape[1]} wide, others are {dim}")
+        if _shapes(conds[i]) != cond_shapes:
+            raise ValueError(f"sample {key!r}: condition latents {list(_shapes(conds[i]))} differ from "
+                             f"{list(cond_shapes)} of {keys[0]!r} in the same batch (a batch must be one condition "
+                             f"group: condition tokens cannot be padded)")
         latents[i].copy_(lat)
+        for out, c in zip(cond_latents, conds[i]):
+            out[i].copy_(c)
         n = lengths[i]
         text[i, :n].copy_(txt)
         if n < max_len:
             text[i, n:].zero_()
         mask[i, :n] = True
-    return {"latents": latents, "text_embeds": text, "text_mask": mask, "keys": keys}
+    return {"latents": latents, "text_embeds": text, "text_mask": mask, "keys": keys,
+            "cond_latents": cond_latents, "task": "ti2i" if cond_shapes else "t2i"}
+
+
+def _shapes(conds) -> tuple:
+    return tuple(tuple(c.shape) for c in conds)
 
 
 def _storage_use_count(t: torch.Tensor) -> int | None:

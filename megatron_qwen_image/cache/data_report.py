@@ -5,11 +5,13 @@ Writes `CACHE/reports/data/index.html` (or `--out DIR`) with one PNG per figure:
   producer writes them by default, or `--reports FILE...`);
 - a histogram of each image-quality score over every measured image, kept or dropped, with the
   thresholds that were in force drawn on it (the producer counts them: producer/score_histograms.py);
-- the bucket distribution of each family (base resolution), from the manifest;
+- the bucket distribution of each family (base resolution), from the manifest (image-editing samples
+  per condition group, "640x480 +cond 16x80x60");
 - the text-length distribution (Qwen2.5-VL tokens), from the cache;
 - samples/s over time, one line per producer run;
-- a contact sheet per bucket: the first samples' latents decoded back to pixels through the VAE, with
-  their captions (needs the encoders directory; without it the report says how to get them).
+- a contact sheet per bucket (and condition group): the first samples' (target) latents decoded back to
+  pixels through the VAE, with their captions (needs the encoders directory; without it the report says
+  how to get them).
 
 `decode_key` (`cache inspect CACHE --decode KEY`) decodes one sample the same way.
 """
@@ -19,6 +21,7 @@ import glob
 import html
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -29,6 +32,7 @@ import torch
 from ..encoders.vae import QwenVAEEncoder
 from ..image_grid import image_grid, save_png
 from .exclusions import read_exclusions
+from .format import group_name, parse_bucket_name
 from .reader import CacheReader
 
 matplotlib.use("Agg")  # no display on servers and CI
@@ -48,7 +52,7 @@ class DataSummary:
     drops: Counter = field(default_factory=Counter)
     scores: dict = field(default_factory=dict)                 # name -> {edges, counts, min, max, log}
     timelines: list[tuple[str, list]] = field(default_factory=list)  # (run, [[s, seen, written], ...])
-    families: dict = field(default_factory=dict)               # base resolution -> {bucket name: samples}
+    families: dict = field(default_factory=dict)               # base resolution -> {group name: samples}
     text_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     samples: int = 0
 
@@ -85,12 +89,18 @@ def summarize(root: str, reports: list[str] | None = None) -> DataSummary:
     lengths = []
     for s in reader.shards():
         fam = out.families.setdefault(s.base_resolution, Counter())
-        fam[f"{s.bucket[0]}x{s.bucket[1]}"] += s.num_samples
+        fam[group_name(s.bucket, s.cond_shapes)] += s.num_samples
         out.samples += s.num_samples
         lengths.append(reader.open(s).text_lengths())
     if lengths:
         out.text_lengths = np.concatenate(lengths)
     return out
+
+
+def _aspect(name: str) -> float:
+    """Width / height of a group name's bucket ("640x480" or "640x480 +cond 16x80x60")."""
+    w, h = parse_bucket_name(name.split(" ")[0])
+    return w / h
 
 
 def _save(fig, path: str) -> str:
@@ -136,7 +146,7 @@ def plot_buckets(s: DataSummary, path: str) -> str | None:
     fams = sorted(s.families.items(), key=lambda kv: kv[0] or 0)
     fig, axes = plt.subplots(1, len(fams), figsize=(4.5 * len(fams), 3.2), squeeze=False)
     for ax, (base, buckets) in zip(axes[0], fams):
-        names = sorted(buckets, key=lambda b: int(b.split("x")[0]) / int(b.split("x")[1]))
+        names = sorted(buckets, key=lambda b: (_aspect(b), b))
         ax.bar(names, [buckets[n] for n in names], color="#9bbb59")
         ax.set_title(f"{base}p family: {sum(buckets.values()):,} samples", fontsize=9)
         ax.tick_params(axis="x", rotation=60, labelsize=7)
@@ -179,13 +189,13 @@ def _decode(vae: QwenVAEEncoder, latents: list[torch.Tensor]) -> list:
 
 
 def pick_samples(root: str, per_bucket: int) -> dict[str, list]:
-    """For each bucket, its first `per_bucket` samples in manifest order that loaders read (not on the exclusion
-    list): {bucket name: [(key, latent, caption)]}."""
+    """For each bucket (and condition group), its first `per_bucket` samples in manifest order that loaders read
+    (not on the exclusion list): {group name: [(key, latent, caption)]}."""
     reader = CacheReader(root, verify="sample")
     excluded = read_exclusions(root).rows  # what loaders skip is not what training reads: left out here too
     picked: dict = defaultdict(list)
     for info in reader.shards():
-        name = f"{info.bucket[0]}x{info.bucket[1]}"
+        name = group_name(info.bucket, info.cond_shapes)
         if len(picked[name]) >= per_bucket:
             continue
         shard = reader.open(info)
@@ -207,7 +217,8 @@ def contact_sheets(root: str, encoders: str, out_dir: str, per_bucket: int = 4) 
     for name, rows in sorted(picked.items()):
         images = _decode(vae, [lat for _, lat, _ in rows])
         grid = image_grid(images, [f"{k}: {c}" for k, _, c in rows], columns=len(images))
-        path = os.path.join(out_dir, f"samples_{name}.png")
+        file_name = re.sub(r"[^0-9A-Za-z]+", "_", name)  # "640x480 +cond 16x80x60" -> "640x480_cond_16x80x60"
+        path = os.path.join(out_dir, f"samples_{file_name}.png")
         save_png(grid, path)
         sheets.append((name, path))
     return sheets

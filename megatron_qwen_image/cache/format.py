@@ -1,7 +1,8 @@
 """The latent-cache format: names, versions, dtypes and the shard schema (spec: docs/cache_format.md).
 
 Everything that both the writer and the reader must agree on lives here, so that the format has one
-implementation. Bump FORMAT_VERSION for any change a version-1 reader could misread.
+implementation. Bump FORMAT_VERSION for any change an older reader could misread (version 2 added
+optional condition latents per sample, for image editing).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import pyarrow as pa
 import torch
 
 FORMAT_NAME = "megatron-qwen-image-latent-cache"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # what writers write
+SUPPORTED_VERSIONS = (1, 2)  # what readers read: version-1 files read unchanged (no condition latents)
 
 # Pixel size = latent size x VAE_SCALE_FACTOR; buckets are multiples of VAE_SCALE_FACTOR x PATCH_SIZE.
 VAE_SCALE_FACTOR = 8
@@ -128,15 +129,52 @@ def bucket_dir(width: int, height: int) -> str:
     return BUCKET_PREFIX + bucket_name(width, height)
 
 
+CondShapes = tuple[tuple[int, int, int], ...]  # (C, h, w) of each condition image; () for text-to-image
+
+
+def cond_shapes_text(cond_shapes: CondShapes) -> str:
+    """The shard schema's `cond_shapes` metadata: "16,64,48;16,32,32" ("" for text-to-image)."""
+    return ";".join(",".join(str(int(d)) for d in shape) for shape in cond_shapes)
+
+
+def cond_numel(cond_shapes: CondShapes) -> int:
+    """Values per row of the `cond_latent` column: every condition image of the row, one after another."""
+    return sum(int(np.prod(shape)) for shape in cond_shapes)
+
+
+def _shape_name(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)  # (16, 80, 60) -> "16x80x60"
+
+
+def group_name(bucket: tuple[int, int], cond_shapes: CondShapes) -> str:
+    """How tools name a bucket's group of samples: "640x480" (text-to-image) or "640x480 +cond 16x80x60"
+    (one condition image; several: "16x80x60+16x32x32")."""
+    name = bucket_name(*bucket)
+    return f"{name} +cond " + "+".join(map(_shape_name, cond_shapes)) if cond_shapes else name
+
+
+def cond_file_tag(cond_shapes: CondShapes) -> str:
+    """The part of a shard's file name that tells its condition group from the bucket's other groups in one
+    attempt (so that their files never share a name): "" for text-to-image (version 1's names),
+    ".cond16x80x60" for one condition image, ".cond16x80x60-16x32x32" for several."""
+    return ".cond" + "-".join(map(_shape_name, cond_shapes)) if cond_shapes else ""
+
+
+def _fixed_list(name: str, dt: StorageDType, numel: int) -> pa.Field:
+    return pa.field(name, pa.list_(pa.field("item", dt.arrow, nullable=False), numel), nullable=False)
+
+
 def shard_schema(latent_dt: StorageDType, latent_shape, text_dt: StorageDType, text_dim: int,
-                 metadata: dict) -> pa.Schema:
+                 metadata: dict, cond_shapes: CondShapes = ()) -> pa.Schema:
     """One row per sample. Latents of one shard share a shape (one bucket): a fixed-size list whose
-    values are one contiguous buffer. Text embeddings are stored unpadded: a large list of L*D values
-    per row (row i's tokens are values[offsets[i]:offsets[i+1]] reshaped to [L_i, D])."""
-    numel = int(np.prod(latent_shape))
+    values are one contiguous buffer. Condition latents (image editing; only when `cond_shapes` is not
+    empty) likewise share their shapes within a shard: one fixed-size list per row holding every
+    condition image in turn. Text embeddings are stored unpadded: a large list of L*D values per row
+    (row i's tokens are values[offsets[i]:offsets[i+1]] reshaped to [L_i, D])."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
-        pa.field("latent", pa.list_(pa.field("item", latent_dt.arrow, nullable=False), numel), nullable=False),
+        _fixed_list("latent", latent_dt, int(np.prod(latent_shape))),
+        *([_fixed_list("cond_latent", latent_dt, cond_numel(cond_shapes))] if cond_shapes else []),
         pa.field("text_embed", pa.large_list(pa.field("item", text_dt.arrow, nullable=False)), nullable=False),
         pa.field("text_len", pa.int32(), nullable=False),
         pa.field("caption", pa.large_string(), nullable=False),
@@ -151,15 +189,20 @@ def shard_schema(latent_dt: StorageDType, latent_shape, text_dt: StorageDType, t
         "latent_shape": ",".join(str(int(s)) for s in latent_shape),
         "text_dtype": text_dt.name,
         "text_dim": str(int(text_dim)),
+        **({"cond_shapes": cond_shapes_text(cond_shapes)} if cond_shapes else {}),
         **{k: str(v) for k, v in metadata.items()},
     }
     return pa.schema(fields, metadata=md)
 
 
-def sample_crc(key: str, latent: np.ndarray, text: np.ndarray) -> int:
-    """Per-sample checksum over exactly the bytes training consumes: key, latent, text embedding."""
+def sample_crc(key: str, latent: np.ndarray, text: np.ndarray, cond: np.ndarray | None = None) -> int:
+    """Per-sample checksum over exactly the bytes training consumes: key, latent, the condition latents
+    (`cond`: the row's `cond_latent` values, when it has any), text embedding. Without conditions this is
+    version 1's checksum, so one function checks rows of both versions."""
     crc = crc32(key.encode("utf-8"))
     crc = crc32(np.ascontiguousarray(latent), crc)
+    if cond is not None:
+        crc = crc32(np.ascontiguousarray(cond), crc)
     return crc32(np.ascontiguousarray(text), crc)
 
 

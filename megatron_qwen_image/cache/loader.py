@@ -621,7 +621,8 @@ class BucketedLoader:
         if info.path in self._bad:
             return None
         try:
-            return self._shard(info).sample(row)
+            sf = self._shard(info)
+            return (*sf.sample(row), sf.conditions(row))  # what collate takes: (key, latent, text, conds)
         except CorruptShardError as e:
             with self._lock:
                 if info.path not in self._bad:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .format import BUCKET_PREFIX, SHARD_SUFFIX, TMP_DIR, CorruptShardError
+from .format import BUCKET_PREFIX, SHARD_SUFFIX, TMP_DIR, CorruptShardError, group_name
 from .exclusions import read_exclusions
 from .manifest import ManifestLog, SnapshotCorrupt, list_snapshots, read_snapshot, snapshot_path
 from .reader import CacheReader
@@ -17,12 +17,14 @@ TEXT_LEN_BINS = (1, 33, 65, 129, 257, 513, 1025)
 
 
 def inspect_cache(root: str, text_lengths: bool = True) -> dict:
-    """Buckets, sample counts, bytes per sample and a text-length histogram (per bucket)."""
+    """Buckets, sample counts, bytes per sample and a text-length histogram (per bucket). A bucket's image-editing
+    samples are listed apart, per condition group ("640x480 +cond 16x80x60", with its "cond_shapes")."""
     r = CacheReader(root, verify="none")
     buckets = {}
     for s in r.shards():
-        b = buckets.setdefault(f"{s.bucket[0]}x{s.bucket[1]}", {
+        b = buckets.setdefault(group_name(s.bucket, s.cond_shapes), {
             "shards": 0, "samples": 0, "bytes": 0, "latent_shape": list(s.latent_shape),
+            **({"cond_shapes": [list(c) for c in s.cond_shapes]} if s.cond_shapes else {}),
             "latent_dtypes": set(), "text_dims": set(), "base_resolutions": set(), "text_lengths": []})
         b["shards"] += 1
         b["samples"] += s.num_samples

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .format import (CACHE_FILE, ENTRY_DIGITS, FORMAT_NAME, FORMAT_VERSION, MANIFEST_DIR, SEALED_FILE,
-                     SNAPSHOT_DIR, TMP_DIR, WORKUNITS_DIR, CacheFormatError, bucket_name, check_version, crc32,
-                     file_crc32, new_cache_file_content, parse_bucket_name, read_cache_file)
+                     SNAPSHOT_DIR, TMP_DIR, WORKUNITS_DIR, CacheFormatError, CondShapes, bucket_name, check_version,
+                     crc32, file_crc32, new_cache_file_content, parse_bucket_name, read_cache_file)
 from ..fsutil import atomic_replace, create_exclusive, fsync_dir, link_exclusive, unique_tmp_name, write_durable
 
 log = logging.getLogger(__name__)
@@ -182,19 +182,31 @@ class ShardInfo:
     base_resolution: int | None
     seq: int                       # the log entry that committed it
     work_unit: str
+    cond_shapes: CondShapes = ()   # (C, h, w) of each row's condition images (image editing); (): text-to-image
 
     @staticmethod
     def from_json(d: dict, seq: int, work_unit: str, base_resolution) -> "ShardInfo":
         return ShardInfo(path=d["path"], bucket=parse_bucket_name(d["bucket"]), num_samples=int(d["num_samples"]),
                          bytes=int(d["bytes"]), crc32=int(d["crc32"]), latent_shape=tuple(d["latent_shape"]),
                          latent_dtype=d["latent_dtype"], text_dim=int(d["text_dim"]), text_dtype=d["text_dtype"],
-                         base_resolution=base_resolution, seq=seq, work_unit=work_unit)
+                         base_resolution=base_resolution, seq=seq, work_unit=work_unit,
+                         cond_shapes=_parse_cond_shapes(d.get("cond_shapes", ())))  # absent (version 1): none
 
     def to_json(self) -> dict:
         """The entry's description of this shard again (from_json of it gives an equal ShardInfo)."""
         return {"path": self.path, "bucket": bucket_name(*self.bucket), "num_samples": self.num_samples,
                 "bytes": self.bytes, "crc32": self.crc32, "latent_shape": list(self.latent_shape),
-                "latent_dtype": self.latent_dtype, "text_dim": self.text_dim, "text_dtype": self.text_dtype}
+                "latent_dtype": self.latent_dtype, "text_dim": self.text_dim, "text_dtype": self.text_dtype,
+                **({"cond_shapes": [list(c) for c in self.cond_shapes]} if self.cond_shapes else {})}
+
+
+def _parse_cond_shapes(value) -> CondShapes:
+    """The manifest's `cond_shapes`, [[16, h, w], ...], as a tuple of (C, h, w); ValueError if malformed
+    (the entry then counts as unreadable, like any bad field)."""
+    shapes = tuple(tuple(int(d) for d in shape) for shape in value)
+    if any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+        raise ValueError(f"cond_shapes {value!r}: each must be [C, h, w] of positive sizes")
+    return shapes
 
 
 @dataclass

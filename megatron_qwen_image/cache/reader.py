@@ -42,12 +42,18 @@ class CacheReader:
         return sum(s.num_samples for s in self.shards())
 
     def buckets(self) -> dict[tuple[int, int], dict]:
+        """(width, height) -> {"shards", "samples", "bytes", "groups"}, where "groups" splits the bucket by the
+        shards' condition shapes: {cond_shapes: {"shards", "samples", "bytes"}}, () being text-to-image."""
         out: dict[tuple[int, int], dict] = {}
         for s in self.shards():
-            b = out.setdefault(s.bucket, {"shards": 0, "samples": 0, "bytes": 0})
-            b["shards"] += 1
-            b["samples"] += s.num_samples
-            b["bytes"] += s.bytes
+            b = out.setdefault(s.bucket, {"shards": 0, "samples": 0, "bytes": 0, "groups": {}})
+            g = b["groups"].setdefault(s.cond_shapes, {"shards": 0, "samples": 0, "bytes": 0})
+            for counts in (b, g):
+                counts["shards"] += 1
+                counts["samples"] += s.num_samples
+                counts["bytes"] += s.bytes
+        for b in out.values():
+            b["groups"] = dict(sorted(b["groups"].items()))
         return dict(sorted(out.items()))
 
     def open(self, info: ShardInfo) -> ShardFile:

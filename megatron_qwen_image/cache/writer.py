@@ -1,9 +1,11 @@
 """CacheWriter: the producer side. Exactly-once, atomic commits of one work unit's samples.
 
 Life of a work unit (docs/cache_format.md, "Writing"):
-1. `add()` routes each sample to its bucket (by latent size) and appends it to a temp shard file in
-   `_tmp/` (record batches of ~flush_bytes; a new shard every max_shard_bytes). Nothing in `_tmp/` is
-   ever read. Temp files of earlier, killed attempts of the same work unit are deleted on start.
+1. `add()` routes each sample to its group — its bucket (by latent size) and the shapes of its condition
+   latents (image editing; none for text-to-image), since all rows of a shard share both — and appends it
+   to that group's temp shard file in `_tmp/` (record batches of ~flush_bytes; a new shard every
+   max_shard_bytes). Nothing in `_tmp/` is ever read. Temp files of earlier, killed attempts of the same
+   work unit are deleted on start.
 2. `commit()` finishes and fsyncs every temp shard, renames each into its bucket directory under a
    name derived from the work unit id plus this attempt's random suffix (so an attempt never
    overwrites a file another attempt may have committed), then appends ONE manifest entry listing all
@@ -35,8 +37,8 @@ import torch
 
 from . import manifest
 from .buckets import ASPECT_RATIOS, bucket_of_latent, buckets_for_base
-from .format import (FORMAT_VERSION, TMP_DIR, CacheFormatError, bucket_dir, bucket_name, file_crc32,
-                     sample_crc, shard_schema, storage_dtype, tensor_to_numpy, work_unit_id)
+from .format import (FORMAT_VERSION, TMP_DIR, CacheFormatError, CondShapes, bucket_dir, bucket_name, cond_file_tag,
+                     cond_numel, file_crc32, sample_crc, shard_schema, storage_dtype, tensor_to_numpy, work_unit_id)
 from ..fsutil import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
@@ -62,28 +64,32 @@ class _FinishedShard:
     entry: dict            # path (relative to the root), bucket, num_samples, bytes, crc32, shapes, dtypes
 
 
-class _BucketShards:
-    """The temp shard files of one bucket within one work unit."""
+class _GroupShards:
+    """The temp shard files of one group of samples within one work unit: one bucket, one set of condition
+    shapes (a shard's rows share both)."""
 
-    def __init__(self, w: "CacheWriter", bucket, latent_shape, text_dim: int):
+    def __init__(self, w: "CacheWriter", bucket, latent_shape, text_dim: int, cond_shapes: CondShapes):
         self.w, self.bucket, self.latent_shape, self.text_dim = w, bucket, tuple(latent_shape), text_dim
+        self.cond_shapes = cond_shapes
+        self.tag = cond_file_tag(cond_shapes)  # file names stay unique per (bucket, cond shapes) in an attempt
         self.schema = shard_schema(w.latent_dt, latent_shape, w.text_dt, text_dim,
                                    {"bucket": bucket_name(*bucket), "work_unit": w.work_unit,
-                                    "base_resolution": w.base_resolution})
+                                    "base_resolution": w.base_resolution}, cond_shapes)
         self.rows: list[tuple] = []
         self.buffered = 0
         self.index = 0
         self.current: _OpenShard | None = None
         self.finished: list[_FinishedShard] = []
 
-    def add(self, key, lat, txt, caption, source, meta_json, crc):
-        self.rows.append((key, lat, txt, caption, source, meta_json, crc))
-        self.buffered += lat.nbytes + txt.nbytes
+    def add(self, key, lat, cond, txt, caption, source, meta_json, crc):
+        """`cond`: the row's condition latents, flat, one image after another (None without conditions)."""
+        self.rows.append((key, lat, cond, txt, caption, source, meta_json, crc))
+        self.buffered += lat.nbytes + txt.nbytes + (0 if cond is None else cond.nbytes)
         if self.buffered >= self.w.flush_bytes:
             self.flush()
 
     def _record_batch(self) -> pa.RecordBatch:
-        keys, lats, txts, caps, srcs, metas, crcs = zip(*self.rows)
+        keys, lats, conds, txts, caps, srcs, metas, crcs = zip(*self.rows)
         lat = np.concatenate([a.reshape(-1) for a in lats])
         txt = np.concatenate([a.reshape(-1) for a in txts])
         if self.w.latent_dt.name == "bf16":
@@ -93,9 +99,16 @@ class _BucketShards:
         lens = np.array([a.shape[0] for a in txts], dtype=np.int32)
         offsets = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens.astype(np.int64) * self.text_dim, out=offsets[1:])
+        cond_column = []
+        if self.cond_shapes:
+            cond = np.concatenate(conds)
+            if self.w.latent_dt.name == "bf16":
+                cond = cond.view(np.uint16)
+            cond_column = [pa.FixedSizeListArray.from_arrays(pa.array(cond), cond_numel(self.cond_shapes))]
         arrays = [
             pa.array(keys, pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(lat), int(np.prod(self.latent_shape))),
+            *cond_column,
             pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(txt)),
             pa.array(lens),
             pa.array(caps, pa.large_string()),
@@ -109,7 +122,8 @@ class _BucketShards:
         if not self.rows:
             return
         if self.current is None:
-            tmp = os.path.join(self.w.tmp_dir, f"{self.w.tmp_stem}.{bucket_name(*self.bucket)}.{self.index:04d}.arrow.tmp")
+            name = f"{self.w.tmp_stem}.{bucket_name(*self.bucket)}{self.tag}.{self.index:04d}.arrow.tmp"
+            tmp = os.path.join(self.w.tmp_dir, name)
             sink = pa.OSFile(tmp, "wb")
             self.current = _OpenShard(tmp, sink, pa.ipc.new_file(sink, self.schema))
         batch = self._record_batch()
@@ -125,11 +139,12 @@ class _BucketShards:
         shard.sink.close()
         tmp = shard.tmp_path
         fsync_file(tmp)
-        final = os.path.join(bucket_dir(*self.bucket), f"{self.w.file_stem}.{self.index:04d}.arrow")
+        final = os.path.join(bucket_dir(*self.bucket), f"{self.w.file_stem}{self.tag}.{self.index:04d}.arrow")
         self.finished.append(_FinishedShard(tmp, {
             "path": final, "bucket": bucket_name(*self.bucket), "num_samples": shard.rows,
             "bytes": os.path.getsize(tmp), "crc32": file_crc32(tmp), "latent_shape": list(self.latent_shape),
             "latent_dtype": self.w.latent_dt.name, "text_dim": self.text_dim, "text_dtype": self.w.text_dt.name,
+            **({"cond_shapes": [list(c) for c in self.cond_shapes]} if self.cond_shapes else {}),
         }))
         self.current = None
         self.index += 1
@@ -167,6 +182,8 @@ class CacheWriter:
     with CacheWriter(root, work_unit="s3://bucket/raw/00042.tar", latent_dtype="bf16", base_resolution=640) as w:
         for s in samples:
             w.add(s.key, latent[16, h, w], text_embed[L, D], caption, source, meta)
+            # an image-editing sample also gives its condition (source) images' latents:
+            # w.add(key, target[16, h, w], text_embed[L, D], caption, source, meta, cond_latents=[src[16, ch, cw]])
     # leaving the block commits (or, on an exception, discards everything of this attempt)
 
     If the work unit is already committed, `already_committed` is True, `add()` does nothing and
@@ -194,7 +211,7 @@ class CacheWriter:
         self.tmp_stem = f"{self.file_stem}.{_HOST}.{os.getpid()}"  # who owns a temp file: see _stale_temp
         self.text_dim: int | None = None
         self.num_samples = 0
-        self._buckets: dict[tuple[int, int], _BucketShards] = {}
+        self._groups: dict[tuple[tuple[int, int], CondShapes], _GroupShards] = {}  # by (bucket, cond shapes)
         self._keys: set[str] = set()
         self.state = "committed_elsewhere" if self.is_committed(self.root, work_unit) else "open"
         if self.already_committed:
@@ -209,7 +226,10 @@ class CacheWriter:
         return os.path.exists(manifest.workunit_hint_path(root, work_unit_id(work_unit)))
 
     def add(self, key: str, latent: torch.Tensor, text_embed: torch.Tensor, caption: str = "", source: str = "",
-            meta: dict | None = None) -> None:
+            meta: dict | None = None, *, cond_latents=None) -> None:
+        """One sample: `latent` [C, h, w] (its pixel size picks the bucket), the unpadded `text_embed` [L, D], and
+        for image editing `cond_latents`, a list of [C, ch, cw] tensors, one per condition (source) image (None or
+        empty: text-to-image). Latents and condition latents are stored in latent_dtype, text in text_dtype."""
         if self.state != "open":
             if self.already_committed:
                 return
@@ -236,15 +256,19 @@ class CacheWriter:
             meta_json = json.dumps(meta or {}, sort_keys=True, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"meta of {key!r} is not JSON-serialisable: {e}") from None
+        conds = self._cond_arrays(key, latent, cond_latents)
         lat = tensor_to_numpy(latent, self.latent_dt)
         txt = tensor_to_numpy(text_embed, self.text_dt)
-        series = self._buckets.get(bucket)
+        cond_shapes = tuple(tuple(a.shape) for a in conds)
+        cond = np.concatenate([a.reshape(-1) for a in conds]) if conds else None
+        series = self._groups.get((bucket, cond_shapes))
         if series is None:
-            series = self._buckets[bucket] = _BucketShards(self, bucket, lat.shape, self.text_dim)
+            series = self._groups[bucket, cond_shapes] = _GroupShards(self, bucket, lat.shape, self.text_dim,
+                                                                      cond_shapes)
         elif lat.shape != series.latent_shape:
             raise ValueError(f"latent of {key!r} has {lat.shape[0]} channels; bucket {bucket_name(*bucket)} has "
                              f"{series.latent_shape[0]}")
-        series.add(key, lat, txt, str(caption), str(source), meta_json, sample_crc(key, lat, txt))
+        series.add(key, lat, cond, txt, str(caption), str(source), meta_json, sample_crc(key, lat, txt, cond))
         self._keys.add(key)
         self.num_samples += 1
 
@@ -260,9 +284,9 @@ class CacheWriter:
         if self.state != "open":
             raise RuntimeError(f"cannot commit work unit {self.work_unit!r}: writer is {self.state}")
         try:
-            for series in self._buckets.values():
+            for series in self._groups.values():
                 series.finish()
-            shards = [s for series in self._buckets.values() for s in series.finished]
+            shards = [s for series in self._groups.values() for s in series.finished]
             if manifest.sealed_count(self.root) is not None:
                 raise CacheSealedError(f"cache {self.root} is sealed; cannot commit work unit {self.work_unit!r}")
             log_start = manifest.count_entries(self.root)  # entries after this are other writers' or ours
@@ -321,9 +345,9 @@ class CacheWriter:
 
     def abort(self) -> None:
         """Discard everything this attempt wrote (temp files); the work unit stays uncommitted."""
-        for series in self._buckets.values():
+        for series in self._groups.values():
             series.discard()
-        self._buckets.clear()
+        self._groups.clear()
         if self.state == "open":
             self.state = "aborted"
 
@@ -337,6 +361,24 @@ class CacheWriter:
             self.commit()
 
     # ---------------------------------------------------------------- internals
+    def _cond_arrays(self, key: str, latent: torch.Tensor, cond_latents) -> list[np.ndarray]:
+        """The condition latents of `add()`, checked and in the storage dtype ([] for text-to-image)."""
+        if cond_latents is None:
+            return []
+        if not isinstance(cond_latents, (list, tuple)):  # a bare tensor is ambiguous (one image, or several stacked?)
+            raise ValueError(f"cond_latents for {key!r} must be a list of torch.Tensor [C, h, w] (one per condition "
+                             f"image) or None, got {type(cond_latents).__name__}")
+        out = []
+        for k, c in enumerate(cond_latents):
+            if not isinstance(c, torch.Tensor) or c.dim() != 3 or min(c.shape) < 1:
+                raise ValueError(f"cond_latents[{k}] for {key!r} must be a torch.Tensor [C, h, w], got "
+                                 f"{getattr(c, 'shape', type(c))}")
+            if c.shape[0] != latent.shape[0]:
+                raise ValueError(f"cond_latents[{k}] for {key!r} has {c.shape[0]} channels; its latent has "
+                                 f"{latent.shape[0]}")
+            out.append(tensor_to_numpy(c, self.latent_dt))
+        return out
+
     def _existing_entry(self) -> dict:
         return manifest.committed_entry(self.root, self.wuid)
 
@@ -359,7 +401,7 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 def _stale_temp(name: str, path: str, grace_s: float) -> bool:
-    parts = name.split(".")  # wu-<id>.<attempt>.<host>.<pid>.<bucket>.<n>.arrow.tmp
+    parts = name.split(".")  # wu-<id>.<attempt>.<host>.<pid>.<bucket>[.cond<shapes>].<n>.arrow.tmp
     if len(parts) >= 4 and parts[2] == _HOST and parts[3].isdigit():
         try:
             os.kill(int(parts[3]), 0)
