@@ -21,7 +21,7 @@ class MetricsLogger:
     global batch is of one task) and cond_tokens (the condition images' tokens of an edit batch); with the latent cache also, counted since the start of
     this process: skipped_shards, skipped_samples, data_wait_s (consumer.train.data_counters); at a validation
     step (consumer.validation) also val_s (seconds it took), val_images, val_loss and val_loss_sigma_<s> per
-    sigma. One JSON object per line, flushed each step, so a crashed or running job's file is always readable.
+    sigma, and val_loss_t2i / val_loss_ti2i when the held-out set has both tasks. One JSON object per line, flushed each step, so a crashed or running job's file is always readable.
     Validation goes to TensorBoard as val/* scalars and the grid as the image `validation/samples`.
     """
 
@@ -94,7 +94,8 @@ def validation_line(record: dict) -> str:
     if "val_loss" in record:
         by_sigma = ", ".join(f"{k[len('val_loss_sigma_'):]}: {v:.4f}" for k, v in record.items()
                              if k.startswith("val_loss_sigma_"))
-        parts.append(f"loss {record['val_loss']:.5f} (by sigma {by_sigma})")
+        by_task = "".join(f", {t} {record[f'val_loss_{t}']:.4f}" for t in ("t2i", "ti2i") if f"val_loss_{t}" in record)
+        parts.append(f"loss {record['val_loss']:.5f} (by sigma {by_sigma}{by_task})")
     if "val_images" in record:
         parts.append(f"{record['val_images']} images" + (f" -> {record['val_grid']}" if "val_grid" in record else ""))
     return " | ".join(parts + [f"{record['val_s']:.1f} s"])

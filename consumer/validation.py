@@ -101,6 +101,7 @@ class Validation:
                                        parallel_state.get_data_parallel_group())
                 stats["val_loss"] = loss["val_loss"]
                 stats.update({f"val_loss_sigma_{s:g}": x for s, x in loss["val_loss_by_sigma"].items()})
+                stats.update({f"val_loss_{t}": x for t, x in loss.get("val_loss_by_task", {}).items()})
         stats["val_s"] = round(time.perf_counter() - t0, 3)
         return stats, grid
 

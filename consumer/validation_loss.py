@@ -8,6 +8,8 @@ samples and the per-sigma sums are all-reduced, so every rank reports the same v
 
 Held-out data is either a separate cache, or the keys of the training cache that
 megatron_qwen_image.cache.holdout.held_out selects, which the training loader (`holdout_fraction`) leaves out.
+Edit samples (image editing) are scored with their condition latents, as the training step scores them; with
+both tasks among the held-out samples, each task's loss is reported too (`val_loss_by_task`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from megatron_qwen_image.cache.holdout import check_fraction, hash_unit, held_ou
 from megatron_qwen_image.cache.loader import bucket_set, wanted_shard
 from megatron_qwen_image.flow_matching import sample_losses, sample_seed
 from megatron_qwen_image.model import pack_latents
+from megatron_qwen_image.sampling import pack_conditions
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,16 @@ class HeldOutSample:
     key: str
     latent: torch.Tensor     # [C, H, W] as stored
     text: torch.Tensor       # [L, D] as stored
+    conds: tuple = ()        # an edit sample's condition latents, [C, h, w] each, as stored
+
+    @property
+    def task(self) -> str:
+        return "ti2i" if self.conds else "t2i"
+
+    @property
+    def layout(self) -> tuple:
+        """What one forward must share: the latent shape and the condition shapes."""
+        return tuple(self.latent.shape), tuple(tuple(c.shape) for c in self.conds)
 
 
 def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: int, base_resolution=None,
@@ -85,11 +98,13 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
         if info.path in bad:
             continue
         try:
-            _, latent, text = reader.open(info).sample(row)
+            shard = reader.open(info)
+            _, latent, text = shard.sample(row)
+            conds = tuple(c.clone() for c in shard.conditions(row))
         except CorruptShardError as e:  # a row failing its checksum: the shard is not trusted further
             skip(info, e)
             continue
-        samples.append(HeldOutSample(key, latent.clone(), text.clone()))
+        samples.append(HeldOutSample(key, latent.clone(), text.clone(), conds))
     if not samples:
         corrupt = f"; {len(bad)} corrupt shards skipped" if bad else ""
         if holdout_fraction is None:
@@ -108,18 +123,22 @@ def _fixed_noise(key: str, seed: int, shape) -> torch.Tensor:
 
 def _loss_sums(model, group: list[HeldOutSample], sigmas: Sequence[float], seed: int, patch_size: int,
                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sigma sums over one batch (one latent shape) of the per-sample losses, [len(sigmas)] float64."""
+    """Per-sigma sums over one batch (one layout) of the per-sample losses, [len(sigmas)] float64."""
     p = patch_size
-    batch = collate([(s.key, s.latent, s.text) for s in group], torch.float32)
+    batch = collate([(s.key, s.latent, s.text, s.conds) for s in group], torch.float32)
     lengths = [s.text.shape[0] for s in group]
     b, c, h, w = batch["latents"].shape
     x0 = pack_latents(batch["latents"].to(device), p)
     noise = pack_latents(torch.stack([_fixed_noise(s.key, seed, (c, h, w)) for s in group]).to(device), p)
     text = batch["text_embeds"].to(device).to(dtype)
+    cond, grids = None, []
+    if batch["cond_latents"]:
+        cond, grids = pack_conditions([c.to(device) for c in batch["cond_latents"]], p)
     sums = []
     for sigma in sigmas:  # as the training step scores a micro-batch, at one fixed sigma for the whole batch
         sig = torch.full((b,), sigma, dtype=torch.float32, device=device)
-        sums.append(sample_losses(model, x0, noise, sig, text, lengths, (h // p, w // p), dtype).double().sum())
+        sums.append(sample_losses(model, x0, noise, sig, text, lengths, (h // p, w // p), dtype, cond,
+                                  grids).double().sum())
     return torch.stack(sums)
 
 
@@ -129,28 +148,36 @@ def validation_loss(model, samples: Sequence[HeldOutSample], sigmas: Sequence[fl
                     dp_size: int = 1, dp_group=None) -> dict:
     """The mean flow-matching loss of `samples` at each sigma (see the module docstring). `model` is the
     unwrapped QwenImageMMDiT; every rank of the job calls this with the same samples. DP rank r takes
-    samples r, r + dp_size, ...; each forward is one latent shape, up to micro_batch_size samples.
-    Returns {"val_loss": mean over sigmas, "val_loss_by_sigma": {sigma: mean}, "val_samples": n,
+    samples r, r + dp_size, ...; each forward is one layout (latent and condition shapes), up to
+    micro_batch_size samples. Returns {"val_loss": mean over sigmas, "val_loss_by_sigma": {sigma: mean},
+    "val_loss_by_task": {task: mean over sigmas} (only when both tasks are held out), "val_samples": n,
     "val_s": seconds}, the same on every rank."""
     if not samples or not sigmas:
         raise ValueError(f"validation_loss needs samples and sigmas (got {len(samples)} and {len(sigmas)})")
     t0 = time.perf_counter()
     sigmas = [float(s) for s in sigmas]
-    by_shape = defaultdict(list)
+    tasks = sorted({s.task for s in samples})  # every rank sees all samples: the same tasks, the same order
+    by_layout = defaultdict(list)
     for s in samples[dp_rank::dp_size]:
-        by_shape[tuple(s.latent.shape)].append(s)
-    # [per-sigma loss sums..., samples evaluated]: one all-reduce, one host sync
-    totals = torch.zeros(len(sigmas) + 1, dtype=torch.float64, device=device)
-    for shape in sorted(by_shape):
-        group = by_shape[shape]
+        by_layout[s.layout].append(s)
+    # per task: [per-sigma loss sums..., samples evaluated]; one all-reduce, one host sync
+    totals = torch.zeros(len(tasks), len(sigmas) + 1, dtype=torch.float64, device=device)
+    for layout in sorted(by_layout):
+        group = by_layout[layout]
+        row = tasks.index(group[0].task)
         for i in range(0, len(group), micro_batch_size):
             part = group[i:i + micro_batch_size]
-            totals[:-1] += _loss_sums(model, part, sigmas, seed, patch_size, device, dtype)
-            totals[-1] += len(part)
+            totals[row, :-1] += _loss_sums(model, part, sigmas, seed, patch_size, device, dtype)
+            totals[row, -1] += len(part)
     if dp_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals, group=dp_group)
     totals = totals.cpu()
-    n = int(totals[-1])
-    by_sigma = {sigma: float(totals[k]) / n for k, sigma in enumerate(sigmas)}
-    return {"val_loss": sum(by_sigma.values()) / len(sigmas), "val_loss_by_sigma": by_sigma, "val_samples": n,
-            "val_s": time.perf_counter() - t0}
+    everything = totals.sum(dim=0)
+    n = int(everything[-1])
+    by_sigma = {sigma: float(everything[k]) / n for k, sigma in enumerate(sigmas)}
+    out = {"val_loss": sum(by_sigma.values()) / len(sigmas), "val_loss_by_sigma": by_sigma, "val_samples": n,
+           "val_s": time.perf_counter() - t0}
+    if len(tasks) > 1:
+        out["val_loss_by_task"] = {t: float(totals[i, :-1].sum()) / len(sigmas) / float(totals[i, -1])
+                                   for i, t in enumerate(tasks)}
+    return out

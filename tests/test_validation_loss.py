@@ -219,3 +219,42 @@ def test_the_same_numbers_on_every_layout(single_process_result, two_process_res
         assert rank["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
         got = {float(s): v for s, v in rank["val_loss_by_sigma"].items()}
         assert got == pytest.approx(want["val_loss_by_sigma"], rel=1e-6)
+
+
+def test_edit_samples_are_scored_with_their_conditions_and_per_task(tmp_path):
+    """A held-out set of text-to-image and edit samples: each edit sample's loss is diffusers' model on
+    [x_t, clean condition tokens] scored on the target's tokens; the loss is reported per task too."""
+    root = str(tmp_path / "cache")
+    g = torch.Generator().manual_seed(1)
+    data = {}
+    with CacheWriter(root, "mixed") as w:
+        for i in range(4):
+            lat, txt = torch.randn(16, 4, 4, generator=g), torch.randn(3 + i, TEXT_DIM, generator=g)
+            conds = [torch.randn(16, 2, 4, generator=g)] if i % 2 else []
+            w.add(f"s{i}", lat, txt, cond_latents=conds or None)
+            data[f"s{i}"] = (lat.to(torch.bfloat16), txt.to(torch.bfloat16), [c.to(torch.bfloat16) for c in conds])
+    seal(root)
+    samples = load_held_out(root, None, max_samples=4)
+    assert sorted(s.task for s in samples) == ["t2i", "t2i", "ti2i", "ti2i"]
+    diff = build_tiny_diffusers_transformer(seed=3, zero_cond_t=True)
+    sigmas = (0.4,)
+    with single_process_model_parallel():
+        got = validation_loss(megatron_from_diffusers(diff).eval(), samples, sigmas, SEED, 2, 2, torch.device("cpu"),
+                              torch.float32)
+    want = {"t2i": [], "ti2i": []}
+    for key, (lat, txt, conds) in data.items():
+        c, h, w = lat.shape
+        n = torch.randn((c, h, w), generator=torch.Generator().manual_seed(sample_seed(SEED, -1, key)))[None]
+        x_t = QwenImagePipeline._pack_latents(0.4 * n + 0.6 * lat.float()[None], 1, c, h, w)
+        shapes = [(1, h // 2, w // 2)]
+        for cond in conds:
+            x_t = torch.cat([x_t, QwenImagePipeline._pack_latents(cond.float()[None], 1, *cond.shape)], dim=1)
+            shapes.append((1, cond.shape[1] // 2, cond.shape[2] // 2))
+        with torch.no_grad():
+            pred = diff(hidden_states=x_t, encoder_hidden_states=txt.float()[None],
+                        encoder_hidden_states_mask=torch.ones(1, txt.shape[0], dtype=torch.bool),
+                        timestep=torch.tensor([0.4]), img_shapes=[shapes], return_dict=False)[0][:, :h * w // 4]
+        target = QwenImagePipeline._pack_latents(n - lat.float()[None], 1, c, h, w)
+        want["ti2i" if conds else "t2i"].append(((pred - target) ** 2).mean().item())
+    assert got["val_loss_by_task"] == pytest.approx({t: sum(v) / len(v) for t, v in want.items()}, rel=1e-5)
+    assert got["val_loss"] == pytest.approx(sum(sum(v) for v in want.values()) / 4, rel=1e-5)
