@@ -14,8 +14,16 @@ from its own `seed`, exactly as QwenImagePipeline draws it for that generator: a
 reproduced by diffusers from the exported checkpoint (`python -m megatron_qwen_image.convert export-diffusers`)
 with `generator=torch.Generator().manual_seed(seed)`, the same steps and true_cfg_scale, and the other way round.
 
-`--prompts` takes a prompts file (YAML or JSONL: prompt, negative_prompt, width, height, seed) or an encoded
-prompts file (`python -m megatron_qwen_image.prompts encode`), which needs no text encoder.
+`--prompts` takes a prompts file (YAML or JSONL: prompt, negative_prompt, width, height, seed, image) or an
+encoded prompts file (`python -m megatron_qwen_image.prompts encode`), which needs no text encoder.
+
+Editing: `--image SRC` (repeat for the edit_plus template's several sources) makes every --prompt an edit
+instruction for that source, and a prompts-file entry with `image:` is one; they are encoded, sampled and
+sized as QwenImageEditPipeline does (`--edit-template edit_plus`: QwenImageEditPlusPipeline), so an Edit or
+Edit-2511 checkpoint (imported, or fine-tuned here) edits as diffusers would:
+
+    python -m consumer.sample --pretrained ckpt/qwen-image-edit-2511 --encoders EDIT_REPO --image photo.png \
+        --prompt "Change the sign's text to OPEN" --negative-prompt " " --guidance 4 --out out/
 """
 from __future__ import annotations
 
@@ -39,12 +47,15 @@ from consumer.config import KernelsSection
 from megatron_qwen_image import checkpoint_format
 from megatron_qwen_image.encoders.text import QwenTextEncoder
 from megatron_qwen_image.encoders.vae import QwenVAEEncoder
-from megatron_qwen_image.encoders.local_dir import TEXT_ENCODER, TOKENIZER, VAE, EncoderDirError, check_encoders_dir
+from megatron_qwen_image.cache.buckets import CONDITION_AREA, condition_size
+from megatron_qwen_image.encoders.local_dir import (PROCESSOR, TEXT_ENCODER, TOKENIZER, VAE, EncoderDirError,
+                                                    check_encoders_dir)
 from megatron_qwen_image.image_grid import image_grid, save_png
 from megatron_qwen_image.model.diffusers_mapping import config_from_diffusers
 from megatron_qwen_image.parallel import destroy_parallel, init_parallel
 from megatron_qwen_image.prompts import (DEFAULT_SIZE, EncodedPrompts, PromptsFileError, PromptSpec, check_encoded,
-                                         encode_prompts, is_encoded_file, load_encoded, read_prompts_file)
+                                         encode_prompts, is_encoded_file, load_edit_encoders, load_encoded,
+                                         read_prompts_file)
 from megatron_qwen_image.sampling import SampleRequest, check_size, decode_images, generate, load_scheduler
 
 
@@ -90,10 +101,18 @@ def prompt_specs(args) -> list[PromptSpec]:
     """The --prompt / --prompts entries, with --negative-prompt, --width/--height and --seed as defaults."""
     width, height = args.width or DEFAULT_SIZE, args.height or DEFAULT_SIZE
     if args.prompts:
-        specs = read_prompts_file(args.prompts, default_width=width, default_height=height)
+        specs = read_prompts_file(args.prompts, default_width=width, default_height=height,
+                                  condition_area=args.condition_area)
         return [s if s.negative_prompt is not None else dataclasses.replace(s, negative_prompt=args.negative_prompt)
                 for s in specs]
-    return [PromptSpec(p, args.negative_prompt, width, height, args.seed + i) for i, p in enumerate(args.prompt)]
+    images = tuple(os.path.abspath(p) for p in args.image)
+    if images and not (args.width and args.height):  # the edit pipeline's output size, from the source
+        from PIL import Image
+
+        with Image.open(images[0]) as im:
+            width, height = condition_size(*im.size, args.condition_area)
+    return [PromptSpec(p, args.negative_prompt, width, height, args.seed + i, images=images)
+            for i, p in enumerate(args.prompt)]
 
 
 def check_args(args, encoded_file: bool) -> None:
@@ -121,6 +140,18 @@ def check_args(args, encoded_file: bool) -> None:
         raise SampleError(f"--encoders: {e}") from None
     if args.prompts and not os.path.isfile(args.prompts):
         raise SampleError(f"--prompts {args.prompts}: no such file")
+    if args.image and args.prompts:
+        raise SampleError("--image goes with --prompt; in a prompts file give each entry its `image:`")
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise SampleError(f"--image {path}: no such file")
+    if len(args.image) > 1 and args.edit_template != "edit_plus":
+        raise SampleError(f"{len(args.image)} --image sources need --edit-template edit_plus (the edit template takes one)")
+    if args.image and needs_text:
+        try:
+            check_encoders_dir(args.encoders, (PROCESSOR,))
+        except EncoderDirError as e:
+            raise SampleError(f"--encoders: editing needs the Qwen2-VL processor: {e}") from None
 
 
 def encode_on_rank0(args, specs: Optional[list[PromptSpec]], rank: int, device: torch.device) -> EncodedPrompts:
@@ -134,8 +165,10 @@ def encode_on_rank0(args, specs: Optional[list[PromptSpec]], rank: int, device: 
             else:
                 t0 = time.perf_counter()
                 encoder = QwenTextEncoder.from_pretrained(args.encoders, device=device)
-                box[0] = encode_prompts(specs, encoder)
-                del encoder
+                edit = load_edit_encoders(args.encoders, args.edit_template, args.condition_area, device) \
+                    if any(s.images for s in specs) else None
+                box[0] = encode_prompts(specs, encoder, edit)
+                del encoder, edit
                 print(f"encoded {len(box[0].prompts)} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
         except PromptsFileError as e:
             box[0] = SampleError(str(e))
@@ -159,6 +192,7 @@ def write_outputs(out_dir: str, images, encoded: EncodedPrompts, meta: dict) -> 
             save_png(image, os.path.join(out_dir, name))
             f.write(json.dumps({"file": name, "prompt": item.spec.prompt, "negative_prompt": item.spec.negative_prompt,
                                 "width": item.spec.width, "height": item.spec.height, "seed": item.spec.seed,
+                                **({"images": list(item.spec.images)} if item.spec.images else {}),
                                 **meta}) + "\n")
     grid = os.path.join(out_dir, "grid.png")
     save_png(image_grid(images, [item.spec.prompt for item in encoded.prompts]), grid)
@@ -174,6 +208,13 @@ def parse_args(argv=None):
                                       "if present, else the released scheduler settings)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", help="prompts file (YAML/JSONL) or encoded prompts file")
+    p.add_argument("--image", action="append", default=[],
+                   help="an edit's source image: every --prompt edits it (repeat for edit_plus's several sources)")
+    p.add_argument("--edit-template", default="edit", choices=("edit", "edit_plus"),
+                   help="edit prompts as QwenImageEditPipeline (edit) or QwenImageEditPlusPipeline (edit_plus)")
+    p.add_argument("--condition-area", type=int, default=CONDITION_AREA,
+                   help="pixel area a source image is encoded at (the edit pipelines' 1024²); also the output "
+                        "size without --width/--height")
     p.add_argument("--negative-prompt", help="negative prompt for true classifier-free guidance (Qwen-Image: ' ')")
     p.add_argument("--guidance", type=float, default=4.0,
                    help="true CFG scale (the pipeline's true_cfg_scale; off at <= 1 or without a negative prompt)")

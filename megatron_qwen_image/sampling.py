@@ -183,7 +183,8 @@ class SampleRequest:
     def from_prompt(cls, prompt) -> "SampleRequest":
         """The request of an encoded prompt (megatron_qwen_image.prompts.EncodedPrompt)."""
         spec = prompt.spec
-        return cls(prompt.embeds, spec.width, spec.height, spec.seed, prompt.negative_embeds)
+        return cls(prompt.embeds, spec.width, spec.height, spec.seed, prompt.negative_embeds,
+                   tuple(getattr(prompt, "cond_latents", ())))
 
 
 def batches_of(requests: Sequence[SampleRequest], batch_size: int) -> list[list[int]]:
