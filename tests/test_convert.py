@@ -89,6 +89,11 @@ def test_edit_2511_round_trip_is_bit_exact(tmp_path):
         inputs = make_edit_inputs(2, (4, 6), [(3, 5)], [7, 3], seed=3)
         with torch.no_grad():
             assert rel_max_err(model(**inputs), diffusers_forward(reference, inputs)) <= 1e-5
+        # a model configured without zero_cond_t does not load it silently (it would modulate the sources wrongly)
+        plain = QwenImageMMDiT(config_from_diffusers({**json.load(open(src / "config.json")), "zero_cond_t": False},
+                                                     perform_initialization=False))
+        with pytest.raises(ValueError, match="zero_cond_t"):
+            load_model_weights(plain, str(ckpt))
 
 
 def test_bf16_weights_stay_bf16_and_round_trip(tmp_path):
