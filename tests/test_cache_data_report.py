@@ -116,6 +116,29 @@ def test_contact_sheets_leave_out_what_the_exclusion_list_excludes(produced, tmp
     assert rows[0][0] == first_key
     write_exclusions(cache, {info.path: [0]}, {"tool": "test"})
     after = pick_samples(cache, per_bucket=2)
-    assert first_key not in [k for k, _, _ in after[bucket]]
-    assert {b: [k for k, _, _ in r] for b, r in after.items() if b != bucket} == \
-        {b: [k for k, _, _ in r] for b, r in before.items() if b != bucket}
+    assert first_key not in [k for k, *_ in after[bucket]]
+    assert {b: [k for k, *_ in r] for b, r in after.items() if b != bucket} == \
+        {b: [k for k, *_ in r] for b, r in before.items() if b != bucket}
+
+
+def test_edit_groups_show_each_source_before_its_target(tiny_dir, tmp_path):
+    """An edit group's contact sheet decodes the source beside the target: one image more per sample than
+    the text-to-image group's row of the same samples count."""
+    from megatron_qwen_image.cache import CacheWriter, seal
+    from megatron_qwen_image.cache.data_report import contact_sheets
+
+    cache = str(tmp_path / "cache")
+    g = torch.Generator().manual_seed(0)
+    with CacheWriter(cache, "edits") as w:
+        for i in range(4):
+            conds = [torch.randn(16, 4, 6, generator=g)] if i % 2 else None
+            w.add(f"s{i}", torch.randn(16, 4, 4, generator=g), torch.randn(3, 64, generator=g), f"caption {i}",
+                  cond_latents=conds)
+    seal(cache)
+    picked = pick_samples(cache, per_bucket=2)
+    assert sorted(picked) == ["32x32", "32x32 +cond 16x4x6"]
+    assert [len(c) for *_, c in picked["32x32 +cond 16x4x6"]] == [1, 1]
+    sheets = dict(contact_sheets(cache, tiny_dir, str(tmp_path / "out"), per_bucket=2))
+    from PIL import Image
+    plain, edit = (Image.open(sheets[name]) for name in ("32x32", "32x32 +cond 16x4x6"))
+    assert edit.size[0] > plain.size[0]  # 4 images (source, target, source, target) against 2

@@ -190,7 +190,7 @@ def _decode(vae: QwenVAEEncoder, latents: list[torch.Tensor]) -> list:
 
 def pick_samples(root: str, per_bucket: int) -> dict[str, list]:
     """For each bucket (and condition group), its first `per_bucket` samples in manifest order that loaders read
-    (not on the exclusion list): {group name: [(key, latent, caption)]}."""
+    (not on the exclusion list): {group name: [(key, latent, caption, condition latents)]}."""
     reader = CacheReader(root, verify="sample")
     excluded = read_exclusions(root).rows  # what loaders skip is not what training reads: left out here too
     picked: dict = defaultdict(list)
@@ -205,18 +205,26 @@ def pick_samples(root: str, per_bucket: int) -> dict[str, list]:
             if len(picked[name]) >= per_bucket:
                 break
             key, lat, _ = shard.sample(i)
-            picked[name].append((key, lat.clone(), captions[i]))
+            picked[name].append((key, lat.clone(), captions[i], [c.clone() for c in shard.conditions(i)]))
     return picked
 
 
 def contact_sheets(root: str, encoders: str, out_dir: str, per_bucket: int = 4) -> list[tuple[str, str]]:
-    """`pick_samples` decoded to pixels, a captioned row per bucket: [(bucket name, PNG path)]."""
+    """`pick_samples` decoded to pixels, a captioned row per bucket: [(bucket name, PNG path)]. An edit group's
+    row shows each sample's source image(s) before its target, the instruction under the target."""
     picked = pick_samples(root, per_bucket)
     vae = QwenVAEEncoder.from_pretrained(encoders, decoder_only=True)
     sheets = []
     for name, rows in sorted(picked.items()):
-        images = _decode(vae, [lat for _, lat, _ in rows])
-        grid = image_grid(images, [f"{k}: {c}" for k, _, c in rows], columns=len(images))
+        targets = _decode(vae, [lat for _, lat, _, _ in rows])
+        images, captions = [], []
+        for (key, _, caption, conds), target in zip(rows, targets):
+            for n, cond in enumerate(conds):  # one group: every sample has the same condition shapes
+                images += _decode(vae, [cond])
+                captions.append(f"{key}: source" + (f" {n + 1}" if len(conds) > 1 else ""))
+            images.append(target)
+            captions.append(f"{key}: {caption}")
+        grid = image_grid(images, captions, columns=len(images))
         file_name = re.sub(r"[^0-9A-Za-z]+", "_", name)  # "640x480 +cond 16x80x60" -> "640x480_cond_16x80x60"
         path = os.path.join(out_dir, f"samples_{file_name}.png")
         save_png(grid, path)
