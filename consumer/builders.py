@@ -16,7 +16,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from consumer.config import TrainConfig
 from consumer.synthetic_data import SyntheticLatentBatches
 from megatron_qwen_image.cache import BucketedLoader
-from megatron_qwen_image.cache.loader import MissingCategoryError, MissingFamilyError, NoTrainableDataError
+from megatron_qwen_image.cache.loader import (MissingCategoryError, MissingFamilyError, MissingTaskError,
+                                              NoTrainableDataError)
 from megatron_qwen_image.config import ConfigError
 from megatron_qwen_image.megatron_compat import use_sync_free_grad_norm
 from megatron_qwen_image.model import QwenImageMMDiT, get_qwen_image_block_spec
@@ -74,7 +75,8 @@ def build_cache_loader(cfg: TrainConfig, dp_rank: int, dp_size: int) -> Bucketed
         loader.check_trainable()
     except NoTrainableDataError as e:
         loader.close()
-        key = {MissingFamilyError: "data.cache.family_weights", MissingCategoryError: "data.cache.category_weights"}
+        key = {MissingFamilyError: "data.cache.family_weights", MissingCategoryError: "data.cache.category_weights",
+               MissingTaskError: "data.cache.task_weights"}
         raise ConfigError(key.get(type(e), "data.cache_dir"), str(e)) from None
     return loader
 

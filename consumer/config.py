@@ -31,7 +31,7 @@ from megatron_qwen_image.cache.batching import BalancedBatches
 from megatron_qwen_image.cache.format import CacheFormatError, read_cache_file
 from megatron_qwen_image.cache.holdout import check_fraction
 from megatron_qwen_image.cache.categories import check_category_weights
-from megatron_qwen_image.cache.loader import check_family_weights
+from megatron_qwen_image.cache.loader import check_family_weights, check_task_weights
 from megatron_qwen_image.cache.shard import VERIFY_MODES
 from megatron_qwen_image.config import ConfigError, option, require, section
 from megatron_qwen_image.encoders.local_dir import VAE, EncoderDirError, component_dir
@@ -145,6 +145,8 @@ LoaderSection = section("LoaderSection", BucketedLoader, {
     "category_weights": "each category's share of a family's samples, from the samples' meta 'category' (the "
                         "producer's 'categories' section), '*' for the rest, e.g. {portrait: 0.2, "
                         "text_rendering: 0.2, '*': 0.6}; a category of no weight is left out (null: all as they come)",
+    "task_weights": "text-to-image and editing in one job: the share of the steps each task gets, e.g. {t2i: 0.8, "
+                    "ti2i: 0.2} (ti2i: samples with condition images; null: each in proportion to its samples)",
     "holdout_fraction": "hold out this fraction of the cache's sample keys (a fixed hash split) for the "
                         "validation loss; training never sees them",
     "pin_memory": "build batches in pinned host memory, for asynchronous host-to-GPU copies (null: when a GPU "
@@ -410,7 +412,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
     for key in ("poll_interval_s", "wait_log_interval_s"):
         require(getattr(c, key) > 0, f"data.cache.{key}", f"must be > 0, got {getattr(c, key)}")
     for key, check in (("family_weights", check_family_weights), ("category_weights", check_category_weights),
-                       ("holdout_fraction", check_fraction)):
+                       ("task_weights", check_task_weights), ("holdout_fraction", check_fraction)):
         try:  # the loader's own checks of these arguments
             check(getattr(c, key))
         except ValueError as e:
@@ -419,6 +421,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, cuda_available:
             f"selects the families itself: set data.cache.base_resolution=null (it is {c.base_resolution})")
     require(not (c.category_weights and d.source != "cache"), "data.cache.category_weights",
             "weighs the latent cache's categories: needs data.source=cache")
+    require(not (c.task_weights and d.source != "cache"), "data.cache.task_weights",
+            "weighs the latent cache's text-to-image and edit samples: needs data.source=cache")
     require(not (c.holdout_fraction > 0 and d.source != "cache"), "data.cache.holdout_fraction",
             "holds out keys of the latent cache: needs data.source=cache")
     res, factor = d.synthetic.resolutions, 8 * cfg.model.patch_size  # VAE factor x patch size

@@ -128,20 +128,22 @@ def condition_tokens(batch: dict, sl: slice, p: int, device: torch.device):
     return torch.cat(packed, dim=1), [(c.shape[-2] // p, c.shape[-1] // p) for c in conds]
 
 
-def step_batch_sizes(cfg: TrainConfig, dp_size: int, latent_hw) -> tuple[int, int]:
-    """(global batch, micro-batch) of a step over latents of this (h, w): the config's, or with
-    train.batching=balanced those of the batch's bucket (megatron_qwen_image.cache.batching)."""
+def step_batch_sizes(cfg: TrainConfig, dp_size: int, latent_hw, cond_shapes: tuple = ()) -> tuple[int, int]:
+    """(global batch, micro-batch) of a step over latents of this (h, w) with condition latents of these (C, h, w):
+    the config's, or with train.batching=balanced those of the batch's group, as the loader planned them
+    (megatron_qwen_image.cache.batching)."""
     balanced = cfg.balanced_batches(dp_size)
     if balanced is None:
         return cfg.train.global_batch_size, cfg.train.micro_batch_size
     bucket = bucket_of_latent(tuple(latent_hw))
-    return balanced.global_batch(bucket), balanced.micro_batch(bucket)
+    return balanced.global_batch(bucket, cond_shapes), balanced.micro_batch(bucket, cond_shapes)
 
 
 def train_step(state: TrainState, batch: dict, ctx, spec: SigmaSampling, dtype: torch.dtype) -> dict:
     cfg, model, optimizer = state.cfg, state.model, state.optimizer
     h, w = batch["latents"].shape[-2:]
-    gbs, mb = step_batch_sizes(cfg, ctx.dp_size, (h, w))
+    cond_shapes = tuple(tuple(c.shape[1:]) for c in batch.get("cond_latents") or [])
+    gbs, mb = step_batch_sizes(cfg, ctx.dp_size, (h, w), cond_shapes)
     local = batch["latents"].shape[0]
     if local != gbs // ctx.dp_size:
         raise ValueError(f"data iterator gave {local} samples; expected this step's global batch / dp = {gbs} / "
@@ -242,9 +244,10 @@ def setup(cfg: TrainConfig, data_iterator: Optional[Iterator[dict]] = None):
               + (f" at {t.balance_resolution}px, compute-balanced per bucket" if t.batching == "balanced" else "")
               + f" | {start_point(cfg.checkpoint).describe()}",
               flush=True)
-        categories = getattr(data, "describe_categories", lambda: None)()
-        if categories:
-            print(f"data: {categories}", flush=True)
+        for describe in ("describe_categories", "describe_tasks"):
+            line = getattr(data, describe, lambda: None)()
+            if line:
+                print(f"data: {line}", flush=True)
     return state, ctx, (torch.bfloat16 if bf16 else torch.float32)
 
 

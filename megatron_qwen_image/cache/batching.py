@@ -12,7 +12,8 @@ token count says: attention grows with S². A mixed 640p/1328p stage with one sa
 reference resolution, and its micro-batch to the cost of `micro_batch_size` reference samples (the memory
 bound), rounded so that the global batch divides evenly into micro-batches over the data-parallel ranks.
 Every DP rank thus runs the same number of micro-batches of the same bucket in a step: no rank waits for
-another. Sizes depend on the bucket alone (not on the cache), so a streaming cache's new buckets are sized
+another. An edit sample's condition images are image tokens too (after the target's, in the same attention), so
+a group with condition images (`cond_shapes`, latent (C, h, w) each) counts them in its cost. Sizes depend on the bucket alone (not on the cache), so a streaming cache's new buckets are sized
 the same way on every rank.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from megatron_qwen_image.flops import ModelDims, attention_flops, linear_flops
 
-from .format import PIXEL_MULTIPLE
+from .format import PATCH_SIZE, PIXEL_MULTIPLE
 
 # The buckets of one family differ from base² pixels by a few per cent: a micro-batch may cost this much more
 # than the reference one, so that they all keep the reference micro-batch size.
@@ -48,29 +49,32 @@ class BalancedBatches:
         if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
             raise ValueError(f"text_tokens={self.text_tokens!r} must be an integer >= 0")
 
-    def sample_cost(self, width: int, height: int) -> float:
-        """Forward FLOPs of one block for one sample of this pixel size: linear layers + attention."""
-        s = (width // PIXEL_MULTIPLE) * (height // PIXEL_MULTIPLE) + self.text_tokens
+    def sample_cost(self, width: int, height: int, cond_shapes: tuple = ()) -> float:
+        """Forward FLOPs of one block for one sample of this pixel size (and these condition latents' (C, h, w)):
+        linear layers + attention."""
+        cond_tokens = sum((h // PATCH_SIZE) * (w // PATCH_SIZE) for _, h, w in cond_shapes)
+        s = (width // PIXEL_MULTIPLE) * (height // PIXEL_MULTIPLE) + cond_tokens + self.text_tokens
         dims = ModelDims(hidden=self.hidden_size, ffn=self.ffn_hidden_size or 4 * self.hidden_size)
         return float(linear_flops(s, dims) + attention_flops(s, dims))
 
-    def _ratio(self, bucket: tuple[int, int]) -> float:
-        """Reference sample's cost / this bucket's sample cost."""
+    def _ratio(self, bucket: tuple[int, int], cond_shapes: tuple) -> float:
+        """Reference sample's cost / this group's sample cost."""
         ref = self.reference_resolution
-        return self.sample_cost(ref, ref) / self.sample_cost(*bucket)
+        return self.sample_cost(ref, ref) / self.sample_cost(*bucket, cond_shapes)
 
-    def micro_batch(self, bucket: tuple[int, int]) -> int:
-        """Samples per micro-batch of `bucket` (width, height): at most the reference micro-batch's cost (with
-        MEMORY_SLACK); at least one sample."""
-        return max(1, int(self.micro_batch_size * self._ratio(bucket) * MEMORY_SLACK))
+    def micro_batch(self, bucket: tuple[int, int], cond_shapes: tuple = ()) -> int:
+        """Samples per micro-batch of `bucket` (width, height), with condition latents `cond_shapes`: at most the
+        reference micro-batch's cost (with MEMORY_SLACK); at least one sample."""
+        return max(1, int(self.micro_batch_size * self._ratio(bucket, cond_shapes) * MEMORY_SLACK))
 
-    def global_batch(self, bucket: tuple[int, int]) -> int:
-        """Samples per step of `bucket`: the multiple of micro_batch x DP closest to the reference step's cost."""
-        unit = self.micro_batch(bucket) * self.data_parallel_size
-        return max(1, round(self.global_batch_size * self._ratio(bucket) / unit)) * unit
+    def global_batch(self, bucket: tuple[int, int], cond_shapes: tuple = ()) -> int:
+        """Samples per step of `bucket` (and `cond_shapes`): the multiple of micro_batch x DP closest to the
+        reference step's cost."""
+        unit = self.micro_batch(bucket, cond_shapes) * self.data_parallel_size
+        return max(1, round(self.global_batch_size * self._ratio(bucket, cond_shapes) / unit)) * unit
 
-    def step_cost(self, bucket: tuple[int, int]) -> float:
-        """Planned relative cost of one step of `bucket` (1.0 = the reference step)."""
+    def step_cost(self, bucket: tuple[int, int], cond_shapes: tuple = ()) -> float:
+        """Planned relative cost of one step of `bucket` (and `cond_shapes`; 1.0 = the reference step)."""
         ref = self.reference_resolution
         reference = self.global_batch_size * self.sample_cost(ref, ref)
-        return self.global_batch(bucket) * self.sample_cost(*bucket) / reference
+        return self.global_batch(bucket, cond_shapes) * self.sample_cost(*bucket, cond_shapes) / reference

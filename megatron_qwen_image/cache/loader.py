@@ -15,6 +15,11 @@ planning step, counted in `stats`), and a bucket left with no readable shard dro
 Every rank sees the same files, so every rank leaves out the same shards. Shards that pass this check
 but fail their integrity checks while reading are skipped then, their samples replaced (`_build`).
 
+Batch groups: a global batch takes the samples of one bucket whose condition images (image editing, cache format
+v2) have the same shapes, so that its tensors stack; the plan keys its pools by plan.BatchGroup (bucket, condition
+shapes), and a cache without edit samples is planned exactly as before. Task weights pick text-to-image or edit
+per global batch (plan.py).
+
 Held-out samples (holdout_fraction > 0): the samples whose key holdout.held_out selects for validation are
 left out of the plan like excluded ones. Category weights (categories.py): each sample's category comes from its
 meta JSON, and planning draws each category's share (plan.weigh_categories). Each wanted shard's key and meta
@@ -40,10 +45,11 @@ from .batching import BalancedBatches
 from .categories import OTHER, UNWEIGHTED, CategoryGroups, check_category_weights
 from .collate import BufferPool, collate
 from .exclusions import read_exclusions
-from .format import CorruptShardError, parse_bucket_name
+from .format import CorruptShardError, group_name, parse_bucket_name
 from .holdout import check_fraction, held_out
 from .manifest import ManifestLog, ShardInfo
-from .plan import plan_epoch_batches, plan_round_batches, replacement_candidates, sample_ids, split_id
+from .plan import (TASKS, BatchGroup, plan_epoch_batches, plan_round_batches, replacement_candidates, sample_ids,
+                   split_id)
 from .shard import VERIFY_MODES, ShardFile
 
 log = logging.getLogger(__name__)
@@ -56,9 +62,9 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 @dataclass(frozen=True, slots=True)
 class _Task:
     """This rank's part of one global batch, as the planner hands it to a reader thread."""
-    bucket: tuple[int, int]
+    group: BatchGroup
     ids: np.ndarray          # this rank's sample ids
-    pool: np.ndarray         # the bucket's ids of this epoch/round: where replacements come from
+    pool: np.ndarray         # the group's ids of this epoch/round: where replacements come from
     key: tuple               # (1 stream | 2 epoch, round or epoch, step): seeds the replacement choice
     state_after: dict        # the loader position once this batch is consumed
 
@@ -99,6 +105,25 @@ def check_family_weights(weights) -> dict | None:
     return out
 
 
+def check_task_weights(weights) -> dict | None:
+    """{"t2i" | "ti2i": weight} with weights >= 0 summing to > 0; ValueError naming the problem."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"task_weights={weights!r} must be a mapping of task to weight, e.g. {{t2i: 0.8, ti2i: 0.2}}")
+    out = {}
+    for task, weight in weights.items():
+        if task not in TASKS:
+            raise ValueError(f"task_weights: {task!r} is not a task; use {' or '.join(TASKS)} (text-to-image; "
+                             f"editing: samples with condition images)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"task_weights[{task}]={weight!r} must be a number >= 0")
+        out[task] = float(weight)
+    if sum(out.values()) <= 0:
+        raise ValueError(f"task_weights={weights!r}: the weights must sum to a positive number")
+    return out
+
+
 def bucket_set(buckets) -> set | None:
     """The `buckets` argument ("640x480" names or (width, height) pairs) as a set of pairs; None: all."""
     return None if buckets is None else {parse_bucket_name(b) if isinstance(b, str) else tuple(b) for b in buckets}
@@ -119,6 +144,10 @@ class NoTrainableDataError(ValueError):
 
 class MissingFamilyError(NoTrainableDataError):
     """family_weights gives a positive weight to a bucket family the (finished) cache holds no sample of."""
+
+
+class MissingTaskError(NoTrainableDataError):
+    """task_weights gives a positive weight to a task (t2i, ti2i) the (finished) cache holds no sample of."""
 
 
 class MissingCategoryError(NoTrainableDataError):
@@ -169,6 +198,9 @@ class BucketedLoader:
       category_weights: {category: weight}, the share of each family's samples each category of the samples'
         meta JSON supplies, "*" for all the others (categories.py, plan.weigh_categories); samples of no
         weighted category are left out. None: every sample as it comes.
+      task_weights: {"t2i": w, "ti2i": w}: the share of the global batches each task supplies (editing: samples
+        with condition images; plan.py), picked per global batch; None: every batch group in proportion to its
+        size.
     Batch tensors come from a pool that reuses a buffer only once the caller holds no reference to
     it (collate.BufferPool), so keeping a batch is always safe.
     """
@@ -181,7 +213,7 @@ class BucketedLoader:
                  wait_log_interval_s: float = 10.0, num_entries: int | None = None, max_open_shards: int = 128,
                  pin_memory: bool | None = None, holdout_fraction: float = 0.0,
                  batching: BalancedBatches | None = None, family_weights: dict | None = None,
-                 category_weights: dict | None = None):
+                 category_weights: dict | None = None, task_weights: dict | None = None):
         for name, v, lo in (("global_batch_size", global_batch_size, 1), ("dp_size", dp_size, 1),
                             ("prefetch", prefetch, 0), ("num_workers", num_workers, 1),
                             ("max_open_shards", max_open_shards, 1)):
@@ -198,6 +230,7 @@ class BucketedLoader:
         self.holdout_fraction = check_fraction(holdout_fraction)
         self.family_weights = check_family_weights(family_weights)
         self.category_weights = check_category_weights(category_weights)
+        self.task_weights = check_task_weights(task_weights)
         self._groups = None if self.category_weights is None else CategoryGroups(self.category_weights)
         self.root = os.path.abspath(root)
         if batching is not None and batching.data_parallel_size != dp_size:
@@ -218,7 +251,7 @@ class BucketedLoader:
         self._shards: list[ShardInfo] = []
         self._entry_ranges: list[tuple[int, int]] = []  # entry k -> its shard ids [a, b)
         self._unreadable: dict[str, str] = {}  # shard path -> why it was left out of the plan
-        self._dropped_buckets: set[tuple[int, int]] = set()  # buckets with no readable shard (warned once)
+        self._dropped_groups: set[BatchGroup] = set()  # batch groups with no readable shard (warned once)
         if streaming:
             self._position = {"mode": "stream", "round": 0, "step": 0}
         else:
@@ -270,6 +303,8 @@ class BucketedLoader:
                                                                                    self.family_weights.items()),
                 "category_weights": None if self.category_weights is None else sorted(
                     [c, w] for c, w in self.category_weights.items()),
+                "task_weights": None if self.task_weights is None else sorted(
+                    [t, w] for t, w in self.task_weights.items()),
                 "position": dict(self._position)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -278,10 +313,10 @@ class BucketedLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
         sd = {"holdout_fraction": 0.0, "batching": None, "family_weights": None, "category_weights": None,
-              **sd}  # states saved before these
+              "task_weights": None, **sd}  # states saved before these
         mine = self.state_dict()
         keys = ["seed", "global_batch_size", "base_resolution", "buckets", "holdout_fraction", "batching",
-                "family_weights", "category_weights"]
+                "family_weights", "category_weights", "task_weights"]
         if sd["position"].get("mode") == "stream":
             keys.append("stream_round_samples")  # rounds are cut by it
         for key in keys:
@@ -325,6 +360,23 @@ class BucketedLoader:
         stats = self.stats
         return self._groups.describe(stats["category_samples"], stats["unweighted_samples"])
 
+    def describe_tasks(self) -> str | None:
+        """Text-to-image and edit samples of the shards planned so far, and the task weights, in one line; None
+        for a text-to-image-only stage without task_weights."""
+        held: dict = {}
+        for s in self._shards:
+            if self._wanted(s) and s.path not in self._unreadable:
+                task = BatchGroup(s.bucket, s.cond_shapes).task
+                held[task] = held.get(task, 0) + s.num_samples
+        if self.task_weights is None and set(held) <= {"t2i"}:
+            return None
+        line = "tasks: " + ", ".join(f"{t} {held.get(t, 0)} samples" for t in TASKS)
+        if self.task_weights is None:
+            return line + " (no task_weights: each batch group in proportion to its samples)"
+        total = sum(self.task_weights.values())
+        return line + "; task weights " + ", ".join(f"{t} {100 * w / total:.0f}%" for t, w in
+                                                    self.task_weights.items()) + " of the steps"
+
     def check_trainable(self) -> None:
         """Raise NoTrainableDataError now, before training starts, if this loader can never give a
         batch: in epoch mode, or streaming from a sealed cache, no bucket holds global_batch_size
@@ -343,9 +395,9 @@ class BucketedLoader:
         self.close()
 
     # ------------------------------------------------------------------ planning (one thread)
-    def batch_size(self, bucket: tuple[int, int]) -> int:
-        """Samples of one global batch of `bucket` (all DP ranks together)."""
-        return self.global_batch_size if self.batching is None else self.batching.global_batch(bucket)
+    def batch_size(self, group: BatchGroup) -> int:
+        """Samples of one global batch of `group` (all DP ranks together)."""
+        return self.global_batch_size if self.batching is None else self.batching.global_batch(*group)
 
     def _epoch_entry_count(self, num_entries):
         sealed = self.log.sealed_count()
@@ -398,7 +450,7 @@ class BucketedLoader:
             if excluded is not None:
                 left_out = np.union1d(left_out, excluded[excluded < s.num_samples])
             ids = np.delete(sample_ids(sid, s.num_samples), left_out)
-            new[s.bucket].append(ids)
+            new[BatchGroup(s.bucket, s.cond_shapes)].append(ids)
             added += len(ids)
         return added
 
@@ -503,32 +555,36 @@ class BucketedLoader:
                 next_entry, ended)
 
     def _epoch_pools(self, n: int) -> dict:
-        """Bucket -> the sample ids of entries [0, n) that an epoch plans; warns once about each bucket left
-        with no readable shard; raises NoTrainableDataError if no bucket fills a global batch."""
+        """BatchGroup -> the sample ids of entries [0, n) that an epoch plans; warns once about each group left
+        with no readable shard; raises NoTrainableDataError if no group fills a global batch (or a weighted
+        family, category or task has no sample)."""
         self.log.refresh(limit=n)
         self._index_entries(n)
         pools = defaultdict(list)
         for k in range(n):
             self._add_entry_ids(k, pools)
         pools = {b: np.concatenate(v) for b, v in pools.items()}
-        listed = {s.bucket for s in self._shards[:self._entry_ranges[n - 1][1]] if self._wanted(s)} if n else set()
-        for b in sorted(listed - set(pools) - self._dropped_buckets):
-            self._dropped_buckets.add(b)
-            log.warning("bucket %dx%d of %s has no readable shard (all are missing or truncated): training without it",
-                        b[0], b[1], self.root)
+        listed = {BatchGroup(s.bucket, s.cond_shapes) for s in self._shards[:self._entry_ranges[n - 1][1]]
+                  if self._wanted(s)} if n else set()
+        for g in sorted(listed - set(pools) - self._dropped_groups):
+            self._dropped_groups.add(g)
+            log.warning("bucket %s of %s has no readable shard (all are missing or truncated): training without it",
+                        group_name(*g), self.root)
         if self.family_weights is not None:
-            held = {s.base_resolution for s in self._shards if s.bucket in pools}
+            held = {s.base_resolution for s in self._shards if BatchGroup(s.bucket, s.cond_shapes) in pools}
             missing = sorted(f for f, w in self.family_weights.items() if w > 0 and f not in held)
             if missing:
                 raise MissingFamilyError(f"family_weights names bucket families {missing} that {self.root} holds no "
                                          f"readable sample of (first {n} manifest entries; it holds "
                                          f"{sorted(f for f in held if f is not None)})")
+        if self.task_weights is not None:
+            self._check_tasks(pools, n)
         if self._groups is not None:
             self._check_categories(pools, n)
         G = self.global_batch_size
         if not any(len(v) >= self.batch_size(b) for b, v in pools.items()):
-            sizes = {f"{b[0]}x{b[1]}": len(v) if self.batching is None else f"{len(v)} of {self.batch_size(b)}"
-                     for b, v in sorted(pools.items())}
+            sizes = {group_name(*g): len(v) if self.batching is None else f"{len(v)} of {self.batch_size(g)}"
+                     for g, v in sorted(pools.items())}
             filters = "".join(f", {k}={v}" for k, v in (("base_resolution", self.base_resolution),
                                                          ("buckets", self.bucket_filter)) if v is not None)
             unreadable = f"; {len(self._unreadable)} shards are unreadable" if self._unreadable else ""
@@ -551,7 +607,7 @@ class BucketedLoader:
                     start = pos["step"] if r == pos["round"] else 0
                     for s in range(start, len(batch_plan.batches)):
                         b = batch_plan.batches[s]
-                        yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (1, r, s),
+                        yield _Task(b.group, self._my_part(b.sample_ids), batch_plan.pools[b.group], (1, r, s),
                                     {"mode": "stream", "round": r, "step": s + 1})
                 if ended:
                     break
@@ -565,7 +621,7 @@ class BucketedLoader:
             start = pos["step"] if e == pos["epoch"] else 0
             for s in range(start, len(batch_plan.batches)):
                 b = batch_plan.batches[s]
-                yield _Task(b.bucket, self._my_part(b.sample_ids), batch_plan.pools[b.bucket], (2, e, s),
+                yield _Task(b.group, self._my_part(b.sample_ids), batch_plan.pools[b.group], (2, e, s),
                             {"mode": "epoch", "epoch": e, "step": s + 1, "num_entries": n})
 
     def _weights(self) -> dict:
@@ -578,7 +634,23 @@ class BucketedLoader:
             out["family_weights"] = self.family_weights
         if self._groups is not None:
             out["categories"] = (self._group_of, self._groups.weights)
+        if self.task_weights is not None:
+            out["task_weights"] = self.task_weights
         return out
+
+    def _check_tasks(self, pools: dict, n: int) -> None:
+        """MissingTaskError if a task of positive weight has no sample in the epoch's pools."""
+        held = {g.task: 0 for g in pools}
+        for g, ids in pools.items():
+            held[g.task] += len(ids)
+        missing = [t for t, w in self.task_weights.items() if w > 0 and t not in held]
+        if missing:
+            hint = ("samples with condition images come from edit triplets (KEY.src.jpg + KEY.jpg + KEY.txt; "
+                    "docs/editing.md)" if "ti2i" in missing else "text-to-image samples have no condition image")
+            raise MissingTaskError(f"task_weights names tasks {missing} that no readable sample of {self.root} has "
+                                   f"(first {n} manifest entries, in the stage's buckets; {hint}); it holds "
+                                   f"{', '.join(f'{t}={c}' for t, c in sorted(held.items())) or 'no samples'}")
+
 
     def _check_categories(self, pools: dict, n: int) -> None:
         """MissingCategoryError if a named category of positive weight has no sample in the epoch's pools."""
@@ -643,7 +715,7 @@ class BucketedLoader:
                         replaced += 1
                         break
                 else:
-                    raise RuntimeError(f"bucket {task.bucket[0]}x{task.bucket[1]} of {self.root}: a corrupt "
+                    raise RuntimeError(f"bucket {group_name(*task.group)} of {self.root}: a corrupt "
                                        f"sample and all its replacement candidates are corrupt: "
                                        f"{self.stats['corrupt_shard_reasons']}")
             samples.append(got)

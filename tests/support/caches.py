@@ -31,3 +31,21 @@ def write_unit(root, unit: int, resolution: list[int], n: int = 16, base_resolut
     _commit(root, f"unit-{unit}", next(SyntheticLatentBatches(n, 0, 1, seed=unit, text_dim=64,
                                                              resolutions=[resolution], text_len=[3, 9])),
             key_prefix=f"unit-{unit}/", base_resolution=base_resolution, categories=categories)
+
+
+def write_edit_unit(root, unit: int, resolution: list[int], cond_resolution: list[int], n: int = 16,
+                    base_resolution=None) -> None:
+    """One committed work unit of `n` synthetic edit samples (keyed `unit-<unit>/...`): sample j's target is the
+    synthetic sample j at `resolution`, its one condition image the same sample (same class and caption) at
+    `cond_resolution`, mirrored left to right: a condition the target depends on."""
+    def batch(res):
+        return next(SyntheticLatentBatches(n, 0, 1, seed=unit, text_dim=64, resolutions=[res], text_len=[3, 9]))
+
+    target, source = batch(resolution), batch(cond_resolution)
+    with CacheWriter(str(root), work_unit=f"unit-{unit}", latent_dtype="fp32", text_dtype="fp32",
+                     base_resolution=base_resolution) as writer:
+        for key, latent, text, mask, cond in zip(target["keys"], target["latents"], target["text_embeds"],
+                                                 target["text_mask"], source["latents"], strict=True):
+            writer.add(f"unit-{unit}/{key}", latent, text[mask], caption="synthetic edit", source="test",
+                       cond_latents=[cond.flip(-1)])
+        writer.commit()
