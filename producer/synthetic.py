@@ -3,13 +3,15 @@
     python -m producer.synthetic OUT_DIR [--shards 2] [--per-shard 16] [--seed 0] [--languages en,zh]
                                  [--strategy plain|scene|template|all] [--scenes PATH ...]
     python -m producer.synthetic --preview docs/images/synthetic_strategies.png [--scenes PATH ...]  # contact sheet
+    python -m producer.synthetic OUT_DIR --task edit   # edit triplets (producer/synthetic_edit.py)
 
 writes WebDataset shards in the layout img2dataset produces (`OUT_DIR/00000.tar` holding `KEY.jpg`,
 `KEY.txt`, `KEY.json` per sample), so the demo and the tests need no downloads. Captions quote the
 rendered text exactly, which is what teaches a text-to-image model to render text. Strategies
 (`--strategy`; `all` takes them in turn, sample by sample):
 
-- plain (category `text_rendering`, the default): 1-3 lines of text on simple backgrounds (this module).
+- plain (category `text_rendering`, the default): 1-3 lines of text on simple backgrounds
+  (producer/synthetic_plain.py).
 - scene (`text_in_scene`): text on a sign, a sheet of paper or a screen composed into a scene in
   perspective, lit like the scene (producer/synthetic_scene.py). Scenes are the images of `--scenes`
   (tars, Parquet, image folders; their captions are kept); without them, procedural walls, desks and
@@ -25,6 +27,10 @@ with a warning (the samples are then English only) — it never renders tofu box
 
 Output is a pure function of (seed, shard, index) — and, for scene samples given `--scenes`, of those
 inputs: the same command writes byte-identical shards.
+
+`--task edit` writes edit triplets instead (image-editing training, docs/editing.md): a plain sample, the same
+sample with its text, text colour or background changed, and the instruction that says how
+(producer/synthetic_edit.py).
 """
 from __future__ import annotations
 
@@ -32,91 +38,23 @@ import argparse
 import io
 import json
 import os
-import random
 import sys
-import warnings
 
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from producer.synthetic_common import (CJK_DEBIAN_PACKAGE, CJK_FONT_GLOBS, COLORS, EN_PHRASES,
-                                       LATIN_FONT_CANDIDATES, SIZES, ZH_PHRASES, Fonts, Rendered, contrasting,
-                                       draw_gradient, find_font, load_font, sample_rng, script_word)
+from producer.synthetic_common import Fonts, Rendered, fonts_for, load_font, save_palette_png
+from producer.synthetic_edit import EditPair, edit_meta, render_edit, write_edit_preview
+from producer.synthetic_plain import render_plain
 from producer.synthetic_scene import iter_scenes, render_scene
 from producer.synthetic_template import render_template
 
 STRATEGIES = ("plain", "scene", "template")
+TASKS = ("t2i", "edit")
 PREVIEW_HEIGHT = 200  # px of each contact-sheet thumbnail
 PREVIEW_TITLES = {"plain": "plain: text on simple backgrounds (text_rendering)",
                   "scene": "scene: text composed into a scene in perspective (text_in_scene)",
                   "template": "template: slides, posters, app screens (text_template)"}
-
-
-def _background(rng: random.Random, size) -> tuple[Image.Image, str, tuple]:
-    """A simple background and its description; returns the mean colour for picking a text colour."""
-    w, h = size
-    names = list(COLORS)
-    a, b = rng.sample(names, 2)
-    ca, cb = COLORS[a], COLORS[b]
-    kind = rng.choice(("gradient", "gradient", "stripes", "dots", "split"))
-    img = Image.new("RGB", size, ca)
-    draw = ImageDraw.Draw(img)
-    if kind == "gradient":
-        vertical = rng.random() < 0.5
-        draw_gradient(draw, size, ca, cb, vertical)
-        desc = f"a {'vertical' if vertical else 'horizontal'} {a} to {b} gradient background"
-    elif kind == "stripes":
-        step = rng.choice((16, 24, 32))
-        for x in range(-h, w, step * 2):
-            draw.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=cb)
-        desc = f"a background of diagonal {a} and {b} stripes"
-    elif kind == "dots":
-        for _ in range(rng.randint(12, 30)):
-            r = rng.randint(6, 28)
-            x, y = rng.randint(0, w), rng.randint(0, h)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=cb)
-        desc = f"a {a} background with scattered {b} circles"
-    else:
-        draw.rectangle([0, h // 2, w, h], fill=cb)
-        desc = f"a background split into {a} on top and {b} below"
-    mean = tuple(int((ca[k] + cb[k]) / 2) for k in range(3))
-    return img, desc, mean
-
-
-def render_plain(seed: int, shard: int, index: int, fonts: Fonts, languages=("en", "zh")) -> Rendered:
-    """1-3 lines of text on a simple background, in a contrasting colour."""
-    rng = sample_rng(seed, shard, index)
-    language = rng.choice(fonts.languages(languages))
-    size = rng.choice(SIZES)
-    img, bg_desc, bg_mean = _background(rng, size)
-    color_name, color = contrasting(rng, bg_mean)
-    lines = rng.sample(ZH_PHRASES if language == "zh" else EN_PHRASES, rng.randint(1, 3))
-    font_path = fonts.path(language)
-    w, h = size
-    margin = max(8, w // 16)
-    draw = ImageDraw.Draw(img)
-    # Largest font (<= h / (1.6 lines)) whose widest line fits between the margins.
-    font_size = max(12, int(h / (len(lines) * 1.6 + 1)))
-    font = load_font(font_path, font_size)
-    while font_size > 12 and max(draw.textlength(s, font=font) for s in lines) > w - 2 * margin:
-        font_size = max(12, int(font_size * 0.9))
-        font = load_font(font_path, font_size)
-    boxes = [draw.textbbox((0, 0), s, font=font) for s in lines]
-    heights = [b[3] - b[1] for b in boxes]
-    gap = font_size // 3
-    y = (h - (sum(heights) + gap * (len(lines) - 1))) // 2
-    align = rng.choice(("centred", "left-aligned"))
-    for s, b, lh in zip(lines, boxes, heights):
-        tw = b[2] - b[0]
-        x = (w - tw) // 2 if align == "centred" else margin
-        draw.text((x - b[0], y - b[1]), s, font=font, fill=color)
-        y += lh + gap
-    quoted = " / ".join(lines)
-    n = len(lines)
-    script = script_word(language)
-    caption = (f"A {w}x{h} image of {bg_desc}, with the text \"{quoted}\" written in {color_name} {script}, "
-               f"{align}, on {n} line{'s' if n > 1 else ''}.")
-    return Rendered(img, caption, lines, language, "text_rendering", "plain", {"text_lines": lines})
 
 
 def render_sample(seed: int, shard: int, index: int, cjk_font: str | None, latin_font: str | None,
@@ -157,28 +95,23 @@ def _strategies(strategy: str) -> tuple[str, ...]:
     return (strategy,)
 
 
-def _fonts(languages) -> Fonts:
-    unknown = set(languages) - {"en", "zh"}
-    if unknown:
-        raise ValueError(f"unsupported languages {sorted(unknown)}: choose from en, zh")
-    cjk_font = find_font(CJK_FONT_GLOBS) if "zh" in languages else None
-    if "zh" in languages and cjk_font is None:
-        warnings.warn(f"no CJK font installed (Debian: apt-get install {CJK_DEBIAN_PACKAGE}); "
-                      "generating English samples only", stacklevel=3)
-    return Fonts(find_font(LATIN_FONT_CANDIDATES), cjk_font)
-
-
 def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed: int = 0,
-                    languages=("en", "zh"), *, strategy: str = "plain", scenes=()) -> list[str]:
+                    languages=("en", "zh"), *, strategy: str = "plain", scenes=(), task: str = "t2i") -> list[str]:
     """Write `num_shards` img2dataset-layout tars of `per_shard` samples each; returns their paths.
     `strategy` "all" takes the strategies in turn by global sample number; `scenes` (input paths) are the
-    backgrounds of scene samples, else procedural scenes are drawn."""
+    backgrounds of scene samples, else procedural scenes are drawn. `task` "edit": edit triplets
+    (producer/synthetic_edit.py: KEY.src.png, KEY.jpg, KEY.txt instruction, KEY.json) of plain samples."""
     if num_shards < 1 or per_shard < 1:
         raise ValueError(f"need at least one shard and one sample per shard, got {num_shards} x {per_shard}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     strategies = _strategies(strategy)
+    if task == "edit" and (strategies != ("plain",) or scenes):
+        raise ValueError(f"edit pairs are drawn from the plain strategy only (strategy is {strategy!r}"
+                         f"{', scenes given' if scenes else ''})")
     if scenes and "scene" not in strategies:
         raise ValueError(f"scene inputs are used by the scene strategy only (strategy is {strategy!r})")
-    fonts = _fonts(languages)
+    fonts = fonts_for(languages)
     scene_iter = iter_scenes(scenes) if scenes else None
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -191,6 +124,9 @@ def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed
                                mode=0o644, encoder=False) as sink:
                 for i in range(per_shard):
                     key = f"{shard:05d}{i:04d}"
+                    if task == "edit":
+                        sink.write(_edit_record(key, render_edit(seed, shard, i, fonts, languages)))
+                        continue
                     kind = strategies[(shard * per_shard + i) % len(strategies)]
                     r = render(kind, seed, shard, i, fonts, languages, scene_iter)
                     meta = {**sample_meta(r), "key": key}
@@ -201,10 +137,20 @@ def generate_shards(out_dir: str, num_shards: int = 2, per_shard: int = 16, seed
     return paths
 
 
+def _edit_record(key: str, pair: EditPair) -> dict:
+    """The tar members of one edit triplet: the source lossless (it is the model's input), the target as JPEG."""
+    buf = io.BytesIO()
+    pair.source.save(buf, format="PNG")
+    meta = {**edit_meta(pair), "key": key}
+    return {"__key__": key, "src.png": buf.getvalue(), "jpg": encode_jpeg(pair.target),
+            "txt": pair.instruction.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+
+
 def write_preview(path: str, seed: int = 0, languages=("en", "zh"), scenes=(), per_row: int = 4) -> list[str]:
     """A contact sheet PNG, one row per strategy, languages alternating; with `scenes`, the second half of
     the scene row is composed into them (the first half into procedural scenes). Returns the captions."""
-    fonts = _fonts(languages)
+    fonts = fonts_for(languages)
     langs = fonts.languages(languages)
     scene_iter = iter_scenes(scenes) if scenes else None
     label_font = load_font(fonts.latin, 15)
@@ -230,9 +176,7 @@ def write_preview(path: str, seed: int = 0, languages=("en", "zh"), scenes=(), p
             sheet.paste(t, (x, y + band))
             x += t.width + gap
         y += band + PREVIEW_HEIGHT + gap
-    # A dithered 256-colour palette keeps the PNG small enough for the docs (photographic thumbnails, lossless).
-    palette = sheet.quantize(256, method=Image.Quantize.MEDIANCUT)
-    sheet.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
+    save_palette_png(sheet, path)
     return captions
 
 
@@ -250,19 +194,29 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", nargs="+", default=(), metavar="PATH",
                    help="tars / Parquet files / image folders whose images are the scene strategy's backgrounds "
                         "(default: procedural scenes)")
-    p.add_argument("--preview", metavar="PNG", help="write a contact sheet of every strategy to PNG instead of shards")
+    p.add_argument("--task", default="t2i", choices=TASKS,
+                   help="t2i: image-caption samples; edit: edit triplets (source, instruction, target) of plain "
+                        "samples, for image-editing training (default: t2i)")
+    p.add_argument("--preview", metavar="PNG", help="write a contact sheet of every strategy (with --task edit: "
+                                                    "of every edit) to PNG instead of shards")
     args = p.parse_args(argv)
     languages = tuple(args.languages.split(","))
     if args.preview:
-        for caption in write_preview(args.preview, args.seed, languages, args.scenes):
+        lines = (write_edit_preview(args.preview, args.seed, languages) if args.task == "edit"
+                 else write_preview(args.preview, args.seed, languages, args.scenes))
+        for caption in lines:
             print(caption)
         print(f"wrote {args.preview}", file=sys.stderr)
         return 0
     if not args.out_dir:
         p.error("give OUT_DIR (or --preview PNG)")
-    paths = generate_shards(args.out_dir, args.shards, args.per_shard, args.seed, languages,
-                            strategy=args.strategy, scenes=args.scenes)
-    print(f"wrote {len(paths)} shards x {args.per_shard} {args.strategy} samples to {args.out_dir}", file=sys.stderr)
+    try:
+        paths = generate_shards(args.out_dir, args.shards, args.per_shard, args.seed, languages,
+                                strategy=args.strategy, scenes=args.scenes, task=args.task)
+    except ValueError as e:
+        p.error(str(e))
+    kind = "edit triplets" if args.task == "edit" else f"{args.strategy} samples"
+    print(f"wrote {len(paths)} shards x {args.per_shard} {kind} to {args.out_dir}", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,11 @@
-"""What the three text-synthesis strategies of producer/synthetic.py share: fonts, phrases, colours, the
-per-sample random generator, fitting text into a box, and the rendered-sample record."""
+"""What the text-synthesis strategies of producer/synthetic.py (and its edit pairs) share: fonts, phrases,
+colours, the per-sample random generator, fitting text into a box, the rendered-sample record, contact sheets."""
 from __future__ import annotations
 
 import glob
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
@@ -158,3 +159,22 @@ def quote_list(texts) -> str:
     """'"a", "b" and "c"': every text quoted, in order."""
     quoted = [f'"{t}"' for t in texts]
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def save_palette_png(sheet: Image.Image, path: str) -> None:
+    """A contact sheet as PNG: a dithered 256-colour palette keeps it small enough for the docs (photographic
+    thumbnails, lossless)."""
+    palette = sheet.quantize(256, method=Image.Quantize.MEDIANCUT)
+    sheet.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
+
+
+def fonts_for(languages) -> Fonts:
+    """The fonts for these languages (en, zh); warns and falls back to English when no CJK font is installed."""
+    unknown = set(languages) - {"en", "zh"}
+    if unknown:
+        raise ValueError(f"unsupported languages {sorted(unknown)}: choose from en, zh")
+    cjk_font = find_font(CJK_FONT_GLOBS) if "zh" in languages else None
+    if "zh" in languages and cjk_font is None:
+        warnings.warn(f"no CJK font installed (Debian: apt-get install {CJK_DEBIAN_PACKAGE}); "
+                      "generating English samples only", stacklevel=3)
+    return Fonts(find_font(LATIN_FONT_CANDIDATES), cjk_font)

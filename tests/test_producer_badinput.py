@@ -19,7 +19,8 @@ from megatron_qwen_image.encoders.make_tiny import ensure_tiny
 from producer.config import load_config
 from producer.filters import SampleFilter
 from producer.sources import BadRecord, RawSample, SourceOptions, discover_shards, iter_shard
-from producer.synthetic import LATIN_FONT_CANDIDATES, find_font, render_sample
+from producer.synthetic import render_sample
+from producer.synthetic_common import LATIN_FONT_CANDIDATES, find_font
 
 # Test-only thresholds: a small caption budget so "too long" needs no 1024-token caption.
 BAD_INPUT_OVERRIDES = ["filters.max_caption_tokens=200"]

@@ -11,9 +11,8 @@ from PIL import Image, ImageDraw
 from producer.config import FilterConfig
 from producer.filters import SampleFilter
 from producer.sources import discover_shards, iter_shard
-from producer.synthetic import (CJK_FONT_GLOBS, LATIN_FONT_CANDIDATES, STRATEGIES, find_font, generate_shards,
-                                main)
-from producer.synthetic_common import Fonts
+from producer.synthetic import STRATEGIES, generate_shards, main
+from producer.synthetic_common import CJK_FONT_GLOBS, LATIN_FONT_CANDIDATES, Fonts, find_font
 from producer.synthetic_scene import (SHADOW_MARGIN, Scene, apply_perspective, fit_scene, perspective_coeffs,
                                       render_scene)
 
