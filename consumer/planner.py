@@ -27,7 +27,8 @@ from consumer.activation_plan import (PlanInputError, activation_plan, format_ac
                                       format_recommendation, parse_bytes, parse_resolution, recommend_recompute,
                                       worst_case_text_lengths)
 from consumer.config import TrainConfig
-from megatron_qwen_image.cache.buckets import BASE_RESOLUTIONS, buckets_for_base
+from megatron_qwen_image.cache.buckets import BASE_RESOLUTIONS, CONDITION_AREA, buckets_for_base, condition_size
+from megatron_qwen_image.cache.format import VAE_SCALE_FACTOR, group_name
 from megatron_qwen_image.model import QwenImageMMDiT
 from megatron_qwen_image.model.diffusers_mapping import tensor_mappings_for
 
@@ -184,9 +185,22 @@ def format_batch_plan(cfg: TrainConfig, dp: int) -> str:
             f"{plan.text_tokens} caption tokens, DP {dp}):", "",
             "| family | bucket (w x h) | samples per step | micro-batch | accumulation | step cost vs reference |",
             "|---|---|---:|---:|---:|---:|"]
+    edits = bool(c.task_weights and c.task_weights.get("ti2i", 0) > 0)
+    channels = cfg.model.in_channels // cfg.model.patch_size ** 2  # the VAE's latent channels (64 packed = 16 x 2 x 2)
     for family in families:
         for bucket in buckets_for_base(family):
-            g, mb = plan.global_batch(bucket), plan.micro_batch(bucket)
-            rows.append(f"| {family} | {bucket[0]}x{bucket[1]} | {g} | {mb} | {g // (mb * dp)} | "
-                        f"{plan.step_cost(bucket):.3f} |")
+            for cond in ((), edit_condition_shapes(bucket, channels)) if edits else ((),):
+                g, mb = plan.global_batch(bucket, cond), plan.micro_batch(bucket, cond)
+                rows.append(f"| {family} | {group_name(bucket, cond)} | {g} | {mb} | {g // (mb * dp)} | "
+                            f"{plan.step_cost(bucket, cond):.3f} |")
+    if edits:
+        rows += ["", "(+cond: an edit sample of the bucket with one source image at the edit pipeline's "
+                     f"{CONDITION_AREA:,}-pixel area, the producer's default edit.condition_area; its latent C x h x w)"]
     return "\n".join(rows)
+
+
+def edit_condition_shapes(bucket: tuple[int, int], channels: int) -> tuple:
+    """The condition latent shapes of an edit sample of `bucket` with one source of the bucket's aspect at the
+    edit pipeline's default area (what the producer writes with edit.condition_area at its default)."""
+    w, h = condition_size(*bucket)
+    return ((channels, h // VAE_SCALE_FACTOR, w // VAE_SCALE_FACTOR),)

@@ -3,7 +3,6 @@ weights picked per global batch, compute-balanced sizes that count condition tok
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 

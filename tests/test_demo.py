@@ -24,13 +24,14 @@ from launch.plot import StatsError, moving_average, plot_loss, read_stats, summa
 from tests.waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, MIXED_STEPS, SAMPLES = 6, 4, 32
+STEPS, MIXED_STEPS, EDIT_STEPS, SAMPLES, EDIT_SAMPLES = 6, 4, 4, 32, 32
 
 
 def run_demo(out: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "launch.demo", "--out", out, "--steps", str(STEPS),
-                           "--mixed-steps", str(MIXED_STEPS), "--samples", str(SAMPLES), "--quiet", *extra], cwd=REPO, env=env,
+                           "--mixed-steps", str(MIXED_STEPS), "--edit-steps", str(EDIT_STEPS), "--samples", str(SAMPLES),
+                           "--edit-samples", str(EDIT_SAMPLES), "--quiet", *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}"
     return proc
@@ -47,7 +48,8 @@ def test_demo_end_to_end(tmp_path):
     o = summary["outputs"]
     assert [s["status"] for s in summary["stages"]] == ["ran"] * len(demo.STAGES)
     for label in ("encoders", "shards", "cache", "data_report", "producer_report_256p", "producer_report_640p",
-                  "train_256p_stats", "train_mixed_stats", "loss_png", "logs"):
+                  "train_256p_stats", "train_mixed_stats", "train_edit_stats", "loss_png", "logs", "edit_shards",
+                  "producer_report_edit", "edit_samples_grid"):
         assert os.path.isabs(o[label]) and os.path.exists(o[label]), label
         assert o[label] in proc.stdout, f"the demo does not print where {label} is"
     # The data report decoded samples of every bucket the cache holds.
@@ -72,9 +74,19 @@ def test_demo_end_to_end(tmp_path):
     # The cache holds exactly what the reports say was written, bucket by bucket (the families' buckets differ),
     # and is sealed.
     reader = CacheReader(o["cache"])
+    with open(o["producer_report_edit"]) as f:
+        edit_report = json.load(f)
+    edit_shards, edit_per_shard = demo.shard_plan(EDIT_SAMPLES)
+    assert edit_report["samples"]["seen"] == edit_shards * edit_per_shard
+    assert edit_report["samples"]["seen"] == edit_report["samples"]["written"] + sum(edit_report["drops"].values())
+    assert edit_report["tasks"] == {"ti2i": edit_report["samples"]["written"]}
     cache_buckets = {f"{w}x{h}": b["samples"] for (w, h), b in reader.buckets().items()}
-    assert cache_buckets == {**reports[256]["buckets"], **reports[640]["buckets"]}
-    assert sum(cache_buckets.values()) == sum(r["samples"]["written"] for r in reports.values())
+    want = {**reports[256]["buckets"], **reports[640]["buckets"]}
+    for b, n in edit_report["buckets"].items():  # the edit triplets share the 256p buckets
+        want[b] = want.get(b, 0) + n
+    assert cache_buckets == want
+    assert sum(cache_buckets.values()) == sum(r["samples"]["written"] for r in [*reports.values(), edit_report])
+    assert sum(s.num_samples for s in reader.shards() if s.cond_shapes) == edit_report["samples"]["written"]
     assert reader.sealed
     gbs = demo.global_batch_size()
     latent = {name: {latent_size(parse_bucket_name(b)) for b in r["buckets"]} for name, r in reports.items()}
@@ -84,7 +96,7 @@ def test_demo_end_to_end(tmp_path):
     # Training, both stages: one record per step, finite losses, every batch from a bucket of the stage's families
     # (stage 1: 4 samples of a 256p bucket with a whole batch; stage 2 also 640p steps of 1 sample, compute-balanced).
     stage_records = {}
-    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS)):
+    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS), ("edit", EDIT_STEPS)):
         records = stage_records[stage] = read_stats(o[f"train_{stage}_stats"])
         with open(o[f"train_{stage}_stats"]) as f:
             assert sum(1 for line in f if line.strip()) == steps  # no duplicate or missing steps
@@ -96,13 +108,22 @@ def test_demo_end_to_end(tmp_path):
     assert {tuple(r["latent_hw"]) for r in stage_records["mixed"]} <= latent[256] | latent[640]
     assert "model weights and optimizer state from " + os.path.join(o["checkpoints_256p"], f"iter_{STEPS:07d}") \
         in open(os.path.join(o["logs"], "5_train_mixed.log")).read()
+    # Stage 3: the 256p buckets, text-to-image and edit steps (the task per global batch), a source's tokens in each
+    # edit step; the held-out loss per task at its end.
+    edits = [r for r in stage_records["edit"] if r["task"] == "ti2i"]
+    assert {tuple(r["latent_hw"]) for r in stage_records["edit"]} <= latent[256]
+    assert all(r["cond_tokens"] > 0 for r in edits) and all(r["cond_tokens"] == 0 for r in stage_records["edit"]
+                                                            if r["task"] == "t2i")
+    assert "data: tasks: t2i" in open(os.path.join(o["logs"], "6_train_edit.log")).read()
+    [last] = summary["validation"]["edit"]
+    assert last["step"] == EDIT_STEPS and all(math.isfinite(last[k]) for k in ("val_loss_t2i", "val_loss_ti2i"))
 
     # Checkpoints of the last steps.
-    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS)):
+    for stage, steps in (("256p", STEPS), ("mixed", MIXED_STEPS), ("edit", EDIT_STEPS)):
         with open(os.path.join(o[f"checkpoints_{stage}"], "latest")) as f:
             assert f.read().strip() == f"iter_{steps:07d}"
     ckpt = o["checkpoint_latest"]
-    assert ckpt == os.path.join(o["checkpoints_mixed"], f"iter_{MIXED_STEPS:07d}") and os.listdir(ckpt)
+    assert ckpt == os.path.join(o["checkpoints_edit"], f"iter_{EDIT_STEPS:07d}") and os.listdir(ckpt)
 
     # The PNG is a real image.
     with Image.open(o["loss_png"]) as im:
@@ -120,19 +141,21 @@ def test_demo_end_to_end(tmp_path):
     prompts = len(open(os.path.join(REPO, demo.PROMPTS)).read().split("- prompt:")) - 1
     with open(os.path.join(out, "samples", "samples.jsonl")) as f:
         assert len(f.readlines()) == prompts
-    for grid in (o["validation_grid"], o["samples_grid"]):
+    with open(os.path.join(out, "samples_edit", "samples.jsonl")) as f:
+        assert len(f.readlines()) == len(open(os.path.join(REPO, demo.EDIT_PROMPTS)).read().split("- prompt:")) - 1
+    for grid in (o["validation_grid"], o["samples_grid"], o["edit_samples_grid"]):
         with Image.open(grid) as im:
             assert im.format == "PNG" and im.size[0] >= 2 * 192
 
     # Re-running reuses every finished stage (only the plot is redrawn) and changes nothing.
-    stats_before = [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed")]
+    stats_before = [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed", "edit")]
     run_demo(out, timeout=120)
     with open(os.path.join(out, demo.SUMMARY_FILE)) as f:
         again = json.load(f)
     assert {s["name"]: s["status"] for s in again["stages"]} == {
         "encoders": "reused", "shards": "reused", "producer": "reused", "train_256p": "reused",
-        "train_mixed": "reused", "sample": "reused", "plot": "ran"}
-    assert [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed")] == stats_before
+        "train_mixed": "reused", "train_edit": "reused", "sample": "reused", "plot": "ran"}
+    assert [open(o[f"train_{stage}_stats"]).read() for stage in ("256p", "mixed", "edit")] == stats_before
 
 
 def test_demo_refuses_foreign_directory(tmp_path):
