@@ -59,7 +59,8 @@ def held_out_samples(cfg: TrainConfig) -> list[HeldOutSample]:
     try:
         return load_held_out(v.loss_cache_dir or cfg.data.cache_dir, None if v.loss_cache_dir else c.holdout_fraction,
                              v.loss_samples, base_resolution=c.base_resolution, buckets=c.buckets,
-                             families=None if c.family_weights is None else set(c.family_weights))
+                             families=None if c.family_weights is None else set(c.family_weights),
+                             tasks=None if c.task_weights is None else {t for t, w in c.task_weights.items() if w > 0})
     except ValueError as e:
         raise ConfigError(key, str(e)) from None
 

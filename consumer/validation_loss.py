@@ -55,13 +55,13 @@ class HeldOutSample:
 
 
 def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: int, base_resolution=None,
-                  buckets=None, families=None) -> list[HeldOutSample]:
+                  buckets=None, families=None, tasks=None) -> list[HeldOutSample]:
     """The validation samples of the cache at `cache_dir`: all of them (holdout_fraction None: a separate
     validation cache) or those whose key is held out of training. Ordered by the key's hash, so the first
     `max_samples` are a random subset that does not depend on the shard layout. Samples of the cache's
     exclusion list are skipped as the loader skips them; corrupt shards are skipped with a warning.
     `base_resolution`, `buckets`, `families` (bucket families, e.g. the keys of the loader's family_weights)
-    select shards as the training loader does.
+    select shards as the training loader does, and `tasks` ("t2i", "ti2i"; None: both) the tasks it trains.
     Raises ValueError if nothing is selected."""
     if holdout_fraction is not None:
         holdout_fraction = check_fraction(holdout_fraction)
@@ -79,6 +79,8 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
     candidates, total = [], 0  # (hash, key, shard, row)
     for info in reader.shards():
         if not wanted_shard(info, base_resolution, bucket_filter, families):
+            continue
+        if tasks is not None and ("ti2i" if info.cond_shapes else "t2i") not in tasks:
             continue
         try:
             keys = reader.open(info).column("key")

@@ -579,7 +579,7 @@ def print_summary(s: dict) -> None:
     print(f"\nValidation grid (stage 1): {s['outputs']['validation_grid']}")
     print(f"Edits of the edit prompts' sources (last checkpoint): {s['outputs']['edit_samples_grid']}")
     print(f"Data report of the cache: {s['outputs']['data_report']}")
-    print(f"Loss curves of both stages: {s['outputs']['loss_png']}", flush=True)
+    print(f"Loss curves of the three stages: {s['outputs']['loss_png']}", flush=True)
 
 
 def parse_args(argv=None):

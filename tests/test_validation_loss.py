@@ -236,6 +236,8 @@ def test_edit_samples_are_scored_with_their_conditions_and_per_task(tmp_path):
     seal(root)
     samples = load_held_out(root, None, max_samples=4)
     assert sorted(s.task for s in samples) == ["t2i", "t2i", "ti2i", "ti2i"]
+    # a stage that trains one task (data.cache.task_weights) validates on that task alone
+    assert [s.task for s in load_held_out(root, None, max_samples=4, tasks={"t2i"})] == ["t2i", "t2i"]
     diff = build_tiny_diffusers_transformer(seed=3, zero_cond_t=True)
     sigmas = (0.4,)
     with single_process_model_parallel():
