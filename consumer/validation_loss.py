@@ -26,6 +26,7 @@ from megatron_qwen_image.cache import CacheReader, CorruptShardError, collate
 from megatron_qwen_image.cache.exclusions import read_exclusions
 from megatron_qwen_image.cache.holdout import check_fraction, hash_unit, held_out
 from megatron_qwen_image.cache.loader import bucket_set, wanted_shard
+from megatron_qwen_image.cache.plan import BatchGroup
 from megatron_qwen_image.flow_matching import sample_losses, sample_seed
 from megatron_qwen_image.model import pack_latents
 from megatron_qwen_image.sampling import pack_conditions
@@ -80,7 +81,7 @@ def load_held_out(cache_dir: str, holdout_fraction: float | None, max_samples: i
     for info in reader.shards():
         if not wanted_shard(info, base_resolution, bucket_filter, families):
             continue
-        if tasks is not None and ("ti2i" if info.cond_shapes else "t2i") not in tasks:
+        if tasks is not None and BatchGroup.of(info).task not in tasks:
             continue
         try:
             keys = reader.open(info).column("key")

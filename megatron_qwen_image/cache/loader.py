@@ -366,7 +366,7 @@ class BucketedLoader:
         held: dict = {}
         for s in self._shards:
             if self._wanted(s) and s.path not in self._unreadable:
-                task = BatchGroup(s.bucket, s.cond_shapes).task
+                task = BatchGroup.of(s).task
                 held[task] = held.get(task, 0) + s.num_samples
         if self.task_weights is None and set(held) <= {"t2i"}:
             return None
@@ -450,7 +450,7 @@ class BucketedLoader:
             if excluded is not None:
                 left_out = np.union1d(left_out, excluded[excluded < s.num_samples])
             ids = np.delete(sample_ids(sid, s.num_samples), left_out)
-            new[BatchGroup(s.bucket, s.cond_shapes)].append(ids)
+            new[BatchGroup.of(s)].append(ids)
             added += len(ids)
         return added
 
@@ -564,14 +564,14 @@ class BucketedLoader:
         for k in range(n):
             self._add_entry_ids(k, pools)
         pools = {b: np.concatenate(v) for b, v in pools.items()}
-        listed = {BatchGroup(s.bucket, s.cond_shapes) for s in self._shards[:self._entry_ranges[n - 1][1]]
+        listed = {BatchGroup.of(s) for s in self._shards[:self._entry_ranges[n - 1][1]]
                   if self._wanted(s)} if n else set()
         for g in sorted(listed - set(pools) - self._dropped_groups):
             self._dropped_groups.add(g)
             log.warning("bucket %s of %s has no readable shard (all are missing or truncated): training without it",
                         group_name(*g), self.root)
         if self.family_weights is not None:
-            held = {s.base_resolution for s in self._shards if BatchGroup(s.bucket, s.cond_shapes) in pools}
+            held = {s.base_resolution for s in self._shards if BatchGroup.of(s) in pools}
             missing = sorted(f for f, w in self.family_weights.items() if w > 0 and f not in held)
             if missing:
                 raise MissingFamilyError(f"family_weights names bucket families {missing} that {self.root} holds no "

@@ -65,6 +65,11 @@ class BatchGroup(NamedTuple):
     def task(self) -> str:
         return "ti2i" if self.cond_shapes else "t2i"
 
+    @classmethod
+    def of(cls, shard) -> "BatchGroup":
+        """The group of a shard's samples (a manifest ShardInfo: its bucket and condition shapes)."""
+        return cls(shard.bucket, shard.cond_shapes)
+
 
 def _group_code(group: BatchGroup) -> list[int]:
     """A group's part of its seeds: the bucket alone for text-to-image (the plans of caches without edit samples
